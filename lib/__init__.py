@@ -1,0 +1,1 @@
+"""Layer-wise sparsity for LLMs: allocation rules, pruners and the sequential pruning pipeline."""

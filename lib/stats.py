@@ -1,0 +1,72 @@
+"""Input statistics of a block's Linear layers on calibration data, shared between layers that read one input.
+
+Wanda needs the squared norm of every input feature; SparseGPT needs X X^T. Layers fed the very same tensor object
+in a forward pass (q/k/v, gate/up) share one accumulator, so the work and memory are paid once per distinct input.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .blocks import BlockBatch, run_block
+
+
+@dataclass
+class InputStats:
+    """Running sums over all calibration tokens seen by one group of Linear layers (fp32)."""
+
+    names: list[str] = field(default_factory=list)
+    tokens: int = 0
+    sq_norm: torch.Tensor | None = None  # [in_features]: sum over tokens of x_j^2
+    xtx: torch.Tensor | None = None  # [in_features, in_features]: sum over tokens of x x^T
+
+    def hessian(self) -> torch.Tensor:
+        """SparseGPT's H = 2 X X^T / n."""
+        return self.xtx * (2.0 / max(self.tokens, 1))
+
+    def add(self, x: torch.Tensor, want_sq_norm: bool, want_xtx: bool) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.tokens += x.shape[0]
+        if want_sq_norm:
+            part = x.pow(2).sum(0)
+            self.sq_norm = part if self.sq_norm is None else self.sq_norm.add_(part)
+        if want_xtx:
+            if self.xtx is None:
+                self.xtx = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+            self.xtx.addmm_(x.t(), x)
+
+
+@torch.no_grad()
+def collect_input_stats(block: nn.Module, linears: dict[str, nn.Linear], batches: list[BlockBatch],
+                        want_sq_norm: bool, want_xtx: bool) -> dict[str, InputStats]:
+    """Run the block over all batches; return each Linear's input statistics (shared objects for shared inputs)."""
+    stats_of: dict[str, InputStats] = {}
+    seen_this_pass: list[tuple[torch.Tensor, InputStats]] = []  # holding the tensors keeps their memory unreused
+
+    def make_hook(name: str):
+        def hook(module, args):
+            x = args[0]
+            for tensor, stats in seen_this_pass:
+                if tensor is x:
+                    if name not in stats_of:
+                        stats_of[name] = stats
+                        stats.names.append(name)
+                    return
+            stats = stats_of.get(name)
+            if stats is None:
+                stats = stats_of[name] = InputStats(names=[name])
+            stats.add(x, want_sq_norm, want_xtx)
+            seen_this_pass.append((x, stats))
+        return hook
+
+    handles = [lin.register_forward_pre_hook(make_hook(n)) for n, lin in linears.items()]
+    try:
+        for batch in batches:
+            run_block(block, batch)
+            seen_this_pass.clear()
+    finally:
+        for h in handles:
+            h.remove()
+    return stats_of
