@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="seed for calibration sampling and search noise")
     g.add_argument("--calib_batch_size", type=int, default=8, help="calibration windows per forward pass")
     g.add_argument("--eval_batch_size", type=int, default=4, help="perplexity windows per forward pass")
+    g.add_argument("--eval_dense", action="store_true",
+                   help="also report the dense model's perplexity before pruning (on by default in demos)")
     g.add_argument("--max_eval_windows", type=int, default=None, help="evaluate only the first N windows")
     g = p.add_argument_group("beta search (--beta search)")
     g.add_argument("--search_strategy", default="golden", choices=["golden", "grid"],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import struct
 
 import torch
 
@@ -72,7 +73,8 @@ def load_gguf_model(path: str, dtype: torch.dtype = torch.float32):
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype, **_dense_loading_kwargs())
-    except (OSError, ValueError, KeyError, IndexError, TypeError, NotImplementedError, RuntimeError) as error:
+    except (OSError, ValueError, KeyError, IndexError, TypeError, NotImplementedError, RuntimeError,
+            struct.error) as error:  # what a truncated, corrupt or unsupported file raises
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UserError(f"cannot load GGUF file {path}: {reason}") from error
     _drop_quantization_tags(model)

@@ -28,6 +28,7 @@ def _apply_demo(args: argparse.Namespace) -> None:
         args.calib_data = CALIB_TEXT
     if args.eval_data == "wikitext2":
         args.eval_data = EVAL_TEXT
+    args.eval_dense = True
     for flag, value in DEMO_DEFAULTS[args.demo].items():
         if getattr(args, flag) is None:
             setattr(args, flag, value)
@@ -115,6 +116,12 @@ def run(args: argparse.Namespace) -> dict:
     _log(f"model {model_name}: {num_blocks} decoder blocks, {dtype}, device {device}"
          f"{' (offloaded blocks)' if offload_device is not None else ''}")
 
+    dense_ppl = None
+    if args.eval_dense:
+        (dense, timings["eval_dense"]) = timed(session.perplexity, args.max_eval_windows)
+        dense_ppl = dense[0]
+        _log(f"dense perplexity {dense_ppl}")
+
     search_record = None
     if args.beta == "search":
         from .beta_search import run_beta_search
@@ -153,6 +160,7 @@ def run(args: argparse.Namespace) -> dict:
         "blocks": records,
         "overall_sparsity": zeros / total,
         "perplexity": ppl,
+        "dense_perplexity": dense_ppl,
         "eval": {"data": args.eval_data, "layout": eval_layout, "seqlen": seqlen, "windows": windows,
                  "tokens": int(eval_ids.shape[1])},
         "calibration": {"data": args.calib_data, "layout": calib_layout, "nsamples": args.nsamples,
@@ -169,14 +177,15 @@ def run(args: argparse.Namespace) -> dict:
         _log(f"pruned model saved to {args.save_model}")
 
     if args.eval_zero_shot:
-        from .zeroshot import DEFAULT_TASKS, evaluate_zero_shot, format_zero_shot_table
+        from .zeroshot import DEFAULT_TASKS, SHIPPED_TASKS_DIR, evaluate_zero_shot, format_zero_shot_table
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else DEFAULT_TASKS
-        batch = args.zs_batch_size if args.zs_batch_size == "auto" else int(args.zs_batch_size)
+        batch = int(args.zs_batch_size) if args.zs_batch_size.isdigit() else args.zs_batch_size
         limit = args.zs_limit
         if limit is not None and limit >= 1:
             limit = int(limit)
         with session.whole_model_forwards():
-            zs, timings["zero_shot"] = timed(evaluate_zero_shot, model, tokenizer, tasks, args.tasks_dir, batch,
+            zs, timings["zero_shot"] = timed(evaluate_zero_shot, model, tokenizer, tasks,
+                                             args.tasks_dir or str(SHIPPED_TASKS_DIR), batch,
                                              limit, args.seed, None)
         _log(format_zero_shot_table(zs))
         results["zero_shot"] = zs

@@ -53,6 +53,7 @@ def find_package_dir() -> str | None:
 
 
 def _read_serialized(payload: bytes):
+    """An R object from serialized bytes (.rds / lazy-load record) or a whole .rda file (then a dict)."""
     import rdata  # imported here so --help works without it
     import warnings
     with warnings.catch_warnings():
@@ -98,8 +99,9 @@ def read_novels(package_dir: str) -> dict[str, list[str]]:
             value = _read_serialized(_decompress_lazyload_record(records[offset:offset + length]))
             novels[str(name)] = [str(line) for line in value]
     for path in sorted(glob.glob(os.path.join(data_dir, "*.rda")) + glob.glob(os.path.join(data_dir, "*.RData"))):
-        import rdata
-        for name, value in rdata.read_rda(path).items():  # source package layout: one .rda per novel
+        with open(path, "rb") as handle:  # source package layout: one .rda file per novel
+            objects = _read_serialized(handle.read())
+        for name, value in objects.items():
             novels[str(name)] = [str(line) for line in value]
     if not novels:
         raise SystemExit(f"no R data found under {data_dir}")
