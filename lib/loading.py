@@ -110,10 +110,23 @@ def blocks_visit_device(blocks: nn.ModuleList, device: torch.device):
             h.remove()
 
 
-def model_fits(model: nn.Module, device: torch.device, headroom: float = 0.8) -> bool:
-    """Whether the weights fit in `headroom` of the device's free memory (always true on the CPU)."""
-    if device.type != "cuda":
+def estimated_weight_bytes(name: str, dtype: torch.dtype) -> int | None:
+    """Size of the model's weights in `dtype`, from its config alone (built on the meta device); None if unknown."""
+    if name.endswith(".gguf"):
+        return os.path.getsize(name) * 4 if os.path.isfile(name) else None  # quantized file: a rough upper bound
+    try:
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+        with init_empty_weights():
+            skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name))
+    except Exception:  # any config we cannot instantiate: let the real load decide
+        return None
+    return sum(p.numel() for p in skeleton.parameters()) * torch.tensor([], dtype=dtype).element_size()
+
+
+def fits_on_device(weight_bytes: int | None, device: torch.device, headroom: float = 0.8) -> bool:
+    """Whether weights of this size fit in `headroom` of the device's free memory (always true on the CPU)."""
+    if device.type != "cuda" or weight_bytes is None:
         return True
     free, _ = torch.cuda.mem_get_info(device)
-    need = sum(p.numel() * p.element_size() for p in model.parameters())
-    return need <= headroom * free
+    return weight_bytes <= headroom * free

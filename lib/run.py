@@ -34,30 +34,34 @@ def _apply_demo(args: argparse.Namespace) -> None:
             setattr(args, flag, value)
 
 
-def _load(args: argparse.Namespace, dtype: torch.dtype, device: torch.device):
-    """(model, tokenizer, model name for the records)."""
+def _load(args: argparse.Namespace, dtype: torch.dtype, device: torch.device, offload: bool):
+    """(model, tokenizer, model name for the records), with the weights on the GPU unless offloading."""
     from .loading import load_model_and_tokenizer
     if args.demo == "tiny":
         from .demo import tiny_demo_model
         model, tokenizer = tiny_demo_model(seed=args.seed)
         return model.to(dtype), tokenizer, "demo:tiny-llama"
-    name = args.model
-    if args.demo == "real":
-        from .demo import real_demo_checkpoint
-        name = real_demo_checkpoint()
+    name = _checkpoint_name(args)
     device_map = args.device_map
-    if device_map is None and device.type == "cuda" and not args.offload:
+    if device_map is None and device.type == "cuda" and not offload:
         device_map = {"": str(device)}
     model, tokenizer = load_model_and_tokenizer(name, dtype, device_map=device_map)
     return model, tokenizer, ("demo:smollm2-135m" if args.demo == "real" else name)
+
+
+def _checkpoint_name(args: argparse.Namespace) -> str:
+    if args.demo == "real":
+        from .demo import real_demo_checkpoint
+        return real_demo_checkpoint()
+    return args.model
 
 
 def run(args: argparse.Namespace) -> dict:
     from .allocate import AllocationSpec  # noqa: F401  (spec built by lib.cli)
     from .cli import allocation_spec
     from .data import calibration_windows, evaluation_tokens
-    from .loading import (model_fits, model_max_positions, num_blocks_from_config, place_for_offload,
-                          resolve_device, resolve_dtype)
+    from .loading import (estimated_weight_bytes, fits_on_device, model_max_positions, num_blocks_from_config,
+                          place_for_offload, resolve_device, resolve_dtype)
     from .model_utils import find_decoder_blocks
     from .outputs import save_model_atomic, versions, write_json_atomic
 
@@ -77,23 +81,24 @@ def run(args: argparse.Namespace) -> dict:
         if num_blocks is not None:
             allocation_spec(args, None if args.beta == "search" else args.beta).validate(num_blocks)
 
-    (model, tokenizer, model_name), timings["load_model"] = timed(_load, args, dtype, device)
+    offload = False
+    if device.type == "cuda" and args.device_map is None:
+        offload = args.offload
+        if not offload and args.demo != "tiny" and not fits_on_device(
+                estimated_weight_bytes(_checkpoint_name(args), dtype), device):
+            _log("the model does not fit in GPU memory: offloading decoder blocks to the CPU (--offload)")
+            offload = True
+    (model, tokenizer, model_name), timings["load_model"] = timed(_load, args, dtype, device, offload)
     blocks = find_decoder_blocks(model)
     num_blocks = len(blocks)
     beta = None if args.beta == "search" else args.beta
     allocation_spec(args, beta).validate(num_blocks)
 
-    offload_device = None
-    if device.type == "cuda" and args.device_map is None:
-        if args.offload or not model_fits(model, device):
-            if not args.offload:
-                _log("the model does not fit in GPU memory: offloading decoder blocks to the CPU")
-            offload_device = device
-            place_for_offload(model, blocks, device)
-        elif args.demo == "tiny":
-            model.to(device)
-    elif device.type == "cpu":
-        model.to("cpu")
+    offload_device = device if offload else None
+    if offload:
+        place_for_offload(model, blocks, device)
+    elif args.device_map is None:
+        model.to(device)
 
     max_pos = model_max_positions(model)
     seqlen = args.seqlen or min(2048, max_pos or 2048)
