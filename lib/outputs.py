@@ -14,22 +14,41 @@ from .errors import UserError
 
 
 def check_output_paths(results: str | None, save_model: str | None) -> None:
-    """Fail before any work when an output cannot be written."""
+    """Fail before any work when an output cannot be written (creating nothing: a failed run leaves no trace)."""
     if save_model and os.path.exists(save_model) and (not os.path.isdir(save_model) or os.listdir(save_model)):
         raise UserError(f"--save_model {save_model}: already exists and is not an empty directory; "
                         f"choose a new directory")
     for flag, path in (("--results", results), ("--save_model", save_model)):
         if not path:
             continue
-        parent = os.path.dirname(os.path.abspath(path))
-        try:
-            os.makedirs(parent, exist_ok=True)
-        except OSError as exc:
-            raise UserError(f"{flag} {path}: cannot create its directory ({exc.strerror})") from None
-        if not os.access(parent, os.W_OK):
-            raise UserError(f"{flag} {path}: directory {parent} is not writable")
+        existing = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(existing):  # the directories still to create are made when writing
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            raise UserError(f"{flag} {path}: cannot create its directory ({existing} is not a directory)")
+        if not os.access(existing, os.W_OK):
+            raise UserError(f"{flag} {path}: directory {existing} is not writable")
     if results and os.path.isdir(results):
         raise UserError(f"--results {results}: is a directory; give a file name such as run.json")
+
+
+def _make_parents(parent: str) -> list[str]:
+    """Create `parent` and any missing ancestors; return the created ones, deepest first, for cleanup."""
+    created = []
+    path = parent
+    while not os.path.exists(path):
+        created.append(path)
+        path = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    return created
+
+
+def _remove_empty(directories: list[str]) -> None:
+    for directory in directories:
+        try:
+            os.rmdir(directory)
+        except OSError:
+            break
 
 
 def _json_safe(value: Any) -> Any:
@@ -45,6 +64,7 @@ def _json_safe(value: Any) -> Any:
 
 def write_json_atomic(path: str, data: dict) -> None:
     parent = os.path.dirname(os.path.abspath(path))
+    created = _make_parents(parent)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=parent)
     try:
         with os.fdopen(fd, "w") as f:
@@ -54,6 +74,7 @@ def write_json_atomic(path: str, data: dict) -> None:
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        _remove_empty(created)
         raise
 
 
@@ -61,6 +82,7 @@ def save_model_atomic(model, tokenizer, directory: str) -> None:
     """save_pretrained into a temporary sibling directory, renamed into place only once complete."""
     directory = os.path.abspath(directory)
     parent = os.path.dirname(directory)
+    created = _make_parents(parent)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -70,6 +92,7 @@ def save_model_atomic(model, tokenizer, directory: str) -> None:
         os.replace(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)
         raise
 
 

@@ -69,6 +69,9 @@ def run(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     if args.demo:
         _apply_demo(args)
+    if args.quiet:  # transformers' own bars would otherwise precede a one-line error
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
     if args.nsamples is None:
         args.nsamples = DEFAULT_NSAMPLES
     device = resolve_device(args.device)
@@ -174,12 +177,12 @@ def run(args: argparse.Namespace) -> dict:
         "timings_s": timings,
         "versions": versions(),
     }
-    if args.results:
-        write_json_atomic(args.results, results)
-        _log(f"results written to {args.results}")
     if args.save_model:
         _, timings["save_model"] = timed(save_model_atomic, model, tokenizer, args.save_model)
         _log(f"pruned model saved to {args.save_model}")
+    if args.results:
+        write_json_atomic(args.results, results)
+        _log(f"results written to {args.results}")
 
     if args.eval_zero_shot:
         from .zeroshot import DEFAULT_TASKS, SHIPPED_TASKS_DIR, evaluate_zero_shot, format_zero_shot_table

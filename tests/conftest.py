@@ -8,6 +8,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
+
+# The test models are tiny: with one thread they never wait on OpenMP barriers, which on a shared 2-core machine
+# made each small matmul ~1000x slower than single-threaded.
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # tests import `lib` whichever directory pytest is started from
