@@ -60,6 +60,12 @@ def read_local_documents(path: str, flag: str) -> tuple[list[str], str]:
             raw = f.read()
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"{flag} {path}: cannot read it as UTF-8 text ({exc})") from None
+    if path.endswith(".json") and raw.lstrip().startswith("["):  # a JSON array of {"text": ...} or strings
+        try:
+            rows = json.loads(raw)
+            return [r if isinstance(r, str) else r["text"] for r in rows], "json rows"
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise UserError(f"{flag} {path}: not a JSON array of strings or objects with a 'text' field") from None
     if path.endswith((".jsonl", ".json")):
         docs = []
         for lineno, line in enumerate(raw.splitlines(), 1):

@@ -1,4 +1,5 @@
 """The pipeline pieces on tiny real models: block discovery, input statistics, sequential pruning, data, perplexity."""
+import json
 import math
 
 import pytest
@@ -247,3 +248,15 @@ def test_eval_windows_drop_the_tail_and_empty_is_nan():
     assert eval_windows(tokens, 30).shape == (3, 30)
     assert eval_windows(tokens, 30, max_windows=2).tolist() == [list(range(30)), list(range(30, 60))]
     assert math.isnan(perplexity_from_nlls(torch.empty(0)))
+
+
+def test_json_array_sources_read_strings_and_text_objects(tmp_path):
+    from lib.data import read_local_documents
+    objects, strings, broken = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "c.json"
+    objects.write_text(json.dumps([{"text": "first"}, {"text": "second"}]))
+    strings.write_text(json.dumps(["one", "two", "three"]))
+    broken.write_text(json.dumps([{"body": "no text field"}]))
+    assert read_local_documents(str(objects), "--calib_data") == (["first", "second"], "json rows")
+    assert read_local_documents(str(strings), "--eval_data") == (["one", "two", "three"], "json rows")
+    with pytest.raises(UserError, match="--calib_data .*JSON array"):
+        read_local_documents(str(broken), "--calib_data")
