@@ -88,7 +88,8 @@ def compute_allocation(spec: AllocationSpec, model: nn.Module, blocks: nn.Module
         coefficients = absorption_coefficients(model, blocks, calib_ids, spec, batch_size, offload_device)
         info.update(base_sparsities=list(sparsities), absorption_coefficients=coefficients,
                     absorption_strength=spec.absorption, absorption_scale=spec.absorption_scale)
-        sparsities = absorption_adjust(sparsities, coefficients, spec.absorption, spec.sparsity)
+        weights = info.get("param_counts")  # AlphaPruning keeps the parameter-weighted mean
+        sparsities = absorption_adjust(sparsities, coefficients, spec.absorption, spec.sparsity, weights)
     return [float(s) for s in sparsities], info
 
 

@@ -18,8 +18,13 @@ EXIT_USER_ERROR = 2
 EXIT_ILLEGAL_ALLOCATION = 3  # search.sh stops its sweep cleanly on this code
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one "error:" line and exit code 2, like every other user error
+        raise UserError(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="main.py",
         description="Prune a HuggingFace causal LM with a layer-wise sparsity allocation (ATP and others) and "
                     "report WikiText-2 perplexity.")
@@ -153,8 +158,8 @@ def allocation_spec(args: argparse.Namespace, beta: float | None) -> AllocationS
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         validate_args(args)
         from .run import run
         run(args)
