@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 
 from .allocation import atp_allocation, max_beta
 from .errors import UserError
@@ -50,12 +51,13 @@ def run_beta_search(session: PruningSession, args: argparse.Namespace, num_block
           f"({result.num_trials} trials, {result.strategy}"
           f"{f', scored on {windows} windows' if windows else ''})", flush=True)
     uniform = next((t["ppl"] for t in result.trials if t["beta"] == 0), None)
-    plotted = bool(args.search_plot) and plot_search(result, args.search_plot, uniform)
-    if args.search_plot and not plotted:
+    plot_path = args.search_plot or (os.path.splitext(args.results)[0] + "_search.png" if args.results else None)
+    plotted = bool(plot_path) and plot_search(result, plot_path, uniform)
+    if plot_path and not plotted:
         print("matplotlib is not installed: no search plot written", flush=True)
     record = {"strategy": result.strategy, "best_beta": result.best_beta, "best_ppl_scored": result.best_ppl,
               "scored_windows": windows, "num_trials": result.num_trials, "num_evaluated": result.num_evaluated,
               "beta_max": beta_hi, "step": args.search_step, "uniform_ppl_scored": uniform,
               "curve": [{"beta": t["beta"], "ppl": t["ppl"], "seconds": t["seconds"]} for t in result.trials],
-              "plot": args.search_plot if plotted else None}
+              "plot": plot_path if plotted else None}
     return record, result.best_beta

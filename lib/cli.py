@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--search_eval_windows", type=int, default=None,
                    help="score trials on the first N eval windows; the winner is re-evaluated on all")
     g.add_argument("--search_log", default=None, help="JSONL trial log; rerunning with it resumes")
-    g.add_argument("--search_plot", default=None, help="PNG of perplexity against beta")
+    g.add_argument("--search_plot", default=None, help="PNG of perplexity against beta (default: next to --results)")
     g = p.add_argument_group("zero-shot (lm-eval)")
     g.add_argument("--eval_zero_shot", action="store_true", help="run the lm-eval zero-shot suite")
     g.add_argument("--tasks", default=None, help="comma-separated lm-eval task names (default: the paper's 7)")

@@ -36,7 +36,7 @@ def prune_linears(linears: dict[str, nn.Linear], stats: dict[str, InputStats] | 
                 continue
             done.add(id(group))
             members = [linears[n] for n in group.names]
-            stacked = torch.cat([m.weight.float() for m in members], dim=0)
+            stacked = torch.cat([m.weight for m in members], dim=0)  # the solver makes its own fp32 copy
             new_weight, _ = sparsegpt_prune(stacked, group.hessian(), sparsity, n_m, blocksize, percdamp,
                                             row_groups=[m.weight.shape[0] for m in members])
             for part, m in zip(new_weight.split([m.weight.shape[0] for m in members], dim=0), members):

@@ -5,12 +5,27 @@ in a forward pass (q/k/v, gate/up) share one accumulator, so the work and memory
 """
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from .blocks import BlockBatch, run_block
+
+
+@contextlib.contextmanager
+def _tf32_matmul(enabled: bool):
+    if not enabled:
+        yield
+        return
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 @dataclass
@@ -27,6 +42,7 @@ class InputStats:
         return self.xtx * (2.0 / max(self.tokens, 1))
 
     def add(self, x: torch.Tensor, want_sq_norm: bool, want_xtx: bool) -> None:
+        half_input = x.dtype in (torch.float16, torch.bfloat16)
         x = x.reshape(-1, x.shape[-1]).float()
         self.tokens += x.shape[0]
         if want_sq_norm:
@@ -35,7 +51,10 @@ class InputStats:
         if want_xtx:
             if self.xtx is None:
                 self.xtx = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
-            self.xtx.addmm_(x.t(), x)
+            # Half-precision activations are exact in TF32 and their products exact in fp32 accumulation, so
+            # tensor cores change only the summation order here, at several times the fp32 speed.
+            with _tf32_matmul(half_input and x.is_cuda):
+                self.xtx.addmm_(x.t(), x)
 
 
 @torch.no_grad()

@@ -1,0 +1,51 @@
+"""`--beta search` end to end on the trained tiny demo model: strategies agree, trials are logged and resumed."""
+import json
+
+import pytest
+
+from lib.allocation import max_beta
+
+FAST = ["--demo", "--sparsity_ratio", "0.7", "--nsamples", "4", "--seqlen", "64", "--max_eval_windows", "6",
+        "--calib_batch_size", "4", "--quiet", "--beta", "search", "--search_step", "0.01"]
+
+
+def _search(cli, tmp_path, name, *extra):
+    results = tmp_path / f"{name}.json"
+    code, out, err = cli(*FAST, "--results", results, *extra)
+    assert code == 0, err
+    return json.loads(results.read_text()), out
+
+
+def test_golden_finds_the_grid_best_with_at_most_half_the_trials(cli, tmp_path):
+    grid, _ = _search(cli, tmp_path, "grid", "--search_strategy", "grid")
+    golden, out = _search(cli, tmp_path, "golden", "--search_strategy", "golden")
+    g, s = grid["search"], golden["search"]
+    assert g["num_trials"] == round(max_beta(0.7, 4) / 0.01) + 1  # every grid point, beta=0 included
+    assert s["num_trials"] <= g["num_trials"] / 2
+    curve = {t["beta"]: t["ppl"] for t in g["curve"]}
+    assert abs(s["best_beta"] - g["best_beta"]) <= 0.01 + 1e-9
+    assert curve[s["best_beta"]] <= g["best_ppl_scored"] * 1.01
+    # The final model is pruned at the chosen beta and evaluated in full.
+    assert golden["allocation"]["beta"] == s["best_beta"]
+    assert f"Best LLM ppl = " in out and f"wikitext perplexity {golden['perplexity']}" in out
+    assert (tmp_path / "golden_search.png").exists() == (golden["search"]["plot"] is not None)
+
+
+def test_trials_are_logged_as_they_finish_and_a_rerun_resumes(cli, tmp_path):
+    log = tmp_path / "trials.jsonl"
+    first, _ = _search(cli, tmp_path, "first", "--search_log", log)
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(lines) == first["search"]["num_trials"] == first["search"]["num_evaluated"]
+    for line in lines:
+        assert {"beta", "ppl", "seconds", "sparsities"} <= set(line)
+        assert sum(line["sparsities"]) / 4 == pytest.approx(0.7)
+    again, _ = _search(cli, tmp_path, "again", "--search_log", log)
+    assert again["search"]["num_evaluated"] == 0
+    assert again["search"]["best_beta"] == first["search"]["best_beta"]
+    assert len(log.read_text().splitlines()) == len(lines)
+
+
+def test_scoring_on_a_window_subset_reevaluates_the_winner_on_all_windows(cli, tmp_path):
+    subset, _ = _search(cli, tmp_path, "subset", "--search_eval_windows", "2", "--search_strategy", "golden")
+    assert subset["search"]["scored_windows"] == 2
+    assert subset["eval"]["windows"] == 6
