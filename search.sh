@@ -20,7 +20,7 @@ Options (environment variable in brackets):
   --include_zero       also try beta=0 (uniform sparsity) first [INCLUDE_ZERO=1]
   --log_dir DIR        keep each trial's stdout/stderr and a summary.tsv in DIR [LOG_DIR]
   --quiet              do not stream main.py's stderr; on failure its tail is shown [QUIET=1]
-  --demo               pass --demo to main.py (tiny offline model) [DEMO=1]
+  --demo [tiny|real]   pass --demo to main.py (tiny offline model, or SmolLM2: real) [DEMO=1, DEMO_KIND]
   -h, --help           show this help
   -- FLAGS...          pass FLAGS to every main.py run [EXTRA_ARGS, split on spaces]
 
@@ -44,6 +44,7 @@ INCLUDE_ZERO="${INCLUDE_ZERO:-0}"
 LOG_DIR="${LOG_DIR:-}"
 QUIET="${QUIET:-0}"
 DEMO="${DEMO:-0}"
+DEMO_KIND="${DEMO_KIND:-tiny}"
 read -r -a extra <<< "${EXTRA_ARGS:-}"
 
 # "--opt value" and "--opt=value" are both accepted.
@@ -60,7 +61,10 @@ while (($#)); do
         -h | --help) usage; exit 0 ;;
         --include_zero) INCLUDE_ZERO=1; shift; continue ;;
         --quiet) QUIET=1; shift; continue ;;
-        --demo) DEMO=1; shift; continue ;;
+        --demo)
+            DEMO=1
+            if [[ "${2:-}" == tiny || "${2:-}" == real ]]; then DEMO_KIND="$2"; shift; fi
+            shift; continue ;;
         --) shift; extra+=("$@"); break ;;
         --model | --prune_method | --sparsity_ratio | --step | --max_trials | --log_dir)
             if ((has_inline)); then
@@ -92,7 +96,7 @@ is_number "$SPARSITY" || die "--sparsity_ratio must be a number, got '$SPARSITY'
 
 base_cmd=("$PYTHON" "$ATP_MAIN")
 [[ -n "$MODEL" ]] && base_cmd+=(--model "$MODEL")
-[[ "$DEMO" == 1 ]] && base_cmd+=(--demo)
+[[ "$DEMO" == 1 ]] && base_cmd+=(--demo "$DEMO_KIND")
 base_cmd+=(--prune_method "$METHOD" --sparsity_ratio "$SPARSITY")
 
 if [[ -n "$LOG_DIR" ]]; then

@@ -3,8 +3,8 @@
 Both run on the same model and settings; prints one JSON line with wall times, trial counts, the best betas and
 perplexities, and their ratios. Example (offline, tiny demo model):
 
-    python scripts/bench_search.py --sparsity_ratio 0.7 --step 0.02 -- --demo
-    python scripts/bench_search.py --sparsity_ratio 0.7 -- --demo real --nsamples 16 --max_eval_windows 8
+    python scripts/bench_search.py --demo tiny --sparsity_ratio 0.7 --step 0.01
+    python scripts/bench_search.py --demo real --sparsity_ratio 0.7 -- --search_eval_windows 8
 """
 from __future__ import annotations
 
@@ -31,6 +31,9 @@ def _run(cmd: list[str], env: dict | None = None) -> tuple[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="model for both runs")
+    source.add_argument("--demo", choices=["tiny", "real"], help="a demo model instead of --model")
     parser.add_argument("--prune_method", default="wanda")
     parser.add_argument("--sparsity_ratio", type=float, default=0.7)
     parser.add_argument("--step", type=float, default=0.002)
@@ -38,12 +41,12 @@ def main() -> None:
     parser.add_argument("main_flags", nargs=argparse.REMAINDER, help="flags for main.py after --")
     args = parser.parse_args()
     flags = [f for f in args.main_flags if f != "--"] + ["--quiet"]
-    common = ["--prune_method", args.prune_method, "--sparsity_ratio", str(args.sparsity_ratio)]
+    model = ["--model", args.model] if args.model else ["--demo", args.demo]
+    common = [*model, "--prune_method", args.prune_method, "--sparsity_ratio", str(args.sparsity_ratio)]
 
     env = dict(os.environ, EXTRA_ARGS=" ".join(flags))
     sweep_out, sweep_s = _run(["bash", "search.sh", "--quiet", "--include_zero", "--step", str(args.step),
-                               "--prune_method", args.prune_method, "--sparsity_ratio",
-                               str(args.sparsity_ratio)], env)
+                               *common], env)
     trials = re.findall(r"^beta=(\S+) ppl=(\S+)$", sweep_out, re.M)
     best = re.search(r"Best LLM ppl = (\S+) when beta=(\S+)", sweep_out)
 
@@ -55,7 +58,7 @@ def main() -> None:
             record = json.load(f)
     search = record["search"]
     print(json.dumps({
-        "settings": {"prune_method": args.prune_method, "sparsity_ratio": args.sparsity_ratio, "step": args.step,
+        "settings": {"model": model, "prune_method": args.prune_method, "sparsity_ratio": args.sparsity_ratio, "step": args.step,
                      "main_flags": flags, "strategy": args.strategy},
         "reference_sweep": {"seconds": round(sweep_s, 2), "trials": len(trials),
                             "best_beta": float(best.group(2)), "best_ppl": float(best.group(1))},
