@@ -78,6 +78,13 @@ def run(args: argparse.Namespace) -> dict:
     dtype = resolve_dtype(args.dtype, device)
     torch.manual_seed(args.seed)
 
+    zero_shot_tasks = None
+    if args.eval_zero_shot:
+        from .zeroshot import DEFAULT_TASKS, SHIPPED_TASKS_DIR, check_tasks
+        zero_shot_tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else DEFAULT_TASKS
+        args.tasks_dir = args.tasks_dir or str(SHIPPED_TASKS_DIR)
+        check_tasks(zero_shot_tasks, args.tasks_dir)
+
     if args.model is not None and not args.model.endswith(".gguf"):
         # Check the allocation against the config before loading any weights.
         num_blocks = num_blocks_from_config(args.model)
@@ -185,15 +192,14 @@ def run(args: argparse.Namespace) -> dict:
         _log(f"results written to {args.results}")
 
     if args.eval_zero_shot:
-        from .zeroshot import DEFAULT_TASKS, SHIPPED_TASKS_DIR, evaluate_zero_shot, format_zero_shot_table
-        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else DEFAULT_TASKS
+        from .zeroshot import evaluate_zero_shot, format_zero_shot_table
         batch = int(args.zs_batch_size) if args.zs_batch_size.isdigit() else args.zs_batch_size
         limit = args.zs_limit
         if limit is not None and limit >= 1:
             limit = int(limit)
         with session.whole_model_forwards():
-            zs, timings["zero_shot"] = timed(evaluate_zero_shot, model, tokenizer, tasks,
-                                             args.tasks_dir or str(SHIPPED_TASKS_DIR), batch,
+            zs, timings["zero_shot"] = timed(evaluate_zero_shot, model, tokenizer, zero_shot_tasks,
+                                             args.tasks_dir, batch,
                                              limit, args.seed, None)
         _log(format_zero_shot_table(zs))
         results["zero_shot"] = zs

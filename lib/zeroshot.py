@@ -156,6 +156,19 @@ def _summarise(raw: dict, task_names: list[str], limit, version: str) -> dict:
     return {"lm_eval_version": version, "tasks": per_task, "mean_acc": mean_acc, "limit": limit, "num_fewshot": 0}
 
 
+def check_tasks(tasks: list[str], tasks_dir: str | None = None):
+    """Fail early (before hours of pruning) on a missing lm-eval or an unknown task name; returns the task index."""
+    _require_lm_eval()
+    if not tasks:
+        raise UserError("no zero-shot tasks given")
+    tasks_dir = str(Path(tasks_dir).resolve()) if tasks_dir is not None else None
+    if tasks_dir is not None and not Path(tasks_dir).is_dir():
+        raise UserError(f"--tasks_dir {tasks_dir} is not a directory")
+    task_manager = _task_manager(tasks_dir)
+    _check_task_names(tasks, task_manager)
+    return task_manager
+
+
 def evaluate_zero_shot(model, tokenizer, tasks: list[str], tasks_dir: str | None = None,
                        batch_size: int | str = 1, limit: int | float | None = None, seed: int = 0,
                        device: str | None = None) -> dict:
@@ -167,17 +180,10 @@ def evaluate_zero_shot(model, tokenizer, tasks: list[str], tasks_dir: str | None
     `limit` caps examples per task (a fraction if < 1). All seeds are set from `seed`, so a rerun is identical.
     `device`, if given, is where the model runs; it is moved back to its original device afterwards.
     """
-    _require_lm_eval()
+    task_manager = check_tasks(tasks, tasks_dir)
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    if not tasks:
-        raise UserError("no zero-shot tasks given")
-    tasks_dir = str(Path(tasks_dir).resolve()) if tasks_dir is not None else None
-    if tasks_dir is not None and not Path(tasks_dir).is_dir():
-        raise UserError(f"--tasks_dir {tasks_dir} is not a directory")
-    task_manager = _task_manager(tasks_dir)
-    _check_task_names(tasks, task_manager)
     task_objects = _load_tasks(tasks, task_manager)
 
     original_device = next(model.parameters()).device
