@@ -125,6 +125,9 @@ def run(args: argparse.Namespace) -> dict:
         calib_ids, calib_layout = calib
     (ev, timings["load_eval"]) = timed(evaluation_tokens, args.eval_data, tokenizer)
     eval_ids, eval_layout = ev
+    if eval_ids.shape[1] < seqlen:
+        raise UserError(f"--eval_data {args.eval_data}: only {eval_ids.shape[1]} tokens, fewer than one window of "
+                        f"--seqlen {seqlen}")
 
     session = PruningSession(model, tokenizer, blocks, calib_ids, eval_ids, seqlen, model_name,
                              args.calib_batch_size, args.eval_batch_size, offload_device, not args.quiet)

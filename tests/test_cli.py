@@ -235,6 +235,12 @@ def broken_model_dir(tmp_path):
     return path
 
 
+def short_text(tmp_path):
+    path = tmp_path / "short.txt"
+    path.write_text("Too short.", encoding="utf-8")
+    return path
+
+
 def filled_dir(tmp_path):
     path = tmp_path / "taken"
     path.mkdir()
@@ -257,6 +263,8 @@ BAD_INPUTS = {
     "corrupt model config": (lambda t: ["--model", broken_model_dir(t)], None, 2, "cannot load it"),
     "missing calib file": (lambda t: ["--calib_data", t / "nope.txt"], None, 2, "--calib_data"),
     "missing eval file": (lambda t: ["--eval_data", t / "nope.jsonl"], None, 2, "--eval_data"),
+    "eval text shorter than a window": (lambda t: ["--eval_data", short_text(t)], None, 2, "fewer than one window"),
+    "unknown allocation": (["--allocation", "best"], None, 2, "invalid choice: 'best'"),
     "save_model not empty": (lambda t: ["--save_model", filled_dir(t)], None, 2, "not an empty directory"),
     "results is a directory": (lambda t: ["--results", t], None, 2, "is a directory"),
     "unsupported architecture": ([], flat_model_loader, 2, "unsupported architecture NoBlockList"),
