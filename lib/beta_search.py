@@ -40,8 +40,8 @@ def run_beta_search(session: PruningSession, args: argparse.Namespace, num_block
 
     try:
         result = search_beta(evaluate, beta_hi, strategy=args.search_strategy, step=args.search_step,
-                             tol=args.search_tol, include_zero=True, log_path=args.search_log,
-                             key=_settings_key(session, args), progress=progress)
+                             tol=args.search_tol, coarse_points=args.search_coarse, include_zero=True,
+                             log_path=args.search_log, key=_settings_key(session, args), progress=progress)
     finally:
         session.progress = progress
         session.restore_dense()

@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--search_strategy", default="golden", choices=["golden", "grid"],
                    help="golden: coarse grid then golden-section refinement; grid: the reference sweep")
     g.add_argument("--search_step", type=float, default=0.002, help="grid step of beta")
+    g.add_argument("--search_coarse", type=int, default=3,
+                   help="golden: points of the first, even grid over [0, max beta] (more is safer, slower)")
     g.add_argument("--search_tol", type=float, default=None, help="golden stops at this bracket (default 1 step)")
     g.add_argument("--search_eval_windows", type=int, default=None,
                    help="score trials on the first N eval windows; the winner is re-evaluated on all")

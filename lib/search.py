@@ -63,7 +63,7 @@ def search_beta(
     strategy: str = "golden",
     step: float = 0.002,
     tol: float | None = None,
-    coarse_points: int = 5,
+    coarse_points: int = 3,
     include_zero: bool = False,
     log_path: str | None = None,
     key: str | None = None,
