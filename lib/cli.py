@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--search_tol", type=float, default=None, help="golden stops at this bracket (default 1 step)")
     g.add_argument("--search_eval_windows", type=int, default=None,
                    help="score trials on the first N eval windows; the winner is re-evaluated on all")
+    g.add_argument("--search_refine", type=int, default=2,
+                   help="with --search_eval_windows: re-score this many best betas on all windows (0: none)")
     g.add_argument("--search_log", default=None, help="JSONL trial log; rerunning with it resumes")
     g.add_argument("--search_plot", default=None, help="PNG of perplexity against beta (default: next to --results)")
     g = p.add_argument_group("zero-shot (lm-eval)")

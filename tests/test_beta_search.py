@@ -47,5 +47,13 @@ def test_trials_are_logged_as_they_finish_and_a_rerun_resumes(cli, tmp_path):
 
 def test_scoring_on_a_window_subset_reevaluates_the_winner_on_all_windows(cli, tmp_path):
     subset, _ = _search(cli, tmp_path, "subset", "--search_eval_windows", "2", "--search_strategy", "golden")
-    assert subset["search"]["scored_windows"] == 2
+    search = subset["search"]
+    assert search["scored_windows"] == 2
     assert subset["eval"]["windows"] == 6
+    # The two best subset betas are re-scored on all windows and the better of them is the final beta.
+    rescored = search["rescored"]
+    subset_ranked = sorted(search["curve"], key=lambda t: t["ppl"])[:2]
+    assert sorted(t["beta"] for t in rescored) == sorted(t["beta"] for t in subset_ranked)
+    assert search["best_beta"] == min(rescored, key=lambda t: t["ppl"])["beta"]
+    assert subset["allocation"]["beta"] == search["best_beta"]
+    assert subset["perplexity"] == pytest.approx(min(t["ppl"] for t in rescored), rel=1e-9)
