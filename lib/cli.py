@@ -6,10 +6,9 @@ import importlib.util
 import math
 import os
 import sys
-import time
 
 from .allocate import ALLOCATIONS, AllocationSpec
-from .allocation import IllegalAllocationError, format_plan, max_beta
+from .allocation import IllegalAllocationError
 from .errors import UserError
 from .masks import parse_sparsity_type
 from .prune_block import PRUNE_METHODS

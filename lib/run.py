@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import time
 
 import torch
@@ -57,7 +56,6 @@ def _checkpoint_name(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from .allocate import AllocationSpec  # noqa: F401  (spec built by lib.cli)
     from .cli import allocation_spec
     from .data import calibration_windows, evaluation_tokens
     from .loading import (estimated_weight_bytes, fits_on_device, model_max_positions, num_blocks_from_config,

@@ -27,7 +27,7 @@ def test_golden_finds_the_grid_best_with_at_most_half_the_trials(cli, tmp_path):
     assert curve[s["best_beta"]] <= g["best_ppl_scored"] * 1.01
     # The final model is pruned at the chosen beta and evaluated in full.
     assert golden["allocation"]["beta"] == s["best_beta"]
-    assert f"Best LLM ppl = " in out and f"wikitext perplexity {golden['perplexity']}" in out
+    assert "Best LLM ppl = " in out and f"wikitext perplexity {golden['perplexity']}" in out
     assert (tmp_path / "golden_search.png").exists() == (golden["search"]["plot"] is not None)
 
 
