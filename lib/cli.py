@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import os
 import sys
@@ -110,6 +109,7 @@ def parse_beta(text: str | None) -> float | str | None:
 
 def validate_args(args: argparse.Namespace) -> None:
     """Everything that can be checked without loading a model."""
+    from .loading import check_model_path
     from .outputs import check_output_paths
     if (args.model is None) == (args.demo is None):
         raise UserError("give exactly one of --model or --demo")
@@ -141,14 +141,8 @@ def validate_args(args: argparse.Namespace) -> None:
         value = getattr(args, flag)
         if value not in ("c4", "wikitext2") and not os.path.exists(value):
             raise UserError(f"--{flag} {value}: no such file or directory")
-    if args.model is not None and not os.path.exists(args.model) and (
-            args.model.endswith(".gguf") or args.model.startswith((".", "/", "~")) or args.model.count("/") > 1):
-        raise UserError(f"--model {args.model}: no such file or directory")
-    if args.eval_zero_shot:
-        if importlib.util.find_spec("lm_eval") is None:
-            raise UserError("--eval_zero_shot needs lm-eval: pip install lm-eval")
-        if args.tasks_dir is not None and not os.path.isdir(args.tasks_dir):
-            raise UserError(f"--tasks_dir {args.tasks_dir}: no such directory")
+    if args.model is not None:
+        check_model_path(args.model)
     check_output_paths(args.results, args.save_model)
     allocation_spec(args, beta=None if args.beta == "search" else args.beta).validate(None)
 

@@ -28,9 +28,12 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def _looks_local(name: str) -> bool:
-    """Hub ids are 'name' or 'owner/name'; anything else is meant as a path."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith("/")
+def check_model_path(name: str) -> None:
+    """A name meant as a path must exist (hub ids are 'name' or 'owner/name'; anything else, or a .gguf, is a path)."""
+    meant_as_path = name.endswith(".gguf") or name.startswith((".", "/", "~")) or name.count("/") > 1 \
+        or name.endswith("/")
+    if meant_as_path and not os.path.exists(name):
+        raise UserError(f"--model {name}: no such file or directory")
 
 
 def _hub_error(name: str, exc: Exception) -> UserError:
@@ -44,8 +47,7 @@ def num_blocks_from_config(name: str) -> int | None:
     if name.endswith(".gguf"):
         return None
     from transformers import AutoConfig
-    if not os.path.exists(name) and _looks_local(name):
-        raise UserError(f"--model {name}: no such file or directory")
+    check_model_path(name)
     try:
         config = AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as exc:
@@ -57,14 +59,11 @@ def num_blocks_from_config(name: str) -> int | None:
 def load_model_and_tokenizer(name: str, dtype: torch.dtype, device_map=None):
     """(model in eval mode, tokenizer). `device_map` is passed to from_pretrained (e.g. "auto" for several GPUs)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    check_model_path(name)
     if name.endswith(".gguf"):
         from .gguf_loading import load_gguf_model
-        if not os.path.isfile(name):
-            raise UserError(f"--model {name}: no such file")
         model, tokenizer = load_gguf_model(name, dtype=dtype)
     else:
-        if not os.path.exists(name) and _looks_local(name):
-            raise UserError(f"--model {name}: no such file or directory")
         try:
             model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, device_map=device_map)
             tokenizer = AutoTokenizer.from_pretrained(name)

@@ -260,3 +260,11 @@ def test_json_array_sources_read_strings_and_text_objects(tmp_path):
     assert read_local_documents(str(strings), "--eval_data") == (["one", "two", "three"], "json rows")
     with pytest.raises(UserError, match="--calib_data .*JSON array"):
         read_local_documents(str(broken), "--calib_data")
+
+
+def test_weight_size_is_estimated_from_the_config_alone(model_dir, make_model):
+    from lib.loading import estimated_weight_bytes, fits_on_device
+    params = sum(p.numel() for p in make_model("llama").parameters())
+    assert estimated_weight_bytes(str(model_dir("llama")), torch.float16) == 2 * params
+    assert estimated_weight_bytes(str(model_dir("llama")), torch.float32) == 4 * params
+    assert fits_on_device(10 ** 15, torch.device("cpu"))  # the CPU never triggers offloading
