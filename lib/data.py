@@ -11,6 +11,8 @@ import random
 
 import torch
 
+from tqdm.auto import tqdm
+
 from .errors import UserError
 
 HUB_CALIBRATION = ("c4",)
@@ -54,7 +56,7 @@ def read_local_documents(path: str, flag: str) -> tuple[list[str], str]:
             ds = ds[split]
         if "text" not in ds.column_names:
             raise UserError(f"{flag} {path}: the saved dataset has no 'text' column")
-        return list(ds["text"]), "saved dataset rows"
+        return _texts(list(ds["text"]), flag, path, "row"), "saved dataset rows"
     try:
         with open(path, encoding="utf-8") as f:
             raw = f.read()
@@ -63,7 +65,7 @@ def read_local_documents(path: str, flag: str) -> tuple[list[str], str]:
     if path.endswith(".json") and raw.lstrip().startswith("["):  # a JSON array of {"text": ...} or strings
         try:
             rows = json.loads(raw)
-            return [r if isinstance(r, str) else r["text"] for r in rows], "json rows"
+            return _texts([r if isinstance(r, str) else r["text"] for r in rows], flag, path, "item"), "json rows"
         except (json.JSONDecodeError, KeyError, TypeError):
             raise UserError(f"{flag} {path}: not a JSON array of strings or objects with a 'text' field") from None
     if path.endswith((".jsonl", ".json")):
@@ -72,11 +74,21 @@ def read_local_documents(path: str, flag: str) -> tuple[list[str], str]:
             if not line.strip():
                 continue
             try:
-                docs.append(json.loads(line)["text"])
+                text = json.loads(line)["text"]
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise UserError(f"{flag} {path}: line {lineno} is not a JSON object with a 'text' field") from None
+            if not isinstance(text, str):
+                raise UserError(f"{flag} {path}: line {lineno}: 'text' is {type(text).__name__}, not a string")
+            docs.append(text)
         return docs, "jsonl rows"
     return [raw], "text file"
+
+
+def _texts(values: list, flag: str, path: str, what: str) -> list[str]:
+    for number, value in enumerate(values, 1):
+        if not isinstance(value, str):
+            raise UserError(f"{flag} {path}: {what} {number}: 'text' is {type(value).__name__}, not a string")
+    return values
 
 
 def _documents(source: str, flag: str, hub_names: tuple[str, ...], hub_loader) -> tuple[list[str], str]:
@@ -92,39 +104,87 @@ def _documents(source: str, flag: str, hub_names: tuple[str, ...], hub_loader) -
     return read_local_documents(source, flag)
 
 
-def calibration_windows(source: str, tokenizer, nsamples: int, seqlen: int, seed: int) -> tuple[torch.Tensor, str]:
+# Calibration may reuse text (windows are random and may overlap), but not absurdly: beyond this many tokens of
+# windows per token of text, the windows are mostly copies of each other and the run is almost surely a mistake.
+MAX_WINDOW_TOKENS_PER_TEXT_TOKEN = 64
+
+
+def calibration_documents(source: str) -> tuple[list[str], str]:
+    """The calibration source's documents and their layout (read before any model is loaded)."""
+    return _documents(source, "--calib_data", HUB_CALIBRATION, _c4_documents)
+
+
+def evaluation_documents(source: str) -> tuple[list[str], str]:
+    return _documents(source, "--eval_data", HUB_EVALUATION, _wikitext2_documents)
+
+
+def check_calibration_size(source: str, documents: list[str], nsamples: int, seqlen: int) -> None:
+    """Before tokenising: enough text for the windows (a token holds at least ~2 characters of prose)."""
+    _check_text_size(source, sum(len(d) for d in documents) / 2, nsamples, seqlen)
+
+
+def calibration_windows(source: str, tokenizer, nsamples: int, seqlen: int, seed: int,
+                        progress: bool = False, documents: tuple[list[str], str] | None = None
+                        ) -> tuple[torch.Tensor, str]:
     """`nsamples` random token windows of length `seqlen`, [nsamples, seqlen], reproducible for the same seed.
 
     Like the paper's code, a window is cut from a random document long enough to hold it; when no document is
-    (short JSONL rows), windows come from all documents joined with blank lines.
+    (short JSONL rows), windows come from all documents joined with blank lines. Each document is tokenised at
+    most once, however many windows it gives.
     """
-    docs, layout = _documents(source, "--calib_data", HUB_CALIBRATION, _c4_documents)
+    docs, layout = documents or calibration_documents(source)
     docs = [d for d in docs if d and d.strip()]
     if not docs:
         raise UserError(f"--calib_data {source}: no text found")
+    check_calibration_size(source, docs, nsamples, seqlen)
     rng = random.Random(seed)
+    tokenized: dict[int, torch.Tensor] = {}
+
+    def tokens_of(index: int) -> torch.Tensor:
+        if index not in tokenized:
+            tokenized[index] = tokenizer(docs[index], return_tensors="pt").input_ids[0]
+        return tokenized[index]
+
     windows = []
     attempts = 0
+    bar = tqdm(total=nsamples, desc="calibration windows", unit="window", disable=not progress, leave=False)
     while len(windows) < nsamples and attempts < 50 * nsamples:
         attempts += 1
-        ids = tokenizer(docs[rng.randrange(len(docs))], return_tensors="pt").input_ids[0]
+        ids = tokens_of(rng.randrange(len(docs)))
         if ids.numel() > seqlen:
             start = rng.randrange(ids.numel() - seqlen)
             windows.append(ids[start:start + seqlen])
+            bar.update(1)
+        if len(docs) == 1:
+            if ids.numel() <= seqlen:
+                break
+            if len(windows) == 1:
+                _check_text_size(source, ids.numel(), nsamples, seqlen)
     if len(windows) < nsamples:
         stream = tokenizer("\n\n".join(docs), return_tensors="pt").input_ids[0]
         if stream.numel() <= seqlen:
             raise UserError(f"--calib_data {source}: only {stream.numel()} tokens, fewer than one window of "
                             f"--seqlen {seqlen}")
+        _check_text_size(source, stream.numel(), nsamples, seqlen)
         while len(windows) < nsamples:
             start = rng.randrange(stream.numel() - seqlen)
             windows.append(stream[start:start + seqlen])
+            bar.update(1)
+    bar.close()
     return torch.stack(windows), layout
 
 
-def evaluation_tokens(source: str, tokenizer) -> tuple[torch.Tensor, str]:
+def _check_text_size(source: str, text_tokens: float, nsamples: int, seqlen: int) -> None:
+    if nsamples * seqlen > MAX_WINDOW_TOKENS_PER_TEXT_TOKEN * text_tokens:
+        raise UserError(f"--calib_data {source}: about {int(text_tokens)} tokens of text cannot give --nsamples "
+                        f"{nsamples} x --seqlen {seqlen} windows without repeating each token more than "
+                        f"{MAX_WINDOW_TOKENS_PER_TEXT_TOKEN} times; lower --nsamples or give more text")
+
+
+def evaluation_tokens(source: str, tokenizer, documents: tuple[list[str], str] | None = None
+                      ) -> tuple[torch.Tensor, str]:
     """The whole evaluation text as one token row [1, N]: hub/JSONL rows joined with "\\n\\n", a text file as is."""
-    docs, layout = _documents(source, "--eval_data", HUB_EVALUATION, _wikitext2_documents)
+    docs, layout = documents or evaluation_documents(source)
     text = "\n\n".join(docs)
     if not text.strip():
         raise UserError(f"--eval_data {source}: no text found")

@@ -1,35 +1,56 @@
 """Write results and checkpoints so that an interrupted run leaves nothing half-written behind."""
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import math
 import os
 import platform
 import shutil
+import signal
 import tempfile
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 from .errors import UserError
+
+
+def _existing_ancestor(path: str) -> str:
+    existing = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(existing):  # the directories still to create are made when writing
+        existing = os.path.dirname(existing)
+    return existing
+
+
+def check_writable_file(path: str, setting: str) -> None:
+    """Fail before any work when a file cannot be created or appended to at `path` (creating nothing)."""
+    if os.path.isdir(path):
+        raise UserError(f"{path}: is a directory; give a file name", setting)
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise UserError(f"{path}: the file is not writable", setting)
+    existing = _existing_ancestor(path)
+    if not os.path.isdir(existing):
+        raise UserError(f"{path}: cannot create its directory ({existing} is not a directory)", setting)
+    if not os.access(existing, os.W_OK):
+        raise UserError(f"{path}: directory {existing} is not writable", setting)
 
 
 def check_output_paths(results: str | None, save_model: str | None) -> None:
     """Fail before any work when an output cannot be written (creating nothing: a failed run leaves no trace)."""
     if save_model and os.path.exists(save_model) and (not os.path.isdir(save_model) or os.listdir(save_model)):
-        raise UserError(f"--save_model {save_model}: already exists and is not an empty directory; "
-                        f"choose a new directory")
-    for flag, path in (("--results", results), ("--save_model", save_model)):
+        raise UserError(f"{save_model}: already exists and is not an empty directory; choose a new directory",
+                        "save_model")
+    for setting, path in (("results", results), ("save_model", save_model)):
         if not path:
             continue
-        existing = os.path.dirname(os.path.abspath(path))
-        while not os.path.exists(existing):  # the directories still to create are made when writing
-            existing = os.path.dirname(existing)
+        existing = _existing_ancestor(path)
         if not os.path.isdir(existing):
-            raise UserError(f"{flag} {path}: cannot create its directory ({existing} is not a directory)")
+            raise UserError(f"{path}: cannot create its directory ({existing} is not a directory)", setting)
         if not os.access(existing, os.W_OK):
-            raise UserError(f"{flag} {path}: directory {existing} is not writable")
+            raise UserError(f"{path}: directory {existing} is not writable", setting)
     if results and os.path.isdir(results):
-        raise UserError(f"--results {results}: is a directory; give a file name such as run.json")
+        raise UserError(f"{results}: is a directory; give a file name such as run.json", "results")
 
 
 def _make_parents(parent: str) -> list[str]:
@@ -70,6 +91,7 @@ def write_json_atomic(path: str, data: dict) -> None:
         with os.fdopen(fd, "w") as f:
             json.dump(_json_safe(data), f, indent=2)
             f.write("\n")
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -87,13 +109,37 @@ def save_model_atomic(model, tokenizer, directory: str) -> None:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if os.path.isdir(directory):
-            os.rmdir(directory)  # only an empty directory gets here (check_output_paths)
-        os.replace(tmp, directory)
+        publish_directory(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_empty(created)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def publish_directory(tmp: str, directory: str) -> str:
+    """Rename a finished temporary directory to `directory` with the usual permissions. When another run filled
+    `directory` meanwhile (it was checked empty at the start), the finished work goes beside it, said in a line,
+    instead of being lost; returns where it went."""
+    mask = _umask()
+    for root, dirs, files in os.walk(tmp):  # mkdtemp/mkstemp make private 0700/0600 entries
+        os.chmod(root, 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
+    target = directory
+    if os.path.isdir(directory) and not os.listdir(directory):
+        os.rmdir(directory)
+    if os.path.exists(directory):
+        target = f"{directory}-{os.getpid()}"
+        print(f"warning: {directory} was filled by something else during this run; saved to {target} instead",
+              flush=True)
+    os.replace(tmp, target)
+    return target
 
 
 def versions() -> dict[str, str]:
@@ -106,3 +152,52 @@ def versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             pass
     return out
+
+
+def cached_json_entry(cache_path: str | os.PathLike, key: str, compute_fn: Callable[[], Any]) -> Any:
+    """The value for `key` in the JSON cache file at cache_path, or compute_fn() stored there under `key`.
+
+    The file maps keys (e.g. model name + layer shapes) to JSON values; an unreadable file is treated as empty.
+    """
+    path = Path(os.path.expanduser(str(cache_path)))
+    entries: dict = {}
+    if path.is_file():
+        try:
+            entries = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            entries = {}
+        if not isinstance(entries, dict):
+            entries = {}
+    if key in entries:
+        return entries[key]
+    value = compute_fn()
+    entries[key] = value
+    # write-then-rename so an interrupted run never leaves a truncated cache behind
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        with os.fdopen(handle, "w") as temp_file:
+            json.dump(entries, temp_file, indent=1)
+        os.chmod(temp_name, 0o666 & ~_umask())
+        os.replace(temp_name, path)
+    except OSError as exc:  # an unwritable cache costs the computation next time, nothing more
+        print(f"warning: cannot write the cache {path} ({exc.strerror})", flush=True)
+    return value
+
+
+@contextlib.contextmanager
+def termination_as_interrupt():
+    """Within the block, SIGTERM (what `timeout` and cluster schedulers send) raises KeyboardInterrupt like
+    Ctrl-C, so every atomic writer cleans up its temporary files before the process exits."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

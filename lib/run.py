@@ -1,209 +1,305 @@
-"""One CLI run: load, allocate, prune, evaluate, write results. Flags arrive as an argparse Namespace already
-validated by lib.cli; everything below it takes explicit parameters."""
+"""One run of the CLI as a handful of named steps: prepare, load the model, load the data, (search,) allocate,
+prune, evaluate, write outputs, zero-shot. Takes a validated RunConfig; knows nothing of argparse."""
 from __future__ import annotations
 
-import argparse
 import math
+import os
 import time
+from dataclasses import dataclass, field
 
 import torch
 
-from .allocation import format_plan, max_beta
+from .allocation.allocate import AllocationSpec, check_spec, format_plan
+from .allocation.atp import max_beta
+from .config import RunConfig, setting_error
 from .errors import UserError
-from .pipeline import PruningSession, timed
-
-
-DEFAULT_NSAMPLES = 128
+from .models import loading
+from .session import LoadedModel, PruningSession, SessionData
 
 
 def _log(message: str) -> None:
     print(message, flush=True)
 
 
-def _apply_demo(args: argparse.Namespace) -> None:
-    """Point the data flags at the shipped text and size the run for a CPU, unless the user chose otherwise."""
-    from .demo import CALIB_TEXT, DEMO_DEFAULTS, EVAL_TEXT
-    if args.calib_data == "c4":
-        args.calib_data = CALIB_TEXT
-    if args.eval_data == "wikitext2":
-        args.eval_data = EVAL_TEXT
-    args.eval_dense = True
-    for flag, value in DEMO_DEFAULTS[args.demo].items():
-        if getattr(args, flag) is None:
-            setattr(args, flag, value)
+@dataclass
+class Timings:
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def __call__(self, name: str, fn, *args, **kwargs):
+        start = time.perf_counter()
+        out = fn(*args, **kwargs)
+        self.seconds[name] = time.perf_counter() - start
+        return out
 
 
-def _load(args: argparse.Namespace, dtype: torch.dtype, device: torch.device, offload: bool):
-    """(model, tokenizer, model name for the records), with the weights on the GPU unless offloading."""
-    from .loading import load_model_and_tokenizer
-    if args.demo == "tiny":
-        from .demo import tiny_demo_model
-        model, tokenizer = tiny_demo_model(seed=args.seed)
-        return model.to(dtype), tokenizer, "demo:tiny-llama"
-    name = _checkpoint_name(args)
-    device_map = args.device_map
-    if device_map is None and device.type == "cuda" and not offload:
-        device_map = {"": str(device)}
-    model, tokenizer = load_model_and_tokenizer(name, dtype, device_map=device_map)
-    return model, tokenizer, ("demo:smollm2-135m" if args.demo == "real" else name)
-
-
-def _checkpoint_name(args: argparse.Namespace) -> str:
-    if args.demo == "real":
-        from .demo import real_demo_checkpoint
+def checkpoint_path(config: RunConfig) -> str:
+    if config.model.demo == "real":
+        from .demo.models import real_demo_checkpoint
         return real_demo_checkpoint()
-    return args.model
+    return config.model.model
 
 
-def run(args: argparse.Namespace) -> dict:
-    from .cli import allocation_spec
-    from .data import calibration_windows, evaluation_tokens
-    from .loading import (estimated_weight_bytes, fits_on_device, model_max_positions, num_blocks_from_config,
-                          place_for_offload, resolve_device, resolve_dtype)
-    from .model_utils import find_decoder_blocks
-    from .outputs import save_model_atomic, versions, write_json_atomic
-
-    timings: dict[str, float] = {}
-    started = time.perf_counter()
-    if args.demo:
-        _apply_demo(args)
-    if args.quiet:  # transformers' own bars would otherwise precede a one-line error
+def prepare(config: RunConfig) -> tuple[torch.device, torch.dtype]:
+    """Checks that need libraries or the model's config but no weights; the device and dtype to use."""
+    if config.outputs.quiet:  # transformers' own bars would otherwise precede a one-line error
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()
-    if args.nsamples is None:
-        args.nsamples = DEFAULT_NSAMPLES
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    torch.manual_seed(args.seed)
-
-    zero_shot_tasks = None
-    if args.eval_zero_shot:
-        from .zeroshot import DEFAULT_TASKS, SHIPPED_TASKS_DIR, check_tasks
-        zero_shot_tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else DEFAULT_TASKS
-        args.tasks_dir = args.tasks_dir or str(SHIPPED_TASKS_DIR)
-        check_tasks(zero_shot_tasks, args.tasks_dir)
-
-    if args.model is not None and not args.model.endswith(".gguf"):
-        # Check the allocation against the config before loading any weights.
-        num_blocks = num_blocks_from_config(args.model)
+        os.environ["TQDM_DISABLE"] = "1"  # the GGUF converter's bar is a plain tqdm
+    device = loading.resolve_device(config.model.device)
+    dtype = loading.resolve_dtype(config.model.dtype, device)
+    torch.manual_seed(config.data.seed)
+    if config.zero_shot.enabled:
+        zero_shot_tasks(config)
+    if config.model.demo == "real":
+        checkpoint_path(config)  # says how to install the checkpoint before anything else runs
+    if config.model.model is not None and not config.model.model.endswith(".gguf"):
+        num_blocks, widths = loading.shape_from_config(config.model.model)
         if num_blocks is not None:
-            allocation_spec(args, None if args.beta == "search" else args.beta).validate(num_blocks)
+            check_allocation(config, num_blocks)
+        check_n_m_widths(config, widths)
+    if config.outputs.save_format == "compressed":
+        from .sparse.checkpoint import check_compressed_support
+        check_compressed_support()
+    return device, dtype
 
+
+def zero_shot_tasks(config: RunConfig) -> tuple[list[str], str]:
+    """(task names, task directory), checked: lm-eval is installed and every name is known."""
+    from .eval.zeroshot import DEFAULT_TASKS, SHIPPED_TASKS_DIR, check_tasks
+    tasks = config.zero_shot.tasks or DEFAULT_TASKS
+    tasks_dir = config.zero_shot.tasks_dir or str(SHIPPED_TASKS_DIR)
+    check_tasks(tasks, tasks_dir)
+    return tasks, tasks_dir
+
+
+def check_n_m_widths(config: RunConfig, widths: set[int]) -> None:
+    """N:M groups M consecutive inputs: every Linear's input width must be a multiple of M."""
+    n_m = config.prune.n_m
+    bad = sorted(w for w in widths if n_m is not None and w % n_m[1])
+    if bad:
+        raise UserError(f"{config.prune.sparsity_type} needs every Linear input width to be a multiple of "
+                        f"{n_m[1]}; this model has widths {', '.join(map(str, bad))}", "sparsity_type")
+
+
+def check_allocation(config: RunConfig, num_blocks: int) -> None:
+    spec = config.allocation.with_params(beta=0.0) if config.search.enabled else config.allocation
+    try:
+        check_spec(spec, num_blocks)
+    except ValueError as exc:
+        raise setting_error("allocation", exc) from None
+
+
+def load_model(config: RunConfig, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    """The model on `device` (or with offloaded blocks when asked, or when it does not fit)."""
+    from .calibration.offload import place_for_offload
+    from .models.structure import find_decoder_blocks, find_linears
     offload = False
-    if device.type == "cuda" and args.device_map is None:
-        offload = args.offload
-        if not offload and args.demo != "tiny" and not fits_on_device(
-                estimated_weight_bytes(_checkpoint_name(args), dtype), device):
+    if device.type == "cuda" and config.model.device_map is None:
+        offload = config.model.offload
+        if not offload and config.model.demo != "tiny" and not loading.fits_on_device(
+                loading.estimated_weight_bytes(checkpoint_path(config), dtype), device):
             _log("the model does not fit in GPU memory: offloading decoder blocks to the CPU (--offload)")
             offload = True
-    (model, tokenizer, model_name), timings["load_model"] = timed(_load, args, dtype, device, offload)
+    if config.model.demo == "tiny":
+        from .demo.models import tiny_demo_model
+        model, tokenizer = tiny_demo_model()
+        model, name = model.to(dtype), "demo:tiny-llama"
+    else:
+        device_map = config.model.device_map
+        if device_map is None and device.type == "cuda" and not offload:
+            device_map = {"": str(device)}
+        model, tokenizer = loading.load_model_and_tokenizer(checkpoint_path(config), dtype, device_map=device_map)
+        name = "demo:smollm2-135m" if config.model.demo == "real" else config.model.model
     blocks = find_decoder_blocks(model)
-    num_blocks = len(blocks)
-    beta = None if args.beta == "search" else args.beta
-    allocation_spec(args, beta).validate(num_blocks)
-
-    offload_device = device if offload else None
+    check_allocation(config, len(blocks))
+    check_n_m_widths(config, {lin.in_features for b in blocks for lin in find_linears(b).values()})
     if offload:
         place_for_offload(model, blocks, device)
-    elif args.device_map is None:
+    elif config.model.device_map is None:
         model.to(device)
+    return LoadedModel(model, tokenizer, blocks, name, device if offload else None)
 
-    max_pos = model_max_positions(model)
-    seqlen = args.seqlen or min(2048, max_pos or 2048)
+
+@dataclass
+class Texts:
+    calibration: tuple[list[str], str] | None  # (documents, layout); None when nothing needs calibration data
+    evaluation: tuple[list[str], str]
+
+
+def needs_calibration(config: RunConfig) -> bool:
+    return config.prune.pruner.requires_calibration_data or config.allocation.requires_calibration_data
+
+
+def read_texts(config: RunConfig) -> Texts:
+    """The calibration and evaluation documents, read and checked before any model is loaded."""
+    from .data import calibration_documents, check_calibration_size, evaluation_documents
+    calibration = None
+    if needs_calibration(config):
+        calibration = calibration_documents(config.data.calib_data)
+        if config.data.seqlen is not None:
+            check_calibration_size(config.data.calib_data, calibration[0], config.data.nsamples, config.data.seqlen)
+    return Texts(calibration, evaluation_documents(config.data.eval_data))
+
+
+def load_data(config: RunConfig, loaded: LoadedModel, texts: Texts | None = None) -> tuple[SessionData, dict]:
+    """Calibration windows (when the pruner or the rule needs them) and evaluation tokens, and what to record."""
+    from .data import calibration_windows, evaluation_tokens
+    texts = texts or read_texts(config)
+    max_pos = loading.model_max_positions(loaded.model)
+    seqlen = config.data.seqlen or min(2048, max_pos or 2048)
     if max_pos is not None and seqlen > max_pos:
-        raise UserError(f"--seqlen {seqlen} exceeds the model's {max_pos} positions")
-
-    spec = allocation_spec(args, beta)
-    needs_calib = args.prune_method != "magnitude" or spec.needs_calibration()
-    calib_ids = None
-    calib_layout = None
+        raise UserError(f"{seqlen} exceeds the model's {max_pos} positions", "seqlen")
+    needs_calib = needs_calibration(config)
+    calib_ids, calib_layout = None, None
     if needs_calib:
-        (calib, timings["load_calibration"]) = timed(calibration_windows, args.calib_data, tokenizer,
-                                                      args.nsamples, seqlen, args.seed)
-        calib_ids, calib_layout = calib
-    (ev, timings["load_eval"]) = timed(evaluation_tokens, args.eval_data, tokenizer)
-    eval_ids, eval_layout = ev
+        check_calibration_memory(config, loaded, seqlen)
+        calib_ids, calib_layout = calibration_windows(config.data.calib_data, loaded.tokenizer,
+                                                      config.data.nsamples, seqlen, config.data.seed,
+                                                      progress=not config.outputs.quiet, documents=texts.calibration)
+    eval_ids, eval_layout = evaluation_tokens(config.data.eval_data, loaded.tokenizer, documents=texts.evaluation)
     if eval_ids.shape[1] < seqlen:
-        raise UserError(f"--eval_data {args.eval_data}: only {eval_ids.shape[1]} tokens, fewer than one window of "
-                        f"--seqlen {seqlen}")
+        raise UserError(f"{config.data.eval_data}: only {eval_ids.shape[1]} tokens, fewer than one window of "
+                        f"--seqlen {seqlen}", "eval_data")
+    records = {
+        "eval": {"data": config.data.eval_data, "layout": eval_layout, "seqlen": seqlen,
+                 "tokens": int(eval_ids.shape[1])},
+        "calibration": {"data": config.data.calib_data, "layout": calib_layout, "nsamples": config.data.nsamples,
+                        "seqlen": seqlen, "seed": config.data.seed} if needs_calib else None}
+    data = SessionData(calib_ids, eval_ids, seqlen, config.data.calib_batch_size, config.data.eval_batch_size)
+    return data, records
 
-    session = PruningSession(model, tokenizer, blocks, calib_ids, eval_ids, seqlen, model_name,
-                             args.calib_batch_size, args.eval_batch_size, offload_device, not args.quiet)
-    _log(f"model {model_name}: {num_blocks} decoder blocks, {dtype}, device {device}"
-         f"{' (offloaded blocks)' if offload_device is not None else ''}")
 
-    dense_ppl = None
-    if args.eval_dense:
-        (dense, timings["eval_dense"]) = timed(session.perplexity, args.max_eval_windows)
-        dense_ppl = dense[0]
-        _log(f"dense perplexity {dense_ppl}")
+def host_memory_available() -> int:
+    """Bytes of RAM available to a new allocation (MemAvailable: free memory plus reclaimable page cache)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
-    search_record = None
-    if args.beta == "search":
-        from .beta_search import run_beta_search
-        (search_record, best_beta), timings["search"] = timed(run_beta_search, session, args, num_blocks)
-        spec = allocation_spec(args, best_beta)
 
-    (alloc, timings["allocation"]) = timed(session.allocation, spec)
-    sparsities, allocation_info = alloc
-    _log(f"layer-wise sparsity plan ({spec.name}"
-         f"{f', beta={spec.beta:g}' if spec.beta is not None else ''}):")
-    _log(format_plan(sparsities))
+def check_calibration_memory(config: RunConfig, loaded: LoadedModel, seqlen: int) -> None:
+    """The captured block inputs and outputs of every calibration window must fit where they are kept."""
+    hidden = loaded.model.get_input_embeddings().weight.shape[1]
+    element = next(loaded.model.parameters()).element_size()
+    needed = 2 * config.data.nsamples * seqlen * hidden * element  # one block's inputs and its outputs
+    store = next(loaded.model.parameters()).device
+    if loaded.offload_device is None and store.type == "cuda":
+        available = torch.cuda.mem_get_info(store)[0]
+    else:
+        available = host_memory_available()
+    if needed > 0.8 * available:
+        raise UserError(f"{config.data.nsamples} windows of {seqlen} tokens need about {needed / 2**30:.1f} GiB for "
+                        f"the block activations, more than the {available / 2**30:.1f} GiB free where they are kept; "
+                        f"lower --nsamples or --seqlen", "nsamples")
 
-    records, timings["prune"] = timed(session.prune, sparsities, args.prune_method, args.n_m)
+
+def prune_and_report(session: PruningSession, config: RunConfig, sparsities: list[float]) -> tuple[list[dict], float]:
+    records = session.prune(sparsities, config.prune.pruner, config.prune.params, config.prune.n_m)
     zeros = sum(r["zeros"] for r in records)
     total = sum(r["weights"] for r in records)
     _log("sparsity sanity check (Linear layers of each decoder block):")
     for r in records:
         _log(f"  block {r['block']:3d}: target {r['target']:.4f} achieved {r['achieved']:.4f}")
     _log(f"  overall sparsity {zeros / total:.4f} (target mean {sum(sparsities) / len(sparsities):.4f})")
+    return records, zeros / total
 
-    (ppl_windows, timings["eval_ppl"]) = timed(session.perplexity, args.max_eval_windows)
-    ppl, windows = ppl_windows
+
+def evaluate_pruned(session: PruningSession, config: RunConfig) -> tuple[float, int]:
+    ppl, windows = session.perplexity(config.data.max_eval_windows)
     if not math.isfinite(ppl):
         raise UserError(f"perplexity is {ppl} after pruning: the pruned model is numerically broken "
                         f"(try a lower --sparsity_ratio or --dtype bfloat16/float32); no results written")
+    if config.data.eval_data != "wikitext2":  # the line below keeps its name for scripts that read it
+        _log(f"perplexity measured on {config.data.eval_data} ({windows} windows of {session.data.seqlen} tokens)")
     _log(f"wikitext perplexity {ppl}")
+    return ppl, windows
 
-    timings["total"] = time.perf_counter() - started
+
+def write_outputs(config: RunConfig, loaded: LoadedModel, results: dict, timings: Timings) -> None:
+    from .outputs import save_model_atomic, write_json_atomic
+    if config.outputs.save_model:
+        if config.outputs.save_format == "compressed":
+            from .sparse.checkpoint import save_compressed
+            saved = timings("save_model", save_compressed, loaded.model, loaded.tokenizer, config.outputs.save_model)
+            results["saved_model"] = saved
+        else:
+            timings("save_model", save_model_atomic, loaded.model, loaded.tokenizer, config.outputs.save_model)
+        _log(f"pruned model saved to {config.outputs.save_model}")
+    if config.outputs.results:
+        write_json_atomic(config.outputs.results, results)
+        _log(f"results written to {config.outputs.results}")
+
+
+def run_zero_shot(session: PruningSession, config: RunConfig, results: dict, timings: Timings) -> None:
+    from .eval.zeroshot import evaluate_zero_shot, format_zero_shot_table
+    from .outputs import write_json_atomic
+    zs = config.zero_shot
+    tasks, tasks_dir = zero_shot_tasks(config)
+    with session.whole_model_forwards():
+        outcome = timings("zero_shot", evaluate_zero_shot, session.model, session.loaded.tokenizer, tasks,
+                          tasks_dir, zs.batch_size, zs.limit, config.data.seed)
+    _log(format_zero_shot_table(outcome))
+    results["zero_shot"] = outcome
+    if config.outputs.results:
+        write_json_atomic(config.outputs.results, results)
+
+
+def run(config: RunConfig) -> dict:
+    from .outputs import versions
+    started = time.perf_counter()
+    timings = Timings()
+    device, dtype = prepare(config)
+    texts = timings("read_data", read_texts, config)
+    loaded = timings("load_model", load_model, config, device, dtype)
+    data, data_records = timings("load_data", load_data, config, loaded, texts)
+    session = PruningSession(loaded, data, progress=not config.outputs.quiet)
+    num_blocks = len(loaded.blocks)
+    _log(f"model {loaded.name}: {num_blocks} decoder blocks, {dtype}, device {device}"
+         f"{' (offloaded blocks)' if loaded.offload_device is not None else ''}")
+
+    dense_ppl = None
+    if config.data.eval_dense:
+        dense_ppl, _ = timings("eval_dense", session.perplexity, config.data.max_eval_windows)
+        _log(f"dense perplexity {dense_ppl}")
+
+    spec: AllocationSpec = config.allocation
+    search_record = None
+    if config.search.enabled:
+        from .search.beta import run_beta_search
+        search_record, best_beta = timings("search", run_beta_search, session, config)
+        spec = spec.with_params(beta=best_beta)
+
+    allocation = timings("allocation", session.allocation, spec)
+    sparsities = allocation.sparsities
+    beta = spec.params.get("beta")
+    _log(f"layer-wise sparsity plan ({spec.rule}{f', beta={beta:g}' if beta is not None else ''}):")
+    _log(format_plan(sparsities))
+
+    records, overall = timings("prune", prune_and_report, session, config, sparsities)
+    ppl, windows = timings("eval_ppl", evaluate_pruned, session, config)
+    timings.seconds["total"] = time.perf_counter() - started
     results = {
-        "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
-        "model": {"name": model_name, "num_blocks": num_blocks, "dtype": str(dtype), "device": str(device),
-                  "offload": offload_device is not None,
-                  "parameters": sum(p.numel() for p in model.parameters())},
-        "allocation": {**allocation_info, "sparsities": sparsities, "mean": sum(sparsities) / num_blocks,
-                       "max_beta": max_beta(args.sparsity_ratio, num_blocks)},
+        "args": {k: v for k, v in config.record.items() if not k.startswith("_")},
+        "model": {"name": loaded.name, "num_blocks": num_blocks, "dtype": str(dtype), "device": str(device),
+                  "offload": loaded.offload_device is not None,
+                  "parameters": sum(p.numel() for p in loaded.model.parameters())},
+        "allocation": {**allocation.info, "sparsities": sparsities, "mean": sum(sparsities) / num_blocks,
+                       "max_beta": max_beta(spec.sparsity, num_blocks)},
         "blocks": records,
-        "overall_sparsity": zeros / total,
+        "overall_sparsity": overall,
         "perplexity": ppl,
         "dense_perplexity": dense_ppl,
-        "eval": {"data": args.eval_data, "layout": eval_layout, "seqlen": seqlen, "windows": windows,
-                 "tokens": int(eval_ids.shape[1])},
-        "calibration": {"data": args.calib_data, "layout": calib_layout, "nsamples": args.nsamples,
-                        "seqlen": seqlen, "seed": args.seed} if needs_calib else None,
+        "eval": {**data_records["eval"], "windows": windows},
+        "calibration": data_records["calibration"],
         "search": search_record,
-        "timings_s": timings,
+        "timings_s": timings.seconds,
         "versions": versions(),
     }
-    if args.save_model:
-        _, timings["save_model"] = timed(save_model_atomic, model, tokenizer, args.save_model)
-        _log(f"pruned model saved to {args.save_model}")
-    if args.results:
-        write_json_atomic(args.results, results)
-        _log(f"results written to {args.results}")
-
-    if args.eval_zero_shot:
-        from .zeroshot import evaluate_zero_shot, format_zero_shot_table
-        batch = int(args.zs_batch_size) if args.zs_batch_size.isdigit() else args.zs_batch_size
-        limit = args.zs_limit
-        if limit is not None and limit >= 1:
-            limit = int(limit)
-        with session.whole_model_forwards():
-            zs, timings["zero_shot"] = timed(evaluate_zero_shot, model, tokenizer, zero_shot_tasks,
-                                             args.tasks_dir, batch,
-                                             limit, args.seed, None)
-        _log(format_zero_shot_table(zs))
-        results["zero_shot"] = zs
-        if args.results:
-            write_json_atomic(args.results, results)
+    write_outputs(config, loaded, results, timings)
+    if config.zero_shot.enabled:
+        run_zero_shot(session, config, results, timings)
     return results

@@ -24,10 +24,12 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
-from lib.allocation import atp_allocation  # noqa: E402
-from lib.loading import place_for_offload, resolve_device  # noqa: E402
-from lib.model_utils import find_decoder_blocks  # noqa: E402
-from lib.pipeline import PruningSession  # noqa: E402
+from lib.allocation.atp import atp_allocation  # noqa: E402
+from lib.calibration.offload import place_for_offload  # noqa: E402
+from lib.models.loading import resolve_device  # noqa: E402
+from lib.models.structure import find_decoder_blocks  # noqa: E402
+from lib.pruning.pruner import PRUNERS, default_params  # noqa: E402
+from lib.session import LoadedModel, PruningSession, SessionData  # noqa: E402
 
 SHAPES = {
     "tiny": dict(num_hidden_layers=2, hidden_size=64, intermediate_size=160, num_attention_heads=4,
@@ -41,7 +43,6 @@ SHAPES = {
     "llama3-8b": dict(num_hidden_layers=32, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
                       num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0),
 }
-METHODS = ("magnitude", "wanda", "sparsegpt")
 SPARSITY, BETA = 0.7, 0.01
 # The figures: LLaMA-2-7B, 128 x 2048 calibration tokens, 166 evaluation windows, fp16, one H100.
 REFERENCE = {"shape": "llama2-7b", "hardware": "1x H100", "nsamples": 128, "seqlen": 2048, "eval_windows": 166,
@@ -52,7 +53,7 @@ INIT_STD = 0.02
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
-    p.add_argument("--methods", default="wanda,sparsegpt", help=f"comma-separated, from {', '.join(METHODS)}")
+    p.add_argument("--methods", default="wanda,sparsegpt", help=f"comma-separated, from {', '.join(PRUNERS.names())}")
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--eval_windows", type=int, default=166, help="perplexity windows of --seqlen tokens")
@@ -66,9 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json_out", default=None, help="also write the JSON record to this file")
     args = p.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in args.methods if m not in METHODS]
+    unknown = [m for m in args.methods if m not in PRUNERS]
     if unknown or not args.methods:
-        p.error(f"--methods: unknown {unknown or 'empty list'}; choose from {', '.join(METHODS)}")
+        p.error(f"--methods: unknown {unknown or 'empty list'}; choose from {', '.join(PRUNERS.names())}")
     for flag in ("nsamples", "seqlen", "eval_windows", "calib_batch_size", "eval_batch_size"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag} must be at least 1")
@@ -169,8 +170,9 @@ def run(args: argparse.Namespace) -> dict:
     generator = torch.Generator().manual_seed(args.seed + 1)
     calib_ids = torch.randint(vocab, (args.nsamples, args.seqlen), generator=generator)
     eval_ids = torch.randint(vocab, (1, args.eval_windows * args.seqlen), generator=generator)
-    session = PruningSession(model, None, blocks, calib_ids, eval_ids, args.seqlen, f"bench:{args.shape}",
-                             args.calib_batch_size, args.eval_batch_size, offload_device, args.progress)
+    session = PruningSession(LoadedModel(model, None, blocks, f"bench:{args.shape}", offload_device),
+                             SessionData(calib_ids, eval_ids, args.seqlen, args.calib_batch_size,
+                                         args.eval_batch_size), args.progress)
     sparsities = atp_allocation(SPARSITY, BETA, len(blocks))
     if len(args.methods) > 1:
         session.keep_dense_copy()
@@ -180,7 +182,8 @@ def run(args: argparse.Namespace) -> dict:
         if k > 0:
             session.restore_dense()
         with phases(f"prune_{method}"):
-            records = session.prune(sparsities, method, None)
+            pruner = PRUNERS.get(method)
+            records = session.prune(sparsities, pruner, default_params(pruner), None)
         with phases(f"eval_{method}"):
             ppl, windows = session.perplexity(args.eval_windows)
         prune_s, eval_s = phases.seconds[f"prune_{method}"], phases.seconds[f"eval_{method}"]

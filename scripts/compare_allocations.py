@@ -35,9 +35,10 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:  # run as `python scripts/compare_allocations.py` from anywhere
     sys.path.insert(0, REPO_ROOT)
 
-from lib.allocate import ALLOCATIONS  # noqa: E402
+from lib.allocation.rule import RULES  # noqa: E402
 from lib.errors import UserError  # noqa: E402
-from lib.prune_block import PRUNE_METHODS  # noqa: E402
+from lib.outputs import check_writable_file  # noqa: E402
+from lib.pruning.pruner import PRUNERS  # noqa: E402
 
 EXIT_RUN_FAILED = 1
 EXIT_USAGE = 2
@@ -75,9 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--model", help="hub id, local model directory or .gguf file (as main.py --model)")
     model.add_argument("--demo", nargs="?", const="tiny", choices=["tiny", "real"], help="as main.py --demo")
     p.add_argument("--sparsities", default="0.7", help="comma-separated mean sparsities, e.g. 0.6,0.7")
-    p.add_argument("--methods", default="wanda", help=f"comma-separated pruners from {', '.join(PRUNE_METHODS)}")
-    p.add_argument("--allocations", default=",".join(ALLOCATIONS),
-                   help=f"comma-separated allocations from {', '.join(ALLOCATIONS)}")
+    p.add_argument("--methods", default="wanda", help=f"comma-separated pruners from {', '.join(PRUNERS.names())}")
+    p.add_argument("--allocations", default=",".join(RULES.names()),
+                   help=f"comma-separated allocations from {', '.join(RULES.names())}")
     p.add_argument("--absorption", type=float, default=0.0,
                    help="also run every allocation with this absorption strength ('<base>+absorption' columns)")
     p.add_argument("--out_md", default=None, help="Markdown file for the table (always printed too)")
@@ -147,20 +148,11 @@ def check_passthrough(flags: list[str]) -> None:
 
 
 def check_output_path(flag: str, path: str | None) -> None:
-    if not path:
-        return
-    if os.path.isdir(path):
-        raise UserError(f"{flag} {path}: is a directory; give a file name")
-    parent = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(parent, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"{flag} {path}: cannot create its directory ({exc.strerror})") from None
-    try:  # a real write, not os.access: root passes access checks on read-only places such as /proc
-        with tempfile.TemporaryFile(dir=parent):
-            pass
-    except OSError as exc:
-        raise UserError(f"{flag} {path}: directory {parent} is not writable ({exc.strerror})") from None
+    if path:
+        try:
+            check_writable_file(path, flag.lstrip("-"))
+        except UserError as exc:
+            raise UserError(f"{flag} {exc}") from None
 
 
 def combinations(methods: list[str], sparsities: list[float], allocations: list[str],
@@ -360,8 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(own)
     try:
         sparsities = parse_sparsities(args.sparsities)
-        methods = parse_list(args.methods, "--methods", PRUNE_METHODS)
-        allocations = parse_list(args.allocations, "--allocations", ALLOCATIONS)
+        methods = parse_list(args.methods, "--methods", PRUNERS.names())
+        allocations = parse_list(args.allocations, "--allocations", RULES.names())
         if not (math.isfinite(args.absorption) and args.absorption >= 0):
             raise UserError(f"--absorption must be a non-negative number, got {args.absorption}")
         for flag in ("out_md", "out_png", "out_json"):

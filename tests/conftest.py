@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # tests import `lib` whichever directory pytest is started from
     sys.path.insert(0, str(REPO))
 
-from lib.tiny import build_tiny_model, train_tokenizer  # noqa: E402
+from lib.demo.tiny import build_tiny_model, train_tokenizer  # noqa: E402
 
 DATA = REPO / "data"
 FAMILIES = ("llama", "mistral", "qwen2", "opt")

@@ -1,11 +1,11 @@
 """ATP's layer-wise allocation: the arithmetic progression, its legal range, and uniform as the default."""
 import pytest
 
-from lib.allocate import AllocationSpec
-from lib.allocation import (IllegalAllocationError, atp_allocation, format_plan, max_beta, uniform_allocation,
-                            validate_beta)
-from lib.cli import build_parser, validate_args
-from lib.errors import UserError
+from lib.allocation.allocate import AllocationSpec, check_spec, format_plan
+from lib.allocation.atp import atp_allocation, max_beta, validate_beta
+from lib.allocation.uniform import uniform_allocation
+from lib.cli import error_line, parse_config
+from lib.errors import IllegalAllocationError, UserError
 
 CASES = [(0.5, 0.05, 4), (0.7, 0.002, 32), (0.6, 0.01, 40), (0.3, 0.0, 12), (0.8, 0.004, 24)]
 
@@ -64,7 +64,7 @@ def test_negative_or_nan_beta_is_rejected():
 @pytest.mark.parametrize("sparsity", [-0.1, 1.0, 1.2])
 def test_sparsity_outside_zero_one_is_rejected_everywhere(sparsity):
     for call in (lambda: atp_allocation(sparsity, 0.0, 4), lambda: uniform_allocation(sparsity, 4),
-                 lambda: max_beta(sparsity, 4), lambda: AllocationSpec("uniform", sparsity).validate(None)):
+                 lambda: max_beta(sparsity, 4), lambda: check_spec(AllocationSpec("uniform", sparsity), None)):
         with pytest.raises(IllegalAllocationError, match="sparsity"):
             call()
 
@@ -93,32 +93,31 @@ def test_uniform_allocation_gives_every_block_s():
 
 
 def _parsed(*flags):
-    args = build_parser().parse_args(["--model", "org/model", *flags])
-    validate_args(args)
-    return args
+    return parse_config(["--demo", *flags])
 
 
 def test_cli_defaults_to_uniform_without_beta_and_to_atp_with_it():
-    assert _parsed("--sparsity_ratio", "0.6").allocation == "uniform"
-    args = _parsed("--sparsity_ratio", "0.6", "--beta", "0.01")
-    assert args.allocation == "atp" and args.beta == pytest.approx(0.01)
-    assert _parsed("--beta", "search").beta == "search"
+    assert _parsed("--sparsity_ratio", "0.6").allocation.rule == "uniform"
+    config = _parsed("--sparsity_ratio", "0.6", "--beta", "0.01")
+    assert config.allocation.rule == "atp" and config.allocation.params["beta"] == pytest.approx(0.01)
+    assert _parsed("--beta", "search").search.enabled and _parsed("--beta", "search").record["beta"] == "search"
 
 
 def test_cli_rejects_beta_that_is_not_a_number_or_search():
     for text in ("abc", "inf", "nan"):
-        with pytest.raises(IllegalAllocationError, match="--beta"):
+        with pytest.raises(IllegalAllocationError) as info:
             _parsed("--beta", text)
+        assert error_line(info.value).startswith(f"error: --beta '{text}'")
 
 
 def test_spec_checks_beta_against_the_block_count_once_known():
-    spec = AllocationSpec("atp", 0.5, beta=0.2)
-    spec.validate(None)  # the block count is unknown before the model config is read
-    spec.validate(6)  # limit 1/5
+    spec = AllocationSpec("atp", 0.5, {"beta": 0.2})
+    check_spec(spec, None)  # the block count is unknown before the model config is read
+    check_spec(spec, 6)  # limit 1/5
     with pytest.raises(IllegalAllocationError, match="0.142857"):
-        spec.validate(8)  # limit 1/7
+        check_spec(spec, 8)  # limit 1/7
     with pytest.raises(UserError, match="does not apply"):
-        AllocationSpec("uniform", 0.5, beta=0.1).validate(4)
+        _parsed("--allocation", "uniform", "--beta", "0.1")
 
 
 def test_format_plan_lists_every_block_and_the_mean():

@@ -5,11 +5,10 @@ import math
 import pytest
 import torch
 
-from lib.absorption import absorption_adjust, measure_absorption, measure_drift, shift_and_clip
-from lib.alpha_pruning import (alpha_allocation, block_alphas, fit_power_law, hill_alpha, load_or_compute_alphas,
-                               weight_eigenvalues)
-from lib.errors import UserError
-from lib.owl import outlier_ratio, owl_allocation
+from lib.allocation.absorption import absorption_adjust, measure_absorption, measure_drift, shift_and_clip
+from lib.allocation.alpha import alpha_allocation, block_alphas, fit_power_law, hill_alpha, weight_eigenvalues
+from lib.allocation.owl import outlier_ratio, owl_allocation
+from lib.outputs import cached_json_entry as load_or_compute_alphas
 
 
 def _mean(values):
@@ -48,12 +47,12 @@ def test_owl_allocation_equal_ratios_or_zero_lambda_is_uniform():
     assert owl_allocation([0.01, 0.2, 0.05], target=0.5, lam=0.0) == pytest.approx([0.5] * 3)
 
 
-def test_owl_invalid_parameters_raise_user_error():
-    with pytest.raises(UserError, match="--owl_m"):
+def test_owl_invalid_parameters_raise_value_error():
+    with pytest.raises(ValueError, match="threshold M"):
         outlier_ratio([torch.ones(4)], m=0)
-    with pytest.raises(UserError, match="--owl_lambda"):
+    with pytest.raises(ValueError, match="lambda"):
         owl_allocation([0.1, 0.2], target=0.5, lam=-0.1)
-    with pytest.raises(UserError, match="--owl_lambda"):
+    with pytest.raises(ValueError, match="lambda"):
         owl_allocation([0.1, 0.2, 0.3], target=0.9, lam=0.2)  # the sparsest block would reach 1.1
 
 
@@ -122,10 +121,10 @@ def test_alpha_allocation_weighted_mean_ordering_and_bounds():
     assert alpha_allocation([3.0, 3.0], [10, 20], target=0.5) == pytest.approx([0.5, 0.5])
 
 
-def test_alpha_invalid_parameters_raise_user_error():
-    with pytest.raises(UserError, match="--alpha_eps"):
+def test_alpha_invalid_parameters_raise_value_error():
+    with pytest.raises(ValueError, match="epsilon"):
         alpha_allocation([2.0, 3.0], [1, 1], target=0.5, eps=1.5)
-    with pytest.raises(UserError, match="--alpha_eps"):
+    with pytest.raises(ValueError, match="epsilon"):
         alpha_allocation([2.0, 3.0], [1, 1], target=0.8, eps=0.5)  # the top block would reach 1.2
 
 
@@ -251,7 +250,18 @@ def test_shift_and_clip_solves_common_shift():
 
 
 def test_absorption_invalid_strength_raises_user_error():
-    with pytest.raises(UserError, match="--absorption"):
+    with pytest.raises(ValueError, match="absorption strength"):
         absorption_adjust([0.5, 0.5], [1.0, 2.0], strength=-0.1, target=0.5)
-    with pytest.raises(UserError, match="--absorption"):
+    with pytest.raises(ValueError, match="absorption strength"):
         absorption_adjust([0.5, 0.5], [1.0, 2.0], strength=float("nan"), target=0.5)
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--allocation", "owl", "--owl_m", "0"], "--owl_m must be positive, got 0.0"),
+    (["--allocation", "owl", "--owl_lambda", "-0.1"], "--owl_lambda"),
+    (["--allocation", "alpha", "--alpha_eps", "1.5"], "--alpha_eps"),
+    (["--absorption", "-0.1"], "--absorption"),
+])
+def test_the_cli_names_the_flag_of_a_bad_rule_parameter(cli, flags, fragment):
+    code, _, err = cli("--model", "org/model", *flags)
+    assert code == 2 and err.strip().splitlines()[-1].startswith("error: ") and fragment in err

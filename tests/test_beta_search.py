@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from lib.allocation import max_beta
+from lib.allocation.atp import max_beta
 
 FAST = ["--demo", "--sparsity_ratio", "0.7", "--nsamples", "4", "--seqlen", "64", "--max_eval_windows", "6",
         "--calib_batch_size", "4", "--quiet", "--beta", "search", "--search_step", "0.01"]
@@ -57,3 +57,23 @@ def test_scoring_on_a_window_subset_reevaluates_the_winner_on_all_windows(cli, t
     assert search["best_beta"] == min(rescored, key=lambda t: t["ppl"])["beta"]
     assert subset["allocation"]["beta"] == search["best_beta"]
     assert subset["perplexity"] == pytest.approx(min(t["ppl"] for t in rescored), rel=1e-9)
+
+
+def test_every_search_trial_goes_through_the_allocation_route_with_absorption(cli, tmp_path):
+    """--beta search --absorption X: each trial's sparsities carry the correction (not plain ATP) and keep mean S,
+    and the final prune uses the same allocation as the winning trial."""
+    from lib.allocation.atp import atp_allocation
+    log = tmp_path / "trials.jsonl"
+    record, _ = _search(cli, tmp_path, "absorb", "--absorption", "0.5", "--search_log", log)
+    trials = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(trials) == record["search"]["num_trials"] >= 3
+    for trial in trials:
+        plain = atp_allocation(0.7, trial["beta"], 4)
+        assert trial["sparsities"] != pytest.approx(plain, abs=1e-6)
+        assert sum(trial["sparsities"]) / 4 == pytest.approx(0.7)
+    best = next(t for t in trials if t["beta"] == record["search"]["best_beta"])
+    assert record["allocation"]["sparsities"] == pytest.approx(best["sparsities"])
+    assert record["allocation"]["absorption_strength"] == 0.5
+    # the log's settings key names the correction: a plain search does not reuse these trials
+    plain, _ = _search(cli, tmp_path, "plain", "--search_log", log)
+    assert plain["search"]["num_evaluated"] == plain["search"]["num_trials"]

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from lib.allocation import atp_allocation
-from lib.model_utils import find_decoder_blocks, find_linears
+from lib.allocation.atp import atp_allocation
+from lib.models.structure import find_decoder_blocks, find_linears
 
 from conftest import NUM_BLOCKS, REPO
 
@@ -203,19 +203,19 @@ def test_failed_save_removes_its_temporary_directory(make_model, tokenizer, tmp_
 # ---------------------------------------------------------------- bad inputs
 
 def nan_logits_loader(monkeypatch):
-    import lib.loading
-    real = lib.loading.load_model_and_tokenizer
+    import lib.models.loading
+    real = lib.models.loading.load_model_and_tokenizer
 
     def load(name, dtype, device_map=None):
         model, tok = real(name, dtype, device_map=device_map)
         model.lm_head.register_forward_hook(lambda module, args, output: output * float("nan"))
         return model, tok
-    monkeypatch.setattr(lib.loading, "load_model_and_tokenizer", load)
+    monkeypatch.setattr(lib.models.loading, "load_model_and_tokenizer", load)
 
 
 def flat_model_loader(monkeypatch):
-    import lib.loading
-    real = lib.loading.load_model_and_tokenizer
+    import lib.models.loading
+    real = lib.models.loading.load_model_and_tokenizer
 
     class NoBlockList(nn.Module):
         def __init__(self):
@@ -225,7 +225,7 @@ def flat_model_loader(monkeypatch):
     def load(name, dtype, device_map=None):
         _, tok = real(name, dtype, device_map=device_map)
         return NoBlockList(), tok
-    monkeypatch.setattr(lib.loading, "load_model_and_tokenizer", load)
+    monkeypatch.setattr(lib.models.loading, "load_model_and_tokenizer", load)
 
 
 def broken_model_dir(tmp_path):
@@ -253,7 +253,7 @@ BAD_INPUTS = {
     "beta above the limit": (["--beta", "0.4", "--sparsity_ratio", "0.5"], None, 3, "0.333333"),
     "negative beta": (["--beta", "-0.01"], None, 3, "--beta"),
     "sparsity 1.2": (["--sparsity_ratio", "1.2"], None, 3, "--sparsity_ratio"),
-    "unknown prune method": (["--prune_method", "random"], None, 2, "choose from magnitude, wanda, sparsegpt"),
+    "unknown prune method": (["--prune_method", "random"], None, 2, "invalid choice: 'random'"),
     "bad sparsity type": (["--sparsity_type", "4:2"], None, 2, "--sparsity_type"),
     "n:m with atp": (["--sparsity_type", "2:4", "--beta", "0.01"], None, 2, "does not apply"),
     "seqlen over positions": (["--seqlen", "1000"], None, 2, "exceeds the model's 128 positions"),

@@ -8,18 +8,25 @@ import math
 import pytest
 import torch
 
-from lib.allocation import atp_allocation
-from lib.blocks import capture_block_inputs
-from lib.evaluate import perplexity
-from lib.loading import blocks_visit_device, place_for_offload
-from lib.model_utils import find_decoder_blocks, find_linears
-from lib.prune_block import prune_linears
-from lib.sequential import prune_sequential
-from lib.sparsegpt import sparsegpt_prune
-from lib.stats import collect_input_stats
-from lib.tiny import build_tiny_model
+from lib.allocation.atp import atp_allocation
+from lib.calibration.blocks import capture_block_inputs
+from lib.eval.perplexity import perplexity
+from lib.calibration.offload import blocks_visit_device, place_for_offload
+from lib.models.structure import find_decoder_blocks, find_linears
+from lib.pruning.pruner import PRUNERS, default_params
+from lib.pruning.sequential import prune_sequential
+from lib.pruning.sparsegpt_solver import sparsegpt_prune
+from lib.calibration.stats import collect_input_stats
+from lib.demo.tiny import build_tiny_model
 
 VOCAB, SEQLEN = 512, 32
+
+def prune_linears(linears, stats, method, sparsity, n_m, blocksize=128):
+    """Prune one block's Linears with the registered pruner `method` (SparseGPT at `blocksize`)."""
+    pruner = PRUNERS.get(method)
+    params = {**default_params(pruner), "sparsegpt_blocksize": blocksize}
+    pruner.prune(linears, stats, sparsity, n_m, params)
+
 
 
 def tiny_llama(seed: int = 0) -> torch.nn.Module:

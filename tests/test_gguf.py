@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from lib import gguf_loading
+from lib.models import gguf as gguf_loading
 from lib.errors import UserError
-from lib.gguf_loading import find_smollm2_gguf, is_gguf_file, load_gguf_model
-from lib.tiny import build_tiny_model, train_tokenizer
+from lib.models.gguf import find_smollm2_gguf, is_gguf_file, load_gguf_model
+from lib.demo.tiny import build_tiny_model, train_tokenizer
 
 gguf = pytest.importorskip("gguf")
 

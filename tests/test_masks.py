@@ -6,9 +6,16 @@ import pytest
 import torch
 from torch import nn
 
-from lib.masks import lowest_overall_mask, lowest_per_row_mask, n_m_mask, parse_sparsity_type
-from lib.prune_block import PRUNE_METHODS, prune_linears
-from lib.stats import InputStats
+from lib.pruning.masks import lowest_overall_mask, lowest_per_row_mask, n_m_mask, parse_sparsity_type
+from lib.pruning.pruner import PRUNERS, default_params
+from lib.calibration.stats import InputStats
+
+def prune_linears(linears, stats, method, sparsity, n_m, blocksize=128):
+    """Prune one block's Linears with the registered pruner `method` (SparseGPT at `blocksize`)."""
+    pruner = PRUNERS.get(method)
+    params = {**default_params(pruner), "sparsegpt_blocksize": blocksize}
+    pruner.prune(linears, stats, sparsity, n_m, params)
+
 
 
 def exact_floor(count: int, sparsity: float) -> int:
@@ -97,7 +104,7 @@ def test_magnitude_prunes_the_lowest_absolute_weights_of_the_matrix():
         assert len(set((lin.weight == 0).sum(dim=1).tolist())) > 1
 
 
-@pytest.mark.parametrize("method", PRUNE_METHODS)
+@pytest.mark.parametrize("method", PRUNERS.names())
 @pytest.mark.parametrize("n, m", [(2, 4), (4, 8)])
 def test_n_m_gives_exactly_n_zeros_in_every_group_of_m_inputs(method, n, m):
     linears, _, _ = prune(method, n / m, n_m=(n, m))
@@ -151,5 +158,5 @@ def test_parse_sparsity_type():
 
 def test_unknown_method_is_rejected():
     linears = random_linears(0)
-    with pytest.raises(ValueError, match="unknown prune method"):
+    with pytest.raises(KeyError, match="unknown pruner 'random'"):
         prune_linears(linears, None, "random", 0.5, None)

@@ -6,15 +6,15 @@ import pytest
 import torch
 from torch import nn
 
-from lib import sequential
-from lib.allocation import atp_allocation
-from lib.blocks import advance, capture_block_inputs
+from lib.pruning import sequential
+from lib.allocation.atp import atp_allocation
+from lib.calibration.blocks import advance, capture_block_inputs
 from lib.data import calibration_windows, evaluation_tokens, read_local_documents
 from lib.errors import UserError
-from lib.evaluate import eval_windows, perplexity, perplexity_from_nlls, window_nlls
-from lib.model_utils import block_sparsity, find_decoder_blocks, find_linears
-from lib.sequential import prune_sequential
-from lib.stats import collect_input_stats
+from lib.eval.perplexity import eval_windows, perplexity, perplexity_from_nlls, window_nlls
+from lib.models.structure import block_sparsity, find_decoder_blocks, find_linears
+from lib.pruning.sequential import prune_sequential
+from lib.calibration.stats import collect_input_stats
 
 from conftest import FAMILIES, NUM_BLOCKS
 
@@ -263,7 +263,7 @@ def test_json_array_sources_read_strings_and_text_objects(tmp_path):
 
 
 def test_weight_size_is_estimated_from_the_config_alone(model_dir, make_model):
-    from lib.loading import estimated_weight_bytes, fits_on_device
+    from lib.models.loading import estimated_weight_bytes, fits_on_device
     params = sum(p.numel() for p in make_model("llama").parameters())
     assert estimated_weight_bytes(str(model_dir("llama")), torch.float16) == 2 * params
     assert estimated_weight_bytes(str(model_dir("llama")), torch.float32) == 4 * params

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from lib.gguf_loading import find_smollm2_gguf
+from lib.models.gguf import find_smollm2_gguf
 
 pytestmark = [
     pytest.mark.slow,

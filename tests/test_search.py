@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from lib.errors import UserError
-from lib.search import SearchResult, grid_betas, plot_search, refine_best, search_beta
+from lib.search.strategies import SearchResult, grid_betas, plot_search, refine_best, search_beta
 
 REPO = Path(__file__).resolve().parents[1]
 SEARCH_SH = REPO / "search.sh"
@@ -355,4 +355,4 @@ def test_search_sh_with_the_real_main_demo():
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     ppl, beta = best_line(proc.stdout)
-    assert math.isfinite(ppl) and ppl > 1 and beta in ("0.002", "0.004")
+    assert math.isfinite(ppl) and ppl > 1 and beta in ("0.02", "0.04")  # --demo: step 0.02, a few minutes

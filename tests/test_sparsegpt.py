@@ -5,8 +5,8 @@ from fractions import Fraction
 import pytest
 import torch
 
-from lib.masks import lowest_overall_mask, lowest_per_row_mask, magnitude_metric, n_m_mask, wanda_metric
-from lib.sparsegpt import sparsegpt_prune
+from lib.pruning.masks import lowest_overall_mask, lowest_per_row_mask, magnitude_metric, n_m_mask, wanda_metric
+from lib.pruning.sparsegpt_solver import sparsegpt_prune
 
 
 def correlated_inputs(seed: int, tokens: int = 512, cols: int = 64) -> torch.Tensor:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from lib.errors import UserError
-from lib.zeroshot import (
+from lib.eval.zeroshot import (
     DEFAULT_TASKS,
     SHIPPED_TASKS_DIR,
     evaluate_zero_shot,
@@ -30,7 +30,7 @@ def _tiny_mc_rows() -> list[dict]:
 @pytest.fixture(scope="module")
 def model_and_tokenizer():
     pytest.importorskip("lm_eval")
-    from lib.tiny import build_tiny_model, train_tokenizer
+    from lib.demo.tiny import build_tiny_model, train_tokenizer
 
     texts = [f"Question: {row['question']}\nAnswer: {' '.join(row['choices'])}" for row in _tiny_mc_rows()]
     return build_tiny_model(seed=0), train_tokenizer(texts)
@@ -137,8 +137,8 @@ def test_hub_task_offline_raises_hub_user_error():
     # A fresh process, because the hub libraries read the offline switches when first imported.
     script = (
         "from lib.errors import UserError\n"
-        "from lib.tiny import build_tiny_model, train_tokenizer\n"
-        "from lib.zeroshot import evaluate_zero_shot\n"
+        "from lib.demo.tiny import build_tiny_model, train_tokenizer\n"
+        "from lib.eval.zeroshot import evaluate_zero_shot\n"
         "try:\n"
         "    evaluate_zero_shot(build_tiny_model(), train_tokenizer(['yes no']), ['boolq'], limit=2)\n"
         "except UserError as err:\n"

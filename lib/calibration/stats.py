@@ -6,7 +6,6 @@ in a forward pass (q/k/v, gate/up) share one accumulator, so the work and memory
 from __future__ import annotations
 
 import contextlib
-
 from dataclasses import dataclass, field
 
 import torch

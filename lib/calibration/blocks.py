@@ -7,12 +7,12 @@ forward, so every architecture's own calling convention is reused as is.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
-from .model_utils import module_device
+from ..models.structure import module_device
 
 
 class _StopForward(Exception):
@@ -81,15 +81,3 @@ def run_block(block: nn.Module, batch: BlockBatch) -> torch.Tensor:
 def advance(block: nn.Module, batches: list[BlockBatch]) -> list[BlockBatch]:
     """The next block's inputs: this block's outputs, stored where the inputs were, with the same call arguments."""
     return [BlockBatch(run_block(block, b).to(b.hidden.device), b.args, b.kwargs) for b in batches]
-
-
-def iter_blocks(blocks: nn.ModuleList, device: torch.device | None, offload: bool) -> Iterator[tuple[int, nn.Module]]:
-    """Yield (index, block); with `offload` each block lives on `device` only while it is being worked on."""
-    for i, block in enumerate(blocks):
-        if offload:
-            block.to(device)
-        try:
-            yield i, block
-        finally:
-            if offload:
-                block.to("cpu")

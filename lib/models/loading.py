@@ -1,23 +1,41 @@
 """Load a causal LM and its tokenizer from a hub id, a local directory or a .gguf file, and place it on devices."""
 from __future__ import annotations
 
-import contextlib
 import os
+import re
+import socket
 
 import torch
 from torch import nn
 
-from .errors import UserError
+from ..errors import UserError
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def resolve_device(name: str) -> torch.device:
+def parse_device(name: str) -> torch.device | None:
+    """The device `name` means (None for 'auto'); ValueError for anything but auto, cpu, cuda and cuda:N, or for
+    a CUDA device this machine does not have."""
     if name == "auto":
+        return None
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"{name}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name}: not supported; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"{name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def resolve_device(name: str) -> torch.device:
+    device = parse_device(name)
+    if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine")
     return device
 
 
@@ -28,24 +46,43 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+HUB_HOST = ("huggingface.co", 443)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the HuggingFace hub can be asked at all (offline mode set, or no connection within `timeout`)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    try:
+        with socket.create_connection(HUB_HOST, timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def check_model_path(name: str) -> None:
-    """A name meant as a path must exist (hub ids are 'name' or 'owner/name'; anything else, or a .gguf, is a path)."""
-    meant_as_path = name.endswith(".gguf") or name.startswith((".", "/", "~")) or name.count("/") > 1 \
-        or name.endswith("/")
-    if meant_as_path and not os.path.exists(name):
-        raise UserError(f"--model {name}: no such file or directory")
+    """A name meant as a path must exist; a name that could be a hub id ('name' or 'owner/name') but is no local
+    path needs the hub, so an unreachable hub is said at once instead of after the client's retries."""
+    if os.path.exists(name):
+        return
+    if name.endswith(".gguf") or not HUB_ID.match(name):
+        raise UserError(f"{name}: no such file or directory", "model")
+    if not hub_reachable():
+        raise UserError(f"{name}: no such local directory, and the HuggingFace hub is unreachable to fetch it as a "
+                        f"hub id; give a local model directory or .gguf file", "model")
 
 
 def _hub_error(name: str, exc: Exception) -> UserError:
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    return UserError(f"--model {name}: cannot load it ({first}). Give a local model directory or .gguf file, "
-                     f"or a hub id with the HuggingFace hub reachable")
+    return UserError(f"{name}: cannot load it ({first}). Give a local model directory or .gguf file, "
+                     f"or a hub id with the HuggingFace hub reachable", "model")
 
 
-def num_blocks_from_config(name: str) -> int | None:
-    """The number of decoder blocks from the config alone (cheap), or None when it cannot be read this way."""
+def shape_from_config(name: str) -> tuple[int | None, set[int]]:
+    """(number of decoder blocks or None, the Linear input widths it names) from the config alone (cheap)."""
     if name.endswith(".gguf"):
-        return None
+        return None, set()
     from transformers import AutoConfig
     check_model_path(name)
     try:
@@ -53,7 +90,9 @@ def num_blocks_from_config(name: str) -> int | None:
     except (OSError, ValueError) as exc:
         raise _hub_error(name, exc) from None
     config = getattr(config, "text_config", config)
-    return getattr(config, "num_hidden_layers", None)
+    widths = {getattr(config, key) for key in ("hidden_size", "intermediate_size", "ffn_dim")
+              if isinstance(getattr(config, key, None), int)}
+    return getattr(config, "num_hidden_layers", None), widths
 
 
 def load_model_and_tokenizer(name: str, dtype: torch.dtype, device_map=None):
@@ -61,13 +100,13 @@ def load_model_and_tokenizer(name: str, dtype: torch.dtype, device_map=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     check_model_path(name)
     if name.endswith(".gguf"):
-        from .gguf_loading import load_gguf_model
+        from .gguf import load_gguf_model
         model, tokenizer = load_gguf_model(name, dtype=dtype)
     else:
         try:
             model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, device_map=device_map)
             tokenizer = AutoTokenizer.from_pretrained(name)
-        except (OSError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - a corrupt or truncated checkpoint raises many kinds of error
             raise _hub_error(name, exc) from None
     model.eval()
     model.config.use_cache = False
@@ -77,36 +116,6 @@ def load_model_and_tokenizer(name: str, dtype: torch.dtype, device_map=None):
 def model_max_positions(model: nn.Module) -> int | None:
     config = getattr(model.config, "text_config", model.config)
     return getattr(config, "max_position_embeddings", None)
-
-
-def place_for_offload(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> None:
-    """Everything but the decoder blocks on `device`; the blocks stay on the CPU until they are worked on."""
-    block_modules = {id(m) for m in blocks.modules()}
-    for module in model.modules():
-        if id(module) in block_modules:
-            continue
-        for name, param in list(module.named_parameters(recurse=False)):
-            param.data = param.data.to(device)
-        for name, buf in list(module.named_buffers(recurse=False)):
-            module._buffers[name] = buf.to(device)
-    blocks.to("cpu")
-
-
-@contextlib.contextmanager
-def blocks_visit_device(blocks: nn.ModuleList, device: torch.device):
-    """During whole-model forwards (evaluation), move each offloaded block to `device` only while it runs."""
-    def pre(module, args):
-        module.to(device)
-
-    def post(module, args, output):
-        module.to("cpu")
-
-    handles = [h for b in blocks for h in (b.register_forward_pre_hook(pre), b.register_forward_hook(post))]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def estimated_weight_bytes(name: str, dtype: torch.dtype) -> int | None:

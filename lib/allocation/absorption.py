@@ -33,7 +33,9 @@ from typing import Any, Callable
 
 import torch
 
-from lib.errors import UserError
+from ..calibration.blocks import BlockBatch, capture_block_inputs, run_block as run_block_batch
+from ..models.structure import final_norm
+from .probe import ModelProbe
 
 MAX_SPARSITY = 0.99
 _DRIFT_FLOOR = 1e-12  # a perturbation absorbed to nothing still gets a finite (huge) coefficient
@@ -120,7 +122,7 @@ def shift_and_clip(values: list[float], target: float, weights: list[float] | No
                    low: float = 0.0, high: float = MAX_SPARSITY) -> list[float]:
     """clip(values + c, low, high) with the common shift c chosen so the weighted mean is exactly `target`."""
     if not low <= target <= high:
-        raise UserError(f"target sparsity {target} must lie in [{low}, {high}]")
+        raise ValueError(f"target sparsity {target} must lie in [{low}, {high}]")
     weights = weights if weights is not None else [1.0] * len(values)
 
     def clipped(shift: float) -> list[float]:
@@ -152,7 +154,7 @@ def absorption_adjust(base: list[float], coefficients: list[float], strength: fl
     base + strength * standardised log-coefficient, re-centred to mean `target` (weighted by `weights`, e.g.
     parameter counts, when given) and kept in [0, 0.99]. strength 0 returns base unchanged."""
     if not (math.isfinite(strength) and strength >= 0):
-        raise UserError(f"--absorption must be a non-negative number, got {strength}")
+        raise ValueError(f"absorption strength must be a non-negative number, got {strength}")
     if len(base) != len(coefficients) or not base:
         raise ValueError("base and coefficients must be non-empty and of equal length")
     if weights is not None and (len(weights) != len(base) or min(weights) <= 0):
@@ -162,12 +164,30 @@ def absorption_adjust(base: list[float], coefficients: list[float], strength: fl
     if strength == 0:
         return list(base)
     if not 0 <= target < 1:
-        raise UserError(f"target sparsity must lie in [0, 1), got {target}")
+        raise ValueError(f"target sparsity must lie in [0, 1), got {target}")
     if target > MAX_SPARSITY:
-        raise UserError(f"--absorption cannot keep a target sparsity above {MAX_SPARSITY}, got {target}")
+        raise ValueError(f"the absorption correction cannot keep a target sparsity above {MAX_SPARSITY}, "
+                         f"got {target}")
     logs = [math.log(c) for c in coefficients]
     centre = sum(logs) / len(logs)
     spread = math.sqrt(sum((x - centre) ** 2 for x in logs) / len(logs))
     standardised = [(x - centre) / spread if spread > 1e-12 else 0.0 for x in logs]
     shifted = [b + strength * z for b, z in zip(base, standardised)]
     return shift_and_clip(shifted, target, weights)
+
+
+@torch.no_grad()
+def measure_model_absorption(probe: ModelProbe, perturbation_scale: float, num_batches: int = 2) -> list[float]:
+    """Absorption coefficients of the dense model on the first `num_batches` calibration batches."""
+    if probe.offload_device is not None:
+        raise ValueError("the absorption correction does not support offloaded blocks yet")
+    ids = probe.calib_ids[: probe.batch_size * num_batches]
+    batches = capture_block_inputs(probe.model, probe.blocks, ids, probe.batch_size)
+    pairs = [(b.hidden, {"__batch__": b}) for b in batches]
+
+    def run(block, hidden, kwargs):
+        batch = kwargs["__batch__"]
+        return run_block_batch(block, BlockBatch(hidden, batch.args, batch.kwargs))
+
+    return measure_absorption(list(probe.blocks), pairs, run, final_norm(probe.model, probe.blocks),
+                              perturbation_scale)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .errors import UserError
+from ..errors import UserError
 
 
 def find_decoder_blocks(model: nn.Module) -> nn.ModuleList:
@@ -48,10 +48,6 @@ def module_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def weight_sparsity(weight: torch.Tensor) -> float:
-    return (weight == 0).sum().item() / weight.numel()
-
-
 def block_sparsity(block: nn.Module) -> tuple[int, int]:
     """(zero weights, total weights) over the block's Linear layers: the quantity the allocation controls."""
     zeros = total = 0
@@ -59,3 +55,16 @@ def block_sparsity(block: nn.Module) -> tuple[int, int]:
         zeros += (linear.weight == 0).sum().item()
         total += linear.weight.numel()
     return zeros, total
+
+
+def final_norm(model: nn.Module, blocks: nn.ModuleList) -> nn.Module | None:
+    """The norm applied after the last block: the first norm-like sibling registered after the block list."""
+    for parent in model.modules():
+        children = [child for _, child in parent.named_children()]
+        positions = [i for i, child in enumerate(children) if child is blocks]
+        if positions:
+            for child in children[positions[0] + 1:]:
+                if "norm" in type(child).__name__.lower():
+                    return child
+            return None
+    return None

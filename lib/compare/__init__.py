@@ -1,0 +1,1 @@
+"""Side-by-side comparisons of allocations and pruners on one loaded model."""

@@ -1,0 +1,224 @@
+"""A run's settings as typed dataclasses, checked once, before any model is loaded.
+
+Field names are the CLI's flag names (lib.cli maps one to the other and is the only module that knows argparse).
+`RunConfig.validate` raises UserError with `setting` naming the field at fault, so the CLI can show the flag.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from .allocation.allocate import AllocationSpec, check_spec
+from .allocation.rule import RULES
+from .errors import IllegalAllocationError, UserError
+from .outputs import check_output_paths, check_writable_file
+from .pruning.masks import parse_sparsity_type
+from .pruning.pruner import PRUNERS, Pruner
+
+HUB_CALIBRATION = "c4"
+HUB_EVALUATION = "wikitext2"
+DEFAULT_NSAMPLES = 128
+
+
+@dataclass
+class ModelConfig:
+    model: str | None = None  # hub id, local directory or .gguf file
+    demo: str | None = None  # "tiny" or "real"
+    dtype: str = "auto"
+    device: str = "auto"
+    offload: bool = False
+    device_map: str | None = None
+
+
+@dataclass
+class DataConfig:
+    calib_data: str = HUB_CALIBRATION
+    eval_data: str = HUB_EVALUATION
+    nsamples: int = DEFAULT_NSAMPLES
+    seqlen: int | None = None  # None: min(2048, the model's positions)
+    seed: int = 0
+    calib_batch_size: int = 8
+    eval_batch_size: int = 4
+    eval_dense: bool = False
+    max_eval_windows: int | None = None
+
+
+@dataclass
+class PruneConfig:
+    method: str = "wanda"
+    sparsity_type: str = "unstructured"
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_m(self) -> tuple[int, int] | None:
+        return parse_sparsity_type(self.sparsity_type)
+
+    @property
+    def pruner(self) -> Pruner:
+        return PRUNERS.get(self.method)
+
+
+@dataclass
+class SearchConfig:
+    enabled: bool = False  # --beta search
+    strategy: str = "golden"
+    step: float = 0.002
+    coarse: int = 3
+    tol: float | None = None
+    eval_windows: int | None = None
+    refine: int = 2
+    log: str | None = None
+    plot: str | None = None
+
+
+@dataclass
+class ZeroShotConfig:
+    enabled: bool = False
+    tasks: list[str] | None = None  # None: the paper's seven
+    tasks_dir: str | None = None
+    batch_size: int | str = 1
+    limit: int | float | None = None
+    source: str = "auto"
+
+
+@dataclass
+class OutputConfig:
+    save_model: str | None = None
+    save_format: str = "dense"
+    results: str | None = None
+    quiet: bool = False
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig
+    data: DataConfig
+    prune: PruneConfig
+    allocation: AllocationSpec
+    search: SearchConfig = field(default_factory=SearchConfig)
+    zero_shot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
+    outputs: OutputConfig = field(default_factory=OutputConfig)
+    record: dict[str, Any] = field(default_factory=dict)  # the resolved flags, written to results JSON as "args"
+
+    def validate(self) -> None:
+        """Everything that can be checked without loading a model."""
+        _check_model(self.model)
+        _check_prune(self.prune, self.allocation)
+        _check_allocation(self.allocation, self.search)
+        _check_data(self.data)
+        _check_search(self.search)
+        _check_zero_shot(self.zero_shot)
+        _check_outputs(self.outputs, self.search)
+        if self.model.model is not None:  # last: a hub id may need a look at the network
+            from .models.loading import check_model_path
+            check_model_path(self.model.model)
+
+
+def setting_error(setting: str, exc: ValueError) -> UserError:
+    """A math module's ValueError as a UserError about one setting (keeps the illegal-allocation exit code)."""
+    if isinstance(exc, UserError):
+        return type(exc)(str(exc), exc.setting or setting)
+    return UserError(str(exc), setting)
+
+
+def _at_least(setting: str, value: int | None, low: int) -> None:
+    if value is not None and value < low:
+        raise UserError(f"{value}: must be at least {low}", setting)
+
+
+def _check_model(config: ModelConfig) -> None:
+    if (config.model is None) == (config.demo is None):
+        raise UserError("give exactly one of --model or --demo")
+    from .models.loading import parse_device
+    try:
+        parse_device(config.device)
+    except ValueError as exc:
+        raise setting_error("device", exc) from None
+
+
+def _check_prune(config: PruneConfig, allocation: AllocationSpec) -> None:
+    if config.method not in PRUNERS:
+        raise UserError(f"{config.method}: unknown; choose from {', '.join(PRUNERS.names())}", "prune_method")
+    try:
+        n_m = config.n_m
+    except ValueError as exc:
+        raise setting_error("sparsity_type", exc) from None
+    _check_params(config.pruner.params, config.params)
+    if n_m is not None and allocation.rule != "uniform":
+        raise UserError(f"{config.sparsity_type} fixes every block's sparsity at N/M; a layer-wise --allocation "
+                        f"does not apply", "sparsity_type")
+
+
+def _check_params(params, values: dict[str, Any]) -> None:
+    for param in params:
+        value = values.get(param.name, param.default)
+        try:
+            param.validate(value)
+        except ValueError:
+            raise UserError(f"{param.requirement or 'is out of range'}, got {value}", param.name) from None
+
+
+def _check_allocation(spec: AllocationSpec, search: SearchConfig) -> None:
+    if spec.rule not in RULES:
+        raise UserError(f"{spec.rule}: unknown; choose from {', '.join(RULES.names())}", "allocation")
+    if search.enabled and spec.rule != "atp":
+        raise UserError("search applies to --allocation atp only", "beta")
+    if spec.rule != "atp" and spec.params.get("beta") not in (None, 0.0):
+        raise UserError(f"{spec.params['beta']}: beta is ATP's rate; it does not apply to --allocation {spec.rule}",
+                        "beta")
+    _check_params(RULES.get(spec.rule).params, spec.params)
+    if not (math.isfinite(spec.absorption) and spec.absorption >= 0):
+        raise UserError(f"strength must be >= 0, got {spec.absorption}", "absorption")
+    if not (math.isfinite(spec.absorption_scale) and 0 < spec.absorption_scale < 10):
+        raise UserError(f"must lie in (0, 10), got {spec.absorption_scale}", "absorption_scale")
+    try:
+        check_spec(spec if not search.enabled else spec.with_params(beta=0.0), None)
+    except ValueError as exc:
+        raise setting_error("allocation", exc) from None
+
+
+def _check_data(config: DataConfig) -> None:
+    for setting in ("nsamples", "calib_batch_size", "eval_batch_size"):
+        _at_least(setting, getattr(config, setting), 1)
+    for setting in ("seqlen", "max_eval_windows"):
+        _at_least(setting, getattr(config, setting), 2)
+    for setting, hub_name in (("calib_data", HUB_CALIBRATION), ("eval_data", HUB_EVALUATION)):
+        value = getattr(config, setting)
+        if value != hub_name and not os.path.exists(value):
+            raise UserError(f"{value}: no such file or directory", setting)
+
+
+def _check_search(config: SearchConfig) -> None:
+    if not config.enabled:
+        return
+    if not (math.isfinite(config.step) and config.step > 0):
+        raise UserError(f"{config.step}: the grid step of beta must be a positive number", "search_step")
+    _at_least("search_coarse", config.coarse, 2)
+    if config.tol is not None and not (math.isfinite(config.tol) and config.tol > 0):
+        raise UserError(f"{config.tol}: must be a positive number", "search_tol")
+    _at_least("search_eval_windows", config.eval_windows, 2)
+    _at_least("search_refine", config.refine, 0)
+
+
+def _check_zero_shot(config: ZeroShotConfig) -> None:
+    if isinstance(config.batch_size, int):
+        _at_least("zs_batch_size", config.batch_size, 1)
+    elif config.batch_size != "auto":
+        raise UserError(f"{config.batch_size}: must be a whole number or 'auto'", "zs_batch_size")
+    if config.limit is not None and not (math.isfinite(config.limit) and config.limit > 0):
+        raise UserError(f"{config.limit}: must be a positive count (or a fraction below 1)", "zs_limit")
+    if config.limit is not None and config.limit > 1 and config.limit != int(config.limit):
+        raise UserError(f"{config.limit}: a count above 1 must be a whole number", "zs_limit")
+    if config.tasks_dir is not None and not os.path.isdir(config.tasks_dir):
+        raise UserError(f"{config.tasks_dir}: not a directory", "tasks_dir")
+
+
+def _check_outputs(config: OutputConfig, search: SearchConfig) -> None:
+    check_output_paths(config.results, config.save_model)
+    if search.enabled:
+        for setting in ("log", "plot"):
+            path = getattr(search, setting)
+            if path:
+                check_writable_file(path, f"search_{setting}")

@@ -1,0 +1,53 @@
+"""Prune a model block by block on calibration data: block i is pruned to sparsities[i] with one pruner, on the
+inputs produced by the already-pruned blocks before it."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..calibration.blocks import BlockBatch
+from ..calibration.stats import collect_input_stats
+from ..calibration.walk import walk_blocks
+from ..models.structure import block_sparsity, find_linears
+from .pruner import PRUNERS, SQ_NORM, XTX, Pruner, default_params
+
+
+@torch.no_grad()
+def prune_block(pruner: Pruner, params: dict[str, Any], block: nn.Module, batches: list[BlockBatch],
+                sparsity: float, n_m: tuple[int, int] | None) -> None:
+    """Collect what `pruner` needs from the block's inputs, then prune every Linear of the block."""
+    linears = find_linears(block)
+    stats = None
+    if pruner.needs:
+        stats = collect_input_stats(block, linears, batches, SQ_NORM in pruner.needs, XTX in pruner.needs)
+    pruner.prune(linears, stats, sparsity, n_m, params)
+
+
+def prune_sequential(model: nn.Module, blocks: nn.ModuleList, calib_ids: torch.Tensor | None,
+                     sparsities: list[float], pruner: Pruner | str, n_m: tuple[int, int] | None = None,
+                     batch_size: int = 8, offload_device: torch.device | None = None, progress: bool = True,
+                     params: dict[str, Any] | None = None) -> list[dict]:
+    """Prune block i to sparsities[i] with `pruner` (or the registered pruner of that name) and its `params`
+    (default: the declared defaults); return per-block records (target, achieved, zeros, weights, seconds)."""
+    if isinstance(pruner, str):
+        pruner = PRUNERS.get(pruner)
+    params = {**default_params(pruner), **(params or {})}
+    if len(sparsities) != len(blocks):
+        raise ValueError(f"{len(sparsities)} sparsities for {len(blocks)} blocks")
+    if pruner.requires_calibration_data and calib_ids is None:
+        raise ValueError(f"pruner {pruner.name!r} needs calibration data")
+    records: list[dict] = []
+
+    def visit(i: int, block: nn.Module, batches: list[BlockBatch]) -> None:
+        start = time.perf_counter()
+        prune_block(pruner, params, block, batches, sparsities[i], n_m)
+        zeros, total = block_sparsity(block)
+        records.append({"block": i, "target": sparsities[i], "achieved": zeros / total, "zeros": zeros,
+                        "weights": total, "seconds": time.perf_counter() - start})
+
+    ids = calib_ids if pruner.requires_calibration_data else None  # a data-free pruner runs no forward pass
+    walk_blocks(model, blocks, ids, visit, batch_size, offload_device, f"prune {pruner.name}", progress)
+    return records

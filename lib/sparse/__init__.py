@@ -1,0 +1,1 @@
+"""Sparse inference: pruned Linear weights held compressed, fast kernels, compressed checkpoints."""

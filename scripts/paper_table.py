@@ -1,0 +1,157 @@
+"""The paper's comparison table on one model, in one process: rows dense / uniform / ATP / OWL / AlphaPruning /
+DLP, each also with the absorption correction; for each pruner; columns perplexity, each zero-shot task's
+accuracy and the mean over the tasks. Markdown + JSON + PNG; every finished cell is cached in a JSONL file next
+to the JSON, so rerunning the same command resumes an interrupted table.
+
+  python scripts/paper_table.py --demo real --methods wanda,ria --zs_limit 100 --atp_beta 0.008 --out out/table
+  python scripts/paper_table.py --model meta-llama/Llama-2-7b-hf --methods wanda,sparsegpt --out out/llama2
+
+Flags after `--` go to main.py's parser unchanged (data, sizes, device, --zs_source, --tasks, ...).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+from lib.allocation.rule import RULES  # noqa: E402
+from lib.compare.table import DENSE, Row, markdown, plot, run_table  # noqa: E402
+from lib.errors import UserError  # noqa: E402
+from lib.pruning.pruner import PRUNERS  # noqa: E402
+
+DEFAULT_ROWS = "dense,uniform,atp,owl,alpha,dlp"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="paper_table.py", description=__doc__.split("\n\n")[0])
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--model", help="hub id, local model directory or .gguf file (as main.py --model)")
+    model.add_argument("--demo", nargs="?", const="tiny", choices=["tiny", "real"], help="as main.py --demo")
+    p.add_argument("--methods", default="wanda,sparsegpt", help=f"pruners, from {', '.join(PRUNERS.names())}")
+    p.add_argument("--rows", default=DEFAULT_ROWS, help=f"'dense' and allocation rules from {', '.join(RULES.names())}")
+    p.add_argument("--sparsity", type=float, default=0.7, help="mean sparsity S")
+    p.add_argument("--absorption", type=float, default=0.02,
+                   help="also run each allocation row with this absorption strength (0: no such rows)")
+    p.add_argument("--atp_beta", default="search",
+                   help="ATP's beta: a number for every pruner, or 'search' (golden search per pruner)")
+    p.add_argument("--zs_limit", type=float, default=None, help="zero-shot items per task (default: all)")
+    p.add_argument("--no_zero_shot", action="store_true", help="perplexity only")
+    p.add_argument("--out", default="out/table", help="prefix of the .md, .json, .png and .cells.jsonl outputs")
+    return p
+
+
+def parse_names(text: str, allowed: tuple[str, ...], flag: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [n for n in names if n not in allowed]
+    if not names or unknown:
+        raise UserError(f"{flag}: unknown {unknown or 'empty list'}; choose from {', '.join(allowed)}")
+    return names
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    own, passthrough = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    args = build_parser().parse_args(own)
+    try:
+        return make_table(args, passthrough)
+    except UserError as exc:
+        from lib.cli import error_line
+        print(error_line(exc), file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted (finished cells are cached; rerun the same command to resume)", file=sys.stderr)
+        return 130
+
+
+def make_table(args: argparse.Namespace, passthrough: list[str]) -> int:
+    from lib import run as steps
+    from lib.cli import build_parser as main_parser, config_from_flags
+    from lib.eval.zeroshot import evaluate_zero_shot
+    from lib.outputs import check_writable_file, write_json_atomic
+    from lib.search.beta import run_beta_search, settings_key
+    from lib.session import PruningSession
+
+    methods = parse_names(args.methods, PRUNERS.names(), "--methods")
+    rules = parse_names(args.rows, (DENSE,) + RULES.names(), "--rows")
+    rows = [Row(r) for r in rules] + ([Row(r, args.absorption) for r in rules if r != DENSE]
+                                      if args.absorption > 0 else [])
+    model_flags = ["--model", args.model] if args.model else ["--demo", args.demo]
+    ns = main_parser().parse_args(model_flags + ["--sparsity_ratio", str(args.sparsity), "--allocation", "owl",
+                                                 "--quiet"] + passthrough)
+    if not args.no_zero_shot:
+        ns.eval_zero_shot = True
+        if args.zs_limit is not None:
+            ns.zs_limit = args.zs_limit
+    config = config_from_flags(ns)
+    config.validate()
+    for suffix in (".md", ".json", ".png", ".cells.jsonl"):
+        check_writable_file(args.out + suffix, "out")
+    atp_beta = None if args.atp_beta == "search" else float(args.atp_beta)
+
+    device, dtype = steps.prepare(config)
+    loaded = steps.load_model(config, device, dtype)
+    data, data_records = steps.load_data(config, loaded)  # owl above: the calibration data is loaded
+    session = PruningSession(loaded, data, progress=False)
+    tasks, tasks_dir = steps.zero_shot_tasks(config) if config.zero_shot.enabled else ([], None)
+
+    def prune(method: str, sparsities: list[float]) -> None:
+        pruner = PRUNERS.get(method)
+        session.prune(sparsities, pruner, config.prune.params, config.prune.n_m)
+
+    def perplexity() -> float:
+        return session.perplexity(config.data.max_eval_windows)[0]
+
+    def zero_shot():
+        if not config.zero_shot.enabled:
+            return None
+        with session.whole_model_forwards():
+            return evaluate_zero_shot(session.model, loaded.tokenizer, tasks, tasks_dir,
+                                      config.zero_shot.batch_size, config.zero_shot.limit, config.data.seed)
+
+    searched: dict[str, float] = {}
+
+    def beta_for(method: str) -> float:
+        if atp_beta is not None:
+            return atp_beta
+        if method not in searched:
+            from dataclasses import replace
+            method_config = replace(config, prune=replace(config.prune, method=method),
+                                    allocation=replace(config.allocation, rule="atp", params={"beta": None}),
+                                    search=replace(config.search, enabled=True))
+            _, searched[method] = run_beta_search(session, method_config)
+        return searched[method]
+
+    settings = "|".join(str(x) for x in (
+        settings_key(session, config), config.zero_shot.limit, ",".join(tasks), config.zero_shot.source,
+        args.atp_beta))
+    started = time.perf_counter()
+    records = run_table(session, rows, methods, config.allocation.with_params(), prune, perplexity, zero_shot,
+                        beta_for, args.out + ".cells.jsonl", settings)
+    limit = config.zero_shot.limit
+    title = (f"{loaded.name}, mean sparsity {args.sparsity:g}; perplexity on {os.path.basename(config.data.eval_data)}"
+             f" ({data_records['eval']['seqlen']}-token windows"
+             f"{f', first {config.data.max_eval_windows}' if config.data.max_eval_windows else ''}); "
+             + (f"zero-shot acc on {f'the first {limit} items' if limit else 'all items'} of each task"
+                if tasks else "no zero-shot"))
+    table = markdown(records, tasks, title)
+    print(table)
+    with open(args.out + ".md", "w", encoding="utf-8") as f:
+        f.write(table + "\n")
+    plotted = plot(records, args.out + ".png")
+    write_json_atomic(args.out + ".json", {
+        "model": loaded.name, "sparsity": args.sparsity, "methods": methods, "rows": [r.label for r in rows],
+        "tasks": tasks, "zs_limit": limit, "zs_source": config.zero_shot.source, "atp_beta": args.atp_beta,
+        "eval": data_records["eval"], "calibration": data_records["calibration"], "cells": records,
+        "plot": args.out + ".png" if plotted else None, "seconds": time.perf_counter() - started})
+    print(f"table written to {args.out}.md, .json{', .png' if plotted else ''}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
