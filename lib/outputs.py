@@ -201,3 +201,18 @@ def termination_as_interrupt():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def append_jsonl(path: str, record: dict, default: Callable[[Any], Any] | None = None) -> None:
+    """Append one JSON line to `path` (created with its directories), flushed at once. A crash can leave a last
+    line without its newline: such a line is closed first, so the new record is never glued onto it."""
+    line = json.dumps(record, default=default)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "ab") as f:
+        if f.tell() > 0:
+            with open(path, "rb") as check:
+                check.seek(-1, os.SEEK_END)
+                if check.read(1) != b"\n":
+                    f.write(b"\n")
+        f.write((line + "\n").encode("utf-8"))
+        f.flush()

@@ -57,11 +57,7 @@ import math
 from collections.abc import Iterator, Sequence
 
 import torch
-from torch import nn
 
-from ..calibration.blocks import BlockBatch
-from ..calibration.stats import collect_input_stats
-from ..models.structure import find_linears
 from ..registry import Param, non_negative
 from .probe import ModelProbe
 from .rule import Allocation, AllocationRequest, AllocationRule, register_rule, rule_value_error
@@ -222,19 +218,11 @@ def dlp_block_importance(
     return _kth_smallest(weights, roots, (count - 1) // 2, chunk_elems)
 
 
-@torch.no_grad()
 def measure_block_scores(probe: ModelProbe, statistic: str) -> list[float]:
     """DLP's unimportance S_l of every block of the dense model (each block sees its dense predecessors)."""
-    scores: list[float] = []
-
-    def visit(i: int, block: nn.Module, batches: list[BlockBatch]) -> None:
-        linears = find_linears(block)
-        stats = collect_input_stats(block, linears, batches, want_sq_norm=True, want_xtx=False)
-        scores.append(dlp_block_importance([lin.weight for lin in linears.values()],
-                                           [stats[name].sq_norm for name in linears], statistic=statistic))
-
-    probe.walk(visit, "DLP importance")
-    return scores
+    return probe.per_block(lambda linears, stats: dlp_block_importance(
+        [lin.weight for lin in linears.values()], [stats[name].sq_norm for name in linears], statistic=statistic),
+        "DLP importance")
 
 
 def _allocate(request: AllocationRequest) -> Allocation:

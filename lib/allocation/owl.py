@@ -8,11 +8,7 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
-from ..calibration.blocks import BlockBatch
-from ..calibration.stats import collect_input_stats
-from ..models.structure import find_linears
 from ..pruning.masks import wanda_metric
 from ..registry import Param, positive
 from .probe import ModelProbe
@@ -64,19 +60,10 @@ def owl_allocation(outlier_ratios: list[float], target: float, lam: float) -> li
     return sparsities
 
 
-@torch.no_grad()
 def measure_outlier_ratios(probe: ModelProbe, m: float) -> list[float]:
     """Per-block outlier ratio of the dense model's Wanda scores (each block sees dense predecessors)."""
-    ratios: list[float] = []
-
-    def visit(i: int, block: nn.Module, batches: list[BlockBatch]) -> None:
-        linears = find_linears(block)
-        stats = collect_input_stats(block, linears, batches, want_sq_norm=True, want_xtx=False)
-        ratios.append(outlier_ratio([wanda_metric(lin.weight, stats[name].sq_norm)
-                                     for name, lin in linears.items()], m))
-
-    probe.walk(visit, "OWL outliers")
-    return ratios
+    return probe.per_block(lambda linears, stats: outlier_ratio(
+        [wanda_metric(lin.weight, stats[name].sq_norm) for name, lin in linears.items()], m), "OWL outliers")
 
 
 def _allocate(request: AllocationRequest) -> Allocation:

@@ -8,7 +8,10 @@ from typing import Any, Callable, Hashable
 import torch
 from torch import nn
 
+from ..calibration.blocks import BlockBatch
+from ..calibration.stats import InputStats, collect_input_stats
 from ..calibration.walk import Visitor, walk_blocks
+from ..models.structure import find_linears
 
 
 class ModelProbe:
@@ -33,3 +36,16 @@ class ModelProbe:
             raise ValueError("this measurement needs calibration data")
         walk_blocks(self.model, self.blocks, self.calib_ids, visit, self.batch_size, self.offload_device, desc,
                     self.progress)
+
+    @torch.no_grad()
+    def per_block(self, measure: Callable[[dict[str, nn.Linear], dict[str, InputStats]], Any], desc: str) -> list:
+        """measure(linears, input statistics with squared norms) of every dense block, in order."""
+        values: list = []
+
+        def visit(i: int, block: nn.Module, batches: list[BlockBatch]) -> None:
+            linears = find_linears(block)
+            values.append(measure(linears, collect_input_stats(block, linears, batches, want_sq_norm=True,
+                                                               want_xtx=False)))
+
+        self.walk(visit, desc)
+        return values

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..allocation.allocate import AllocationSpec
+from ..outputs import append_jsonl
 from ..session import PruningSession
 
 DENSE = "dense"
@@ -55,16 +56,8 @@ def load_cache(path: str | None, settings: str) -> dict[str, dict]:
 
 
 def append_cache(path: str | None, record: dict) -> None:
-    if not path:
-        return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "ab") as f:
-        if f.tell() > 0:
-            with open(path, "rb") as check:
-                check.seek(-1, os.SEEK_END)
-                if check.read(1) != b"\n":
-                    f.write(b"\n")
-        f.write((json.dumps(record) + "\n").encode("utf-8"))
+    if path:
+        append_jsonl(path, record)
 
 
 def run_table(session: PruningSession, rows: list[Row], methods: list[str], base: AllocationSpec,

@@ -27,6 +27,7 @@ from typing import Any, Callable, Union
 from tqdm import tqdm
 
 from ..errors import UserError
+from ..outputs import append_jsonl
 
 # An evaluation returns the perplexity, optionally with extra JSON-able facts to log (e.g. per-block sparsities).
 EvalOutput = Union[float, tuple[float, dict]]
@@ -296,20 +297,8 @@ class _TrialRunner:
 
 
 def _append_log(path: str, key: str | None, beta: float, ppl: float, seconds: float, extra: dict) -> None:
-    record = {"key": key, "beta": beta, "ppl": ppl if math.isfinite(ppl) else None,
-              "seconds": round(seconds, 3), **extra}
-    line = json.dumps(record, default=_to_json)
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    with open(path, "ab") as f:
-        # A crash can leave a last line without its newline: start on a fresh line so no record is glued to it.
-        if f.tell() > 0:
-            with open(path, "rb") as check:
-                check.seek(-1, os.SEEK_END)
-                if check.read(1) != b"\n":
-                    f.write(b"\n")
-        f.write((line + "\n").encode("utf-8"))
-        f.flush()
+    append_jsonl(path, {"key": key, "beta": beta, "ppl": ppl if math.isfinite(ppl) else None,
+                        "seconds": round(seconds, 3), **extra}, default=_to_json)
 
 
 def _load_log(path: str, key: str | None) -> dict[float, dict]:

@@ -14,7 +14,7 @@ import pytest
 from lib.errors import UserError
 from lib.search.strategies import SearchResult, grid_betas, plot_search, refine_best, search_beta
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SEARCH_SH = REPO / "search.sh"
 STEP = 0.002
 

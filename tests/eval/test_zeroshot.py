@@ -19,7 +19,7 @@ from lib.eval.zeroshot import (
     resolve_local_paths,
 )
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 LIMIT = 20
 
 
