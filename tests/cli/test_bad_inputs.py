@@ -1,0 +1,193 @@
+"""Every bad input is one `error:` line naming the flag, exit 2 (3 for an illegal allocation), before any model
+is loaded when the input can be checked without it, and with nothing left behind. Also: SIGTERM leaves nothing
+half-written, and search logs survive what crashes leave in them."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO
+
+MODEL_LOADERS = (("lib.models.loading", "load_model_and_tokenizer"), ("lib.demo.models", "tiny_demo_model"))
+
+
+@pytest.fixture
+def loads(monkeypatch):
+    """A list that gets an entry whenever a model is loaded (the loaders still run)."""
+    import importlib
+    calls = []
+    for module_name, attr in MODEL_LOADERS:
+        module = importlib.import_module(module_name)
+        real = getattr(module, attr)
+
+        def spy(*args, _real=real, **kwargs):
+            calls.append(args[:1])
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(module, attr, spy)
+    return calls
+
+
+def jsonl(tmp, rows):
+    path = tmp / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def broken_checkpoint(tmp, model_dir, how):
+    path = tmp / f"ckpt-{how}"
+    shutil.copytree(model_dir("llama"), path)
+    weights = path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if how == "truncated" else os.urandom(len(data)))
+    return path
+
+
+def a_file(tmp):
+    path = tmp / "plain.txt"
+    path.write_text("x", encoding="utf-8")
+    return path
+
+
+# name: (flags, or a function (tmp, model_dir) -> flags; exit code; fragment of the error line; model loaded?)
+CASES = {
+    "truncated safetensors": (lambda t, m: ["--model", broken_checkpoint(t, m, "truncated")], 2, "cannot load it",
+                              True),
+    "random safetensors": (lambda t, m: ["--model", broken_checkpoint(t, m, "random")], 2, "cannot load it", True),
+    "2:3 with wanda": (["--sparsity_type", "2:3"], 2, "--sparsity_type 2:3 needs every Linear input width", False),
+    "2:3 with sparsegpt": (["--sparsity_type", "2:3", "--prune_method", "sparsegpt"], 2, "multiple of 3", False),
+    "2:3 with magnitude": (["--sparsity_type", "2:3", "--prune_method", "magnitude"], 2, "multiple of 3", False),
+    "jsonl text is a number": (lambda t, m: ["--calib_data", jsonl(t, [{"text": "ok"}, {"text": 123}])], 2,
+                               "line 2: 'text' is int, not a string", False),
+    "jsonl text is null": (lambda t, m: ["--eval_data", jsonl(t, [{"text": None}])], 2,
+                           "line 1: 'text' is NoneType", False),
+    "device foo": (["--device", "foo"], 2, "--device foo: not a device", False),
+    "device cuda without one": (["--device", "cuda:0"], 2, "--device cuda:0: CUDA is not available", False),
+    "search log is a directory": (lambda t, m: ["--beta", "search", "--search_log", t], 2,
+                                  "--search_log", False),
+    "search plot under a file": (lambda t, m: ["--beta", "search", "--search_plot", a_file(t) / "p.png"], 2,
+                                 "--search_plot", False),
+    "search step zero": (["--beta", "search", "--search_step", "0"], 2, "--search_step 0.0", False),
+    "search step negative": (["--beta", "search", "--search_step", "-1"], 2, "--search_step -1.0", False),
+    "search coarse zero": (["--beta", "search", "--search_coarse", "0"], 2, "--search_coarse 0: must be at least 2",
+                           False),
+    "zero-shot batch abc": (["--eval_zero_shot", "--zs_batch_size", "abc"], 2, "--zs_batch_size", False),
+    "zero-shot limit negative": (["--eval_zero_shot", "--zs_limit", "-1"], 2, "--zs_limit -1.0", False),
+    "too many calibration windows": (["--nsamples", "100000"], 2, "--nsamples 100000 x --seqlen 32", False),
+    "missing relative model dir": (["--model", "nope_dir"], 2, "--model nope_dir: no such local directory", False),
+    "illegal beta": (["--beta", "0.9"], 3, "--beta 0.9 is illegal", False),
+    "sparsity above one": (["--sparsity_ratio", "1.5"], 3, "--sparsity_ratio 1.5", False),
+    "unknown pruner parameter value": (["--prune_method", "ria", "--ria_exponent", "-1"], 2,
+                                       "--ria_exponent must be >= 0, got -1.0", False),
+    "beta with dlp": (["--allocation", "dlp", "--beta", "0.01"], 2, "does not apply to --allocation dlp", False),
+    "demo with hub calibration": (["--demo", "--calib_data", "c4"], 2, "could not load c4", False),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_line_before_loading_and_leaves_nothing(cli, model_dir, text_files, tmp_path, loads,
+                                                                 monkeypatch, case):
+    flags, code, fragment, loaded = CASES[case]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    work = tmp_path / "work"
+    work.mkdir()
+    flags = [str(f) for f in (flags(work, model_dir) if callable(flags) else flags)]
+    base = ["--calib_data", text_files.calib, "--eval_data", text_files.eval, "--nsamples", "4", "--seqlen", "32",
+            "--max_eval_windows", "2", "--quiet", "--results", work / "out" / "run.json",
+            "--save_model", work / "out" / "model"]
+    model = [] if "--model" in flags or "--demo" in flags else ["--model", model_dir("llama")]
+    if "--demo" in flags:  # the demo brings its own data: keep only the outputs
+        base = base[base.index("--quiet"):]
+    before = sorted(p.relative_to(work) for p in work.rglob("*"))
+    exit_code, out, err = cli(*model, *base, *flags)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert exit_code == code, (out, err)
+    assert lines and lines[-1].startswith("error: ") and fragment in lines[-1], err
+    assert sum(line.startswith("error: ") for line in lines) == 1 and "Traceback" not in err
+    assert bool(loads) == loaded, f"a model was{' not' if loaded else ''} loaded: {loads}"
+    assert sorted(p.relative_to(work) for p in work.rglob("*")) == before  # nothing written, not even partly
+
+
+def test_a_save_directory_filled_during_the_run_keeps_the_finished_model_beside_it(cli, model_dir, text_files,
+                                                                                   tmp_path, monkeypatch):
+    """Two runs saving to one --save_model: the second finds it taken only at the end; its work is not lost."""
+    import lib.pruning.sequential as sequential
+    target = tmp_path / "model"
+    real = sequential.prune_sequential
+
+    def prune_while_another_run_saves(*args, **kwargs):
+        records = real(*args, **kwargs)
+        target.mkdir()
+        (target / "config.json").write_text("{}", encoding="utf-8")
+        return records
+    monkeypatch.setattr("lib.session.prune_sequential", prune_while_another_run_saves)
+    code, out, err = cli("--model", model_dir("llama"), "--calib_data", text_files.calib, "--eval_data",
+                         text_files.eval, "--nsamples", "4", "--seqlen", "32", "--max_eval_windows", "2", "--quiet",
+                         "--save_model", target)
+    assert code == 0, err
+    assert (target / "config.json").read_text() == "{}"  # the other run's files are untouched
+    beside = [p for p in tmp_path.iterdir() if p.name.startswith("model-")]
+    assert len(beside) == 1 and (beside[0] / "model.safetensors").is_file()
+    assert f"saved to {beside[0]}" in out
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+SLOW_SAVE = """
+import sys, time
+sys.path.insert(0, {repo!r})
+from lib.outputs import save_model_atomic, termination_as_interrupt
+
+class Slow:
+    def save_pretrained(self, path, **kwargs):
+        open(path + "/part.bin", "w").write("x")
+        print("saving", flush=True)
+        time.sleep(60)
+
+with termination_as_interrupt():
+    try:
+        save_model_atomic(Slow(), Slow(), {target!r})
+    except KeyboardInterrupt:
+        sys.exit(130)
+"""
+
+
+def test_sigterm_during_a_save_leaves_no_temporary_directory(tmp_path):
+    target = tmp_path / "out" / "model"
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_SAVE.format(repo=str(REPO), target=str(target))],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "saving"
+    assert any(".tmp-" in p.name for p in (tmp_path / "out").iterdir())  # mid-save: the temporary directory
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 130
+    assert not (tmp_path / "out").exists()  # the temporary directory and the parent it created are gone
+
+
+def test_a_log_line_cut_by_a_crash_does_not_swallow_the_next_record(tmp_path):
+    from lib.search.strategies import search_beta
+    log = tmp_path / "log.jsonl"
+    search_beta(lambda b: 10 + b, 0.004, strategy="grid", step=0.002, log_path=str(log), key="k", progress=False)
+    log.write_bytes(log.read_bytes()[:-7] + b"\xff\xfe")  # a crash mid-write, and a byte that is not UTF-8
+    result = search_beta(lambda b: 10 + b, 0.006, strategy="grid", step=0.002, log_path=str(log), key="k",
+                         progress=False)
+    assert result.num_evaluated == 2  # the cut trial (0.004) and the new one (0.006)
+    again = search_beta(lambda b: 10 + b, 0.006, strategy="grid", step=0.002, log_path=str(log), key="k",
+                        progress=False)
+    assert again.num_evaluated == 0  # both new records survived the broken line before them
+
+
+def test_a_resumed_search_says_so_and_garbage_is_one_plain_warning(cli, tmp_path):
+    flags = ["--demo", "--nsamples", "4", "--seqlen", "64", "--max_eval_windows", "2", "--quiet", "--beta",
+             "search", "--search_step", "0.05", "--search_log", tmp_path / "log.jsonl"]
+    code, out, err = cli(*flags)
+    assert code == 0, err
+    with open(tmp_path / "log.jsonl", "a", encoding="utf-8") as f:
+        f.write("this is not json\n")
+    code, out, err = cli(*flags)
+    assert code == 0, err
+    assert "resumed" in out and "trials from" in out
+    assert "warning: " in err and "unreadable" in err and "UserWarning" not in err
