@@ -63,13 +63,17 @@ def prepare(config: RunConfig) -> tuple[torch.device, torch.dtype]:
     return device, dtype
 
 
-def zero_shot_tasks(config: RunConfig) -> tuple[list[str], str]:
-    """(task names, task directory), checked: lm-eval is installed and every name is known."""
+def zero_shot_tasks(config: RunConfig):
+    """The zero-shot source (hub or the offline real items) with its task names and task directory, checked:
+    lm-eval is installed and every name is known."""
+    from .eval.sources import prepare_zero_shot_source
     from .eval.zeroshot import DEFAULT_TASKS, SHIPPED_TASKS_DIR, check_tasks
-    tasks = config.zero_shot.tasks or DEFAULT_TASKS
-    tasks_dir = config.zero_shot.tasks_dir or str(SHIPPED_TASKS_DIR)
-    check_tasks(tasks, tasks_dir)
-    return tasks, tasks_dir
+    source = prepare_zero_shot_source(config.zero_shot.source, config.zero_shot.tasks or DEFAULT_TASKS,
+                                      config.zero_shot.tasks_dir)
+    if source.tasks_dir is None:
+        source.tasks_dir = str(SHIPPED_TASKS_DIR)
+    check_tasks(source.tasks, source.tasks_dir)
+    return source
 
 
 def check_n_m_widths(config: RunConfig, widths: set[int]) -> None:
@@ -238,10 +242,12 @@ def run_zero_shot(session: PruningSession, config: RunConfig, results: dict, tim
     from .eval.zeroshot import evaluate_zero_shot, format_zero_shot_table
     from .outputs import write_json_atomic
     zs = config.zero_shot
-    tasks, tasks_dir = zero_shot_tasks(config)
+    source = zero_shot_tasks(config)
+    _log(source.describe())
     with session.whole_model_forwards():
-        outcome = timings("zero_shot", evaluate_zero_shot, session.model, session.loaded.tokenizer, tasks,
-                          tasks_dir, zs.batch_size, zs.limit, config.data.seed)
+        outcome = timings("zero_shot", evaluate_zero_shot, session.model, session.loaded.tokenizer, source.tasks,
+                          source.tasks_dir, zs.batch_size, zs.limit, config.data.seed)
+    outcome["data_source"] = source.record
     _log(format_zero_shot_table(outcome))
     results["zero_shot"] = outcome
     if config.outputs.results:

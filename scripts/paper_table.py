@@ -98,7 +98,10 @@ def make_table(args: argparse.Namespace, passthrough: list[str]) -> int:
     loaded = steps.load_model(config, device, dtype)
     data, data_records = steps.load_data(config, loaded)  # owl above: the calibration data is loaded
     session = PruningSession(loaded, data, progress=False)
-    tasks, tasks_dir = steps.zero_shot_tasks(config) if config.zero_shot.enabled else ([], None)
+    source = steps.zero_shot_tasks(config) if config.zero_shot.enabled else None
+    tasks = source.tasks if source else []
+    if source:
+        print(source.describe(), flush=True)
 
     def prune(method: str, sparsities: list[float]) -> None:
         pruner = PRUNERS.get(method)
@@ -111,7 +114,7 @@ def make_table(args: argparse.Namespace, passthrough: list[str]) -> int:
         if not config.zero_shot.enabled:
             return None
         with session.whole_model_forwards():
-            return evaluate_zero_shot(session.model, loaded.tokenizer, tasks, tasks_dir,
+            return evaluate_zero_shot(session.model, loaded.tokenizer, tasks, source.tasks_dir,
                                       config.zero_shot.batch_size, config.zero_shot.limit, config.data.seed)
 
     searched: dict[str, float] = {}
@@ -128,7 +131,7 @@ def make_table(args: argparse.Namespace, passthrough: list[str]) -> int:
         return searched[method]
 
     settings = "|".join(str(x) for x in (
-        settings_key(session, config), config.zero_shot.limit, ",".join(tasks), config.zero_shot.source,
+        settings_key(session, config), config.zero_shot.limit, ",".join(tasks), source.source if source else "",
         args.atp_beta))
     started = time.perf_counter()
     records = run_table(session, rows, methods, config.allocation.with_params(), prune, perplexity, zero_shot,
@@ -146,7 +149,8 @@ def make_table(args: argparse.Namespace, passthrough: list[str]) -> int:
     plotted = plot(records, args.out + ".png")
     write_json_atomic(args.out + ".json", {
         "model": loaded.name, "sparsity": args.sparsity, "methods": methods, "rows": [r.label for r in rows],
-        "tasks": tasks, "zs_limit": limit, "zs_source": config.zero_shot.source, "atp_beta": args.atp_beta,
+        "tasks": tasks, "zs_limit": limit, "zs_source": source.record if source else None,
+        "atp_beta": args.atp_beta,
         "eval": data_records["eval"], "calibration": data_records["calibration"], "cells": records,
         "plot": args.out + ".png" if plotted else None, "seconds": time.perf_counter() - started})
     print(f"table written to {args.out}.md, .json{', .png' if plotted else ''}")

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 
 import torch
 from torch import nn
 
 from ..errors import UserError
+from ..hub import hub_reachable
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -47,20 +47,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
-HUB_HOST = ("huggingface.co", 443)
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the HuggingFace hub can be asked at all (offline mode set, or no connection within `timeout`)."""
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        return False
-    try:
-        with socket.create_connection(HUB_HOST, timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 def check_model_path(name: str) -> None:
     """A name meant as a path must exist; a name that could be a hub id ('name' or 'owner/name') but is no local
     path needs the hub, so an unreachable hub is said at once instead of after the client's retries."""

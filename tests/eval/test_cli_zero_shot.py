@@ -42,7 +42,7 @@ def test_unknown_task_fails_before_any_pruning(cli, fast, tmp_path):
 def test_unreachable_hub_task_keeps_the_pruning_results(fast, tmp_path):
     results = tmp_path / "zs.json"
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "main.py", *map(str, fast), "--eval_zero_shot", "--tasks", "boolq",
+    proc = subprocess.run([sys.executable, "main.py", *map(str, fast), "--eval_zero_shot", "--zs_source", "hub", "--tasks", "boolq",
                            "--results", str(results)], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 2, proc.stderr
