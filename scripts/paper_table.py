@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity", type=float, default=0.7, help="mean sparsity S")
     p.add_argument("--absorption", type=float, default=0.02,
                    help="also run each allocation row with this absorption strength (0: no such rows)")
+    p.add_argument("--absorption_methods", default=None,
+                   help="pruners that get the absorption rows (default: every pruner in --methods)")
     p.add_argument("--atp_beta", default="search",
                    help="ATP's beta: a number for every pruner, or 'search' (golden search per pruner)")
     p.add_argument("--zs_limit", type=float, default=None, help="zero-shot items per task (default: all)")
@@ -134,8 +136,10 @@ def make_table(args: argparse.Namespace, passthrough: list[str]) -> int:
         settings_key(session, config), config.zero_shot.limit, ",".join(tasks), source.source if source else "",
         args.atp_beta))
     started = time.perf_counter()
+    absorbed = set(parse_names(args.absorption_methods, tuple(methods), "--absorption_methods")) \
+        if args.absorption_methods else set(methods)
     records = run_table(session, rows, methods, config.allocation.with_params(), prune, perplexity, zero_shot,
-                        beta_for, args.out + ".cells.jsonl", settings)
+                        beta_for, args.out + ".cells.jsonl", settings, absorbed=absorbed)
     limit = config.zero_shot.limit
     title = (f"{loaded.name}, mean sparsity {args.sparsity:g}; perplexity on {os.path.basename(config.data.eval_data)}"
              f" ({data_records['eval']['seqlen']}-token windows"

@@ -63,16 +63,19 @@ def append_cache(path: str | None, record: dict) -> None:
 def run_table(session: PruningSession, rows: list[Row], methods: list[str], base: AllocationSpec,
               prune: Callable[[str, list[float]], None], perplexity: Callable[[], float],
               zero_shot: Callable[[], dict | None], beta_for: Callable[[str], float],
-              cache_path: str | None, settings: str, log: Callable[[str], None] = print) -> list[dict]:
+              cache_path: str | None, settings: str, log: Callable[[str], None] = print,
+              absorbed: set[str] | None = None) -> list[dict]:
     """Score every cell; returns one record per cell: {key, row, method, ppl, zero_shot, sparsities, ...}.
+    Rows with the absorption correction are run for the pruners in `absorbed` (default: all).
 
     prune(method, sparsities) prunes the dense model in place; beta_for(method) gives ATP's beta for that pruner.
     """
+    absorbed = set(methods) if absorbed is None else absorbed
     cached = load_cache(cache_path, settings)
     session.keep_dense_copy()
     records = []
     cells = [Cell(r, "-") for r in rows if r.rule == DENSE] + \
-        [Cell(r, m) for m in methods for r in rows if r.rule != DENSE]
+        [Cell(r, m) for m in methods for r in rows if r.rule != DENSE and (r.absorption <= 0 or m in absorbed)]
     for number, cell in enumerate(cells, 1):
         key = cell.key(settings)
         if key in cached:
