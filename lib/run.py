@@ -44,7 +44,6 @@ def prepare(config: RunConfig) -> tuple[torch.device, torch.dtype]:
     if config.outputs.quiet:  # transformers' own bars would otherwise precede a one-line error
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()
-        os.environ["TQDM_DISABLE"] = "1"  # the GGUF converter's bar is a plain tqdm
     device = loading.resolve_device(config.model.device)
     dtype = loading.resolve_dtype(config.model.dtype, device)
     torch.manual_seed(config.data.seed)
@@ -112,7 +111,8 @@ def load_model(config: RunConfig, device: torch.device, dtype: torch.dtype) -> L
         device_map = config.model.device_map
         if device_map is None and device.type == "cuda" and not offload:
             device_map = {"": str(device)}
-        model, tokenizer = loading.load_model_and_tokenizer(checkpoint_path(config), dtype, device_map=device_map)
+        model, tokenizer = loading.load_model_and_tokenizer(checkpoint_path(config), dtype, device_map=device_map,
+                                                            progress=not config.outputs.quiet)
         name = "demo:smollm2-135m" if config.model.demo == "real" else config.model.model
     blocks = find_decoder_blocks(model)
     check_allocation(config, len(blocks))

@@ -7,9 +7,12 @@ weight and strip those tags itself, so the model is an ordinary one that saves a
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import os
 import struct
+import sys
 
 import torch
 
@@ -57,7 +60,22 @@ def _drop_quantization_tags(model) -> None:
         model.is_quantized = False
 
 
-def load_gguf_model(path: str, dtype: torch.dtype = torch.float32):
+@contextlib.contextmanager
+def _quiet_conversion(progress: bool):
+    """transformers' GGUF converter shows a plain tqdm bar that its progress-bar switch does not reach."""
+    module = sys.modules.get("transformers.modeling_gguf_pytorch_utils")
+    if progress or module is None or not hasattr(module, "tqdm"):
+        yield
+        return
+    original = module.tqdm
+    module.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        module.tqdm = original
+
+
+def load_gguf_model(path: str, dtype: torch.dtype = torch.float32, progress: bool = True):
     """(model, tokenizer) from a .gguf file: the causal LM with every weight unpacked to `dtype`, in eval mode.
 
     The model is a plain transformers model: `save_pretrained` works and `from_pretrained` on the saved folder
@@ -72,7 +90,10 @@ def load_gguf_model(path: str, dtype: torch.dtype = torch.float32):
     folder, name = os.path.split(os.path.abspath(path))
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype, **_dense_loading_kwargs())
+        import transformers.modeling_gguf_pytorch_utils  # noqa: F401  (so its bar can be silenced)
+        with _quiet_conversion(progress):
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype,
+                                                         **_dense_loading_kwargs())
     except (OSError, ValueError, KeyError, IndexError, TypeError, NotImplementedError, RuntimeError,
             struct.error) as error:  # what a truncated, corrupt or unsupported file raises
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__

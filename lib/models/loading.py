@@ -81,13 +81,13 @@ def shape_from_config(name: str) -> tuple[int | None, set[int]]:
     return getattr(config, "num_hidden_layers", None), widths
 
 
-def load_model_and_tokenizer(name: str, dtype: torch.dtype, device_map=None):
+def load_model_and_tokenizer(name: str, dtype: torch.dtype, device_map=None, progress: bool = True):
     """(model in eval mode, tokenizer). `device_map` is passed to from_pretrained (e.g. "auto" for several GPUs)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     check_model_path(name)
     if name.endswith(".gguf"):
         from .gguf import load_gguf_model
-        model, tokenizer = load_gguf_model(name, dtype=dtype)
+        model, tokenizer = load_gguf_model(name, dtype=dtype, progress=progress)
     else:
         try:
             model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, device_map=device_map)

@@ -191,3 +191,17 @@ def test_a_resumed_search_says_so_and_garbage_is_one_plain_warning(cli, tmp_path
     assert code == 0, err
     assert "resumed" in out and "trials from" in out
     assert "warning: " in err and "unreadable" in err and "UserWarning" not in err
+
+
+def test_outputs_get_the_usual_permissions_not_private_temporary_ones(cli, model_dir, text_files, tmp_path):
+    old = os.umask(0o022)
+    try:
+        code, _, err = cli("--model", model_dir("llama"), "--calib_data", text_files.calib, "--eval_data",
+                           text_files.eval, "--nsamples", "4", "--seqlen", "32", "--max_eval_windows", "2",
+                           "--quiet", "--results", tmp_path / "run.json", "--save_model", tmp_path / "model")
+    finally:
+        os.umask(old)
+    assert code == 0, err
+    assert (tmp_path / "run.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "model").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "model" / "config.json").stat().st_mode & 0o777 == 0o644

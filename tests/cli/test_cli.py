@@ -206,8 +206,8 @@ def nan_logits_loader(monkeypatch):
     import lib.models.loading
     real = lib.models.loading.load_model_and_tokenizer
 
-    def load(name, dtype, device_map=None):
-        model, tok = real(name, dtype, device_map=device_map)
+    def load(name, dtype, device_map=None, **kwargs):
+        model, tok = real(name, dtype, device_map=device_map, **kwargs)
         model.lm_head.register_forward_hook(lambda module, args, output: output * float("nan"))
         return model, tok
     monkeypatch.setattr(lib.models.loading, "load_model_and_tokenizer", load)
@@ -222,8 +222,8 @@ def flat_model_loader(monkeypatch):
             super().__init__()
             self.body = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 10))
 
-    def load(name, dtype, device_map=None):
-        _, tok = real(name, dtype, device_map=device_map)
+    def load(name, dtype, device_map=None, **kwargs):
+        _, tok = real(name, dtype, device_map=device_map, **kwargs)
         return NoBlockList(), tok
     monkeypatch.setattr(lib.models.loading, "load_model_and_tokenizer", load)
 

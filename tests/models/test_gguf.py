@@ -169,3 +169,11 @@ def test_missing_gguf_package_is_a_user_error(tiny_gguf, monkeypatch):
 def test_find_smollm2_gguf_is_none_or_an_existing_file():
     found = find_smollm2_gguf()
     assert found is None or (os.path.isfile(found) and found.endswith("SmolLM2-135M-Instruct.Q4_1.gguf"))
+
+
+def test_quiet_loading_silences_the_gguf_conversion_bar(tiny_gguf, capfd):
+    path = tiny_gguf[2]
+    load_gguf_model(str(path), progress=True)
+    assert "Converting and de-quantizing" in capfd.readouterr().err  # the bar this test is about exists
+    load_gguf_model(str(path), progress=False)
+    assert "Converting and de-quantizing" not in capfd.readouterr().err
