@@ -23,6 +23,16 @@ DEMO_DATA_DEFAULTS = {"tiny": {"nsamples": 16, "seqlen": 128, "max_eval_windows"
 HAND_WRITTEN = {"beta"}  # plug-in parameters with a flag of their own below (beta also takes 'search')
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show a default only where it says something (not None or an off switch) and the help does not already."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None or action.default is False or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one "error:" line and exit code 2, like every other user error
         raise UserError(message)
@@ -52,7 +62,7 @@ def _number(kind: type):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
-        prog="main.py", epilog=EXIT_CODES, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="main.py", epilog=EXIT_CODES, formatter_class=_Formatter,
         description="Prune a HuggingFace causal LM with a layer-wise sparsity allocation (ATP and others) and "
                     "report WikiText-2 perplexity.")
     g = p.add_argument_group("model")
@@ -81,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     for param in declared_params([*PRUNERS, *RULES]):
         if param.name not in HAND_WRITTEN:
             g.add_argument(f"--{param.name}", type=_number(param.type) if param.type in (int, float) else param.type,
-                           default=param.default, help=param.help.replace("%", "%%"))
+                           default=param.default, choices=param.choices, help=param.help.replace("%", "%%"))
     g.add_argument("--absorption", type=_number(float), default=0.0,
                    help="strength of the absorption-aware correction applied on top of the allocation (0: off)")
     g.add_argument("--absorption_scale", type=_number(float), default=0.1,

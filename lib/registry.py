@@ -22,11 +22,14 @@ class Param:
     help: str
     check: Callable[[Any], bool] | None = None
     requirement: str = ""  # what `check` demands, in words ("must be positive")
+    choices: tuple | None = None  # the only values allowed, when they can be listed
 
     def validate(self, value: Any) -> None:
         """Raise ValueError when `value` breaks this parameter's rule (non-finite floats always do)."""
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"{value}: {self.name} must be a finite number")
+        if self.choices is not None and value not in self.choices:
+            raise ValueError(f"{value}: {self.name} must be one of {', '.join(map(str, self.choices))}")
         if self.check is not None and not self.check(value):
             raise ValueError(f"{value}: {self.name} {self.requirement or 'is out of range'}")
 

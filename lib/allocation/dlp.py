@@ -243,5 +243,5 @@ register_rule(AllocationRule(
                   "(0.15: the authors' setting at 70%)", non_negative, "must be >= 0"),
             Param("dlp_statistic", str, "median",
                   "DLP block unimportance over its Wanda scores: median (paper) or mean (authors' released code)",
-                  lambda v: v in DLP_STATISTICS, "must be median or mean")),
+                  lambda v: v in DLP_STATISTICS, "must be median or mean", choices=DLP_STATISTICS)),
     help="DLP: blocks whose median Wanda score is relatively higher are pruned less"))
