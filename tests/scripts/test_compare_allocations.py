@@ -241,3 +241,19 @@ def test_bad_allocation_flags_exit_with_one_error_line(cli, capsys, model_dir, l
     errors = [line for line in err.splitlines() if "error:" in line]
     assert len(errors) == 1 and fragment in errors[0], err
     assert not results_path.exists()
+
+
+def test_the_comparison_script_accepts_dlp_and_ria(model_dir, local_flags, tmp_path):
+    out = tmp_path / "t.json"
+    code, stdout, stderr = run_script(["--model", str(model_dir("llama")), "--sparsities", "0.5", "--methods",
+                                       "ria,wanda", "--allocations", "uniform,dlp", "--out_json", str(out), "--",
+                                       *map(str, local_flags)])
+    assert code == 0, stderr
+    runs = json.loads(out.read_text())["runs"]
+    assert {(r["method"], r["allocation"]) for r in runs} == {("ria", "uniform"), ("ria", "dlp"),
+                                                               ("wanda", "uniform"), ("wanda", "dlp")}
+    for run in runs:
+        plan = run["results"]["allocation"]["sparsities"]
+        assert sum(plan) / len(plan) == pytest.approx(0.5)
+        if run["allocation"] == "dlp":
+            assert max(plan) - min(plan) == pytest.approx(0.3)  # DLP's window of width 2 * alpha (0.15)
