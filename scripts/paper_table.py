@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run each allocation row with this absorption strength (0: no such rows)")
     p.add_argument("--absorption_methods", default=None,
                    help="pruners that get the absorption rows (default: every pruner in --methods)")
+    p.add_argument("--method_rows", action="append", default=[], metavar="PRUNER=RULE,RULE",
+                   help="limit one pruner to some rows, e.g. ria=uniform,atp,dlp (repeatable)")
     p.add_argument("--atp_beta", default="search",
                    help="ATP's beta: a number for every pruner, or 'search' (golden search per pruner)")
     p.add_argument("--zs_limit", type=float, default=None, help="zero-shot items per task (default: all)")
@@ -138,8 +140,13 @@ def make_table(args: argparse.Namespace, passthrough: list[str]) -> int:
     started = time.perf_counter()
     absorbed = set(parse_names(args.absorption_methods, tuple(methods), "--absorption_methods")) \
         if args.absorption_methods else set(methods)
+    rows_of = {}
+    for item in args.method_rows:
+        method, _, names = item.partition("=")
+        rows_of[parse_names(method, tuple(methods), "--method_rows")[0]] = set(
+            parse_names(names, RULES.names(), "--method_rows"))
     records = run_table(session, rows, methods, config.allocation.with_params(), prune, perplexity, zero_shot,
-                        beta_for, args.out + ".cells.jsonl", settings, absorbed=absorbed)
+                        beta_for, args.out + ".cells.jsonl", settings, absorbed=absorbed, rows_of=rows_of)
     limit = config.zero_shot.limit
     title = (f"{loaded.name}, mean sparsity {args.sparsity:g}; perplexity on {os.path.basename(config.data.eval_data)}"
              f" ({data_records['eval']['seqlen']}-token windows"

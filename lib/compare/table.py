@@ -64,9 +64,10 @@ def run_table(session: PruningSession, rows: list[Row], methods: list[str], base
               prune: Callable[[str, list[float]], None], perplexity: Callable[[], float],
               zero_shot: Callable[[], dict | None], beta_for: Callable[[str], float],
               cache_path: str | None, settings: str, log: Callable[[str], None] = print,
-              absorbed: set[str] | None = None) -> list[dict]:
+              absorbed: set[str] | None = None, rows_of: dict[str, set[str]] | None = None) -> list[dict]:
     """Score every cell; returns one record per cell: {key, row, method, ppl, zero_shot, sparsities, ...}.
-    Rows with the absorption correction are run for the pruners in `absorbed` (default: all).
+    Rows with the absorption correction are run for the pruners in `absorbed` (default: all); `rows_of` limits a
+    pruner to the named rules (default: every row).
 
     prune(method, sparsities) prunes the dense model in place; beta_for(method) gives ATP's beta for that pruner.
     """
@@ -75,7 +76,8 @@ def run_table(session: PruningSession, rows: list[Row], methods: list[str], base
     session.keep_dense_copy()
     records = []
     cells = [Cell(r, "-") for r in rows if r.rule == DENSE] + \
-        [Cell(r, m) for m in methods for r in rows if r.rule != DENSE and (r.absorption <= 0 or m in absorbed)]
+        [Cell(r, m) for m in methods for r in rows if r.rule != DENSE and (r.absorption <= 0 or m in absorbed)
+         and (rows_of is None or m not in rows_of or r.rule in rows_of[m])]
     for number, cell in enumerate(cells, 1):
         key = cell.key(settings)
         if key in cached:

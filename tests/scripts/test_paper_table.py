@@ -21,7 +21,8 @@ def load_script():
 def test_table_rows_columns_and_resume(tmp_path, capsys):
     table = load_script()
     out = str(tmp_path / "t")
-    argv = ["--demo", "--methods", "wanda,ria", "--absorption_methods", "wanda", "--rows", "dense,uniform,dlp",
+    argv = ["--demo", "--methods", "wanda,ria", "--absorption_methods", "wanda", "--rows", "dense,uniform,atp,dlp",
+            "--method_rows", "wanda=uniform,dlp", "--method_rows", "ria=uniform,dlp",
             "--atp_beta", "0.05", "--absorption", "0.02", "--out", out, *FAST]
     assert table.main(argv) == 0
     first = capsys.readouterr().out
