@@ -53,7 +53,7 @@ def check_output_paths(results: str | None, save_model: str | None) -> None:
         raise UserError(f"{results}: is a directory; give a file name such as run.json", "results")
 
 
-def _make_parents(parent: str) -> list[str]:
+def make_parents(parent: str) -> list[str]:
     """Create `parent` and any missing ancestors; return the created ones, deepest first, for cleanup."""
     created = []
     path = parent
@@ -64,7 +64,7 @@ def _make_parents(parent: str) -> list[str]:
     return created
 
 
-def _remove_empty(directories: list[str]) -> None:
+def remove_empty(directories: list[str]) -> None:
     for directory in directories:
         try:
             os.rmdir(directory)
@@ -85,7 +85,7 @@ def _json_safe(value: Any) -> Any:
 
 def write_json_atomic(path: str, data: dict) -> None:
     parent = os.path.dirname(os.path.abspath(path))
-    created = _make_parents(parent)
+    created = make_parents(parent)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=parent)
     try:
         with os.fdopen(fd, "w") as f:
@@ -96,7 +96,7 @@ def write_json_atomic(path: str, data: dict) -> None:
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        _remove_empty(created)
+        remove_empty(created)
         raise
 
 
@@ -104,7 +104,7 @@ def save_model_atomic(model, tokenizer, directory: str) -> None:
     """save_pretrained into a temporary sibling directory, renamed into place only once complete."""
     directory = os.path.abspath(directory)
     parent = os.path.dirname(directory)
-    created = _make_parents(parent)
+    created = make_parents(parent)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -112,7 +112,7 @@ def save_model_atomic(model, tokenizer, directory: str) -> None:
         publish_directory(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        _remove_empty(created)
+        remove_empty(created)
         raise
 
 

@@ -56,9 +56,6 @@ def prepare(config: RunConfig) -> tuple[torch.device, torch.dtype]:
         if num_blocks is not None:
             check_allocation(config, num_blocks)
         check_n_m_widths(config, widths)
-    if config.outputs.save_format == "compressed":
-        from .sparse.checkpoint import check_compressed_support
-        check_compressed_support()
     return device, dtype
 
 

@@ -1,0 +1,138 @@
+"""Converting the pruned nn.Linear modules of a loaded transformers model into SparseLinear, in place.
+
+Only Linears inside the decoder blocks (the ModuleList of config.num_hidden_layers blocks) are candidates; the
+embeddings and lm_head stay dense. A Linear stays dense, with its reason in the summary, when its sparsity is
+below `min_sparsity` (there the packed form saves too few bytes to pay for the unpacking work), or when its
+dtype has no kernel. `model.generate()` works unchanged afterwards.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import format as fmt
+from . import kernels
+from . import linear as sparse_linear
+from .linear import SparseLinear
+
+DEFAULT_MIN_SPARSITY = 0.3
+
+
+@dataclass
+class ConversionSummary:
+    converted: list[dict] = field(default_factory=list)
+    kept_dense: list[dict] = field(default_factory=list)
+    kernel: str = ""
+
+    @property
+    def dense_bytes(self) -> int:
+        return sum(c["dense_bytes"] for c in self.converted)
+
+    @property
+    def sparse_bytes(self) -> int:
+        return sum(c["sparse_bytes"] for c in self.converted)
+
+    def as_dict(self) -> dict:
+        return {"converted": self.converted, "kept_dense": self.kept_dense, "kernel": self.kernel,
+                "converted_dense_bytes": self.dense_bytes, "converted_sparse_bytes": self.sparse_bytes}
+
+    def text(self) -> str:
+        lines = [f"sparse conversion: {len(self.converted)} Linear(s) converted, {len(self.kept_dense)} kept dense; "
+                 f"kernel: {self.kernel}"]
+        if self.converted:
+            ratio = self.sparse_bytes / max(1, self.dense_bytes)
+            mean = sum(c["sparsity"] for c in self.converted) / len(self.converted)
+            lines.append(f"  converted weights: {self.dense_bytes / 2**20:.1f} MiB dense -> "
+                         f"{self.sparse_bytes / 2**20:.1f} MiB packed ({ratio:.3f}x), mean sparsity {mean:.1%}")
+        reasons: dict[str, list[str]] = {}
+        for k in self.kept_dense:
+            reasons.setdefault(k["reason"], []).append(k["name"])
+        for reason, names in reasons.items():
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            lines.append(f"  dense ({reason}): {shown}")
+        if self.converted and self.kernel.startswith("C++"):
+            dtypes = sorted({c["dtype"] for c in self.converted})
+            for d in dtypes:
+                limit = sparse_linear.dense_above_tokens(getattr(torch, d))
+                if limit < 1 << 40:
+                    lines.append(f"  {d}: calls with more than {limit} tokens (long prefill) unpack the weight into a "
+                                 "dense workspace and use torch's dense GEMM (measured faster there)")
+                else:
+                    lines.append(f"  {d}: every batch size uses the sparse kernel (measured faster than torch's "
+                                 "dense GEMM)")
+        elif self.converted:
+            lines.append("  no C++ kernel: every call unpacks the weight (correct but slower than dense)")
+        return "\n".join(lines)
+
+
+def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """(qualified name, ModuleList) of the model's decoder blocks, or None when none is found."""
+    count = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    best = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and (count is None or len(module) == count):
+            if any(isinstance(m, (nn.Linear, SparseLinear)) for m in module.modules()):
+                if best is None or len(name) < len(best[0]):
+                    best = (name, module)
+    return best
+
+
+def block_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(qualified name, module) for every nn.Linear or SparseLinear inside the decoder blocks."""
+    found = decoder_blocks(model)
+    if found is None:
+        return []
+    prefix, blocks = found
+    return [(f"{prefix}.{name}", m) for name, m in blocks.named_modules()
+            if isinstance(m, (nn.Linear, SparseLinear))]
+
+
+def weight_sparsity(weight: torch.Tensor) -> float:
+    return 1.0 - int(torch.count_nonzero(weight)) / max(1, weight.numel())
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+@torch.no_grad()
+def sparsify_model(model: nn.Module, min_sparsity: float = DEFAULT_MIN_SPARSITY,
+                   verbose: bool = True) -> ConversionSummary:
+    """Replace every decoder-block nn.Linear with at least `min_sparsity` zeros by a SparseLinear (in place).
+
+    Returns the summary (what was converted, what stayed dense and why) and prints it when `verbose`.
+    """
+    if not 0.0 <= min_sparsity <= 1.0:
+        raise ValueError(f"min_sparsity must be within [0, 1], got {min_sparsity}")
+    kern = kernels.get()
+    summary = ConversionSummary(kernel="C++ (AVX2/OpenMP)" if kern is not None else
+                                f"none, pure-PyTorch fallback ({kernels.reason()})")
+    for name, module in block_linears(model):
+        if isinstance(module, SparseLinear):
+            continue
+        weight = module.weight
+        if weight.device.type != "cpu":
+            summary.kept_dense.append({"name": name, "reason": f"on {weight.device.type}, kernel is CPU-only"})
+            continue
+        if weight.dtype not in fmt.SUPPORTED_DTYPES:
+            summary.kept_dense.append({"name": name, "reason": f"dtype {weight.dtype} unsupported"})
+            continue
+        sparsity = weight_sparsity(weight)
+        if sparsity < min_sparsity:
+            summary.kept_dense.append({"name": name, "reason": f"sparsity below min_sparsity={min_sparsity:g}",
+                                       "sparsity": sparsity})
+            continue
+        new = SparseLinear.from_linear(module)
+        _set_module(model, name, new)
+        summary.converted.append({"name": name, "shape": [module.out_features, module.in_features],
+                                  "sparsity": sparsity, "dtype": str(weight.dtype).replace("torch.", ""),
+                                  "dense_bytes": weight.numel() * weight.element_size(),
+                                  "sparse_bytes": new.packed_nbytes()})
+    if verbose:
+        print(summary.text(), file=sys.stderr)
+    return summary

@@ -1,0 +1,279 @@
+// Bitmask-packed sparse Linear kernels (see format.py for the layout). fp32 accumulation for every value dtype.
+// spmv:    y[t, r] = sum_j W[r, j] x[t, j], one pass over the packed row per token (decode, few tokens).
+// spmm:    the same for a tile of 16 tokens per packed-row pass (prefill), inputs transposed to [tile][col][16].
+// densify: the dense weight, for the dense fallback of large batches.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+namespace {
+
+struct alignas(64) PermEntry {
+  int32_t idx[8];  // lane i <- packed value number popcount(b & ((1 << i) - 1))
+  float on[8];     // all-ones bits in lane i when bit i of b is set, else 0
+};
+
+struct PermTable {
+  PermEntry e[256];  // one 64-byte line per mask byte: both vectors from one address
+  PermTable() {
+    for (int b = 0; b < 256; ++b) {
+      int k = 0;
+      for (int i = 0; i < 8; ++i) {
+        const bool set = (b >> i) & 1;
+        e[b].idx[i] = set ? k++ : 0;
+        const uint32_t bits = set ? 0xFFFFFFFFu : 0u;
+        std::memcpy(&e[b].on[i], &bits, 4);
+      }
+    }
+  }
+};
+const PermTable PERM;
+
+template <typename T> inline float to_f(T v) { return static_cast<float>(v); }
+
+#ifdef __AVX2__
+template <typename T> inline __m256 load8(const T* p);
+template <> inline __m256 load8<float>(const float* p) { return _mm256_loadu_ps(p); }
+template <> inline __m256 load8<at::BFloat16>(const at::BFloat16* p) {
+  __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+template <> inline __m256 load8<at::Half>(const at::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+inline float hsum(__m256 a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
+template <typename T>
+float row_dot(const uint8_t* m, const T* v, const float* x, int64_t nbytes) {
+#ifdef __AVX2__
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+  for (int64_t g = 0; g < nbytes; g += 8) {  // one 64-bit mask word (64 columns) per iteration
+    uint64_t word;
+    std::memcpy(&word, m + g, 8);
+    if (word == 0) continue;
+    // byte i of `pre` = number of set bits in bytes 0..i-1: the offsets of the 8 groups' values, computed
+    // independently of each other (no serial pointer chain inside the word)
+    uint64_t c = word - ((word >> 1) & 0x5555555555555555ULL);
+    c = (c & 0x3333333333333333ULL) + ((c >> 2) & 0x3333333333333333ULL);
+    c = (c + (c >> 4)) & 0x0F0F0F0F0F0F0F0FULL;
+    const uint64_t pre = c * 0x0101010101010100ULL;
+    const float* xg = x + g * 8;
+    // bytes through memory: one movzx load each instead of shift+mask ALU work
+    alignas(8) uint8_t ob[8];
+    std::memcpy(ob, &pre, 8);
+    const uint8_t* mb = m + g;
+#define ATP_STEP(I, ACC)                                                                       \
+  {                                                                                            \
+    const PermEntry& pe = PERM.e[mb[I]];                                                       \
+    const __m256 vv = load8(v + ob[I]);                                                        \
+    const __m256 w = _mm256_and_ps(_mm256_permutevar8x32_ps(vv, _mm256_load_si256(            \
+                                       reinterpret_cast<const __m256i*>(pe.idx))),              \
+                                   _mm256_load_ps(pe.on));                                      \
+    ACC = _mm256_fmadd_ps(w, _mm256_loadu_ps(xg + 8 * I), ACC);                                \
+  }
+    ATP_STEP(0, a0) ATP_STEP(1, a1) ATP_STEP(2, a2) ATP_STEP(3, a3)
+    ATP_STEP(4, a0) ATP_STEP(5, a1) ATP_STEP(6, a2) ATP_STEP(7, a3)
+#undef ATP_STEP
+    v += __builtin_popcountll(word);
+  }
+  return hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+#else
+  float acc = 0.f;
+  for (int64_t w = 0; w < nbytes / 8; ++w) {
+    uint64_t bits;
+    std::memcpy(&bits, m + w * 8, 8);
+    while (bits) {
+      int j = __builtin_ctzll(bits);
+      bits &= bits - 1;
+      acc += to_f(*v++) * x[w * 64 + j];
+    }
+  }
+  return acc;
+#endif
+}
+
+template <typename T>
+void spmv_impl(const int64_t* mask, const T* vals, const int64_t* off, const float* x, float* y,
+               int64_t rows, int64_t words, int64_t ntok) {
+  const int64_t cpad = words * 64, nbytes = words * 8;
+  const int nt = at::get_num_threads();
+  for (int64_t t = 0; t < ntok; ++t) {
+    const float* xt = x + t * cpad;
+    float* yt = y + t * rows;
+#pragma omp parallel for schedule(dynamic, 32) num_threads(nt) if (rows * words >= 512)
+    for (int64_t r = 0; r < rows; ++r) {
+      yt[r] = row_dot<T>(reinterpret_cast<const uint8_t*>(mask + r * words), vals + off[r], xt, nbytes);
+    }
+  }
+}
+
+constexpr int TILE = 16;
+
+template <typename T>
+void spmm_impl(const int64_t* mask, const T* vals, const int64_t* off, const float* xt, float* y,
+               int64_t rows, int64_t words, int64_t ntok) {
+  // xt: [ntiles][words*64][TILE] fp32 (zero padded); y: [ntok][rows]
+  const int64_t cpad = words * 64, ntiles = (ntok + TILE - 1) / TILE;
+  const int nt = at::get_num_threads();
+#pragma omp parallel for schedule(dynamic, 8) num_threads(nt) collapse(2)
+  for (int64_t tile = 0; tile < ntiles; ++tile) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* xb = xt + tile * cpad * TILE;
+      const T* v = vals + off[r];
+      const int64_t* m = mask + r * words;
+      alignas(32) float acc[TILE];
+#ifdef __AVX2__
+      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), c0 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps();
+      for (int64_t w = 0; w < words; ++w) {
+        uint64_t bits = static_cast<uint64_t>(m[w]);
+        const float* xw = xb + w * 64 * TILE;
+        while (bits) {
+          int j = __builtin_ctzll(bits);
+          bits &= bits - 1;
+          __m256 vb = _mm256_set1_ps(to_f(*v++));
+          const float* xp = xw + j * TILE;
+          a0 = _mm256_fmadd_ps(vb, _mm256_loadu_ps(xp), a0);
+          a1 = _mm256_fmadd_ps(vb, _mm256_loadu_ps(xp + 8), a1);
+          if (!bits) break;
+          j = __builtin_ctzll(bits);
+          bits &= bits - 1;
+          vb = _mm256_set1_ps(to_f(*v++));
+          xp = xw + j * TILE;
+          c0 = _mm256_fmadd_ps(vb, _mm256_loadu_ps(xp), c0);
+          c1 = _mm256_fmadd_ps(vb, _mm256_loadu_ps(xp + 8), c1);
+        }
+      }
+      _mm256_store_ps(acc, _mm256_add_ps(a0, c0));
+      _mm256_store_ps(acc + 8, _mm256_add_ps(a1, c1));
+#else
+      for (int i = 0; i < TILE; ++i) acc[i] = 0.f;
+      for (int64_t w = 0; w < words; ++w) {
+        uint64_t bits = static_cast<uint64_t>(m[w]);
+        while (bits) {
+          int j = __builtin_ctzll(bits);
+          bits &= bits - 1;
+          float wv = to_f(*v++);
+          const float* xp = xb + (w * 64 + j) * TILE;
+          for (int i = 0; i < TILE; ++i) acc[i] += wv * xp[i];
+        }
+      }
+#endif
+      const int64_t t0 = tile * TILE;
+      for (int i = 0; i < TILE && t0 + i < ntok; ++i) y[(t0 + i) * rows + r] = acc[i];
+    }
+  }
+}
+
+template <typename T>
+void densify_impl(const int64_t* mask, const T* vals, const int64_t* off, T* out, int64_t rows, int64_t words,
+                  int64_t cols) {
+  const int nt = at::get_num_threads();
+#pragma omp parallel for schedule(static) num_threads(nt)
+  for (int64_t r = 0; r < rows; ++r) {
+    T* o = out + r * cols;
+    std::memset(static_cast<void*>(o), 0, sizeof(T) * cols);
+    const T* v = vals + off[r];
+    for (int64_t w = 0; w < words; ++w) {
+      uint64_t bits = static_cast<uint64_t>(mask[r * words + w]);
+      while (bits) {
+        int j = __builtin_ctzll(bits);
+        bits &= bits - 1;
+        o[w * 64 + j] = *v++;
+      }
+    }
+  }
+}
+
+void check(const torch::Tensor& mask, const torch::Tensor& vals, const torch::Tensor& off) {
+  TORCH_CHECK(mask.dtype() == torch::kInt64 && mask.dim() == 2 && mask.is_contiguous(), "mask: int64 2-D contiguous");
+  TORCH_CHECK(off.dtype() == torch::kInt64 && off.numel() == mask.size(0) + 1 && off.is_contiguous(), "row_offsets");
+  TORCH_CHECK(vals.dim() == 1 && vals.is_contiguous(), "values: 1-D contiguous");
+}
+
+#define DISPATCH(VALS, FN, ...)                                                               \
+  switch (VALS.scalar_type()) {                                                               \
+    case torch::kFloat: FN<float>(__VA_ARGS__, VALS.data_ptr<float>()); break;                \
+    case torch::kBFloat16: FN<at::BFloat16>(__VA_ARGS__, VALS.data_ptr<at::BFloat16>()); break; \
+    case torch::kHalf: FN<at::Half>(__VA_ARGS__, VALS.data_ptr<at::Half>()); break;            \
+    default: TORCH_CHECK(false, "values dtype must be float32, bfloat16 or float16");          \
+  }
+
+template <typename T>
+void spmv_call(const torch::Tensor* a, const T* v) {
+  const auto& mask = a[0]; const auto& off = a[1]; const auto& x = a[2]; auto& y = const_cast<torch::Tensor&>(a[3]);
+  spmv_impl<T>(mask.data_ptr<int64_t>(), v, off.data_ptr<int64_t>(), x.data_ptr<float>(), y.data_ptr<float>(),
+               mask.size(0), mask.size(1), x.size(0));
+}
+template <typename T>
+void spmm_call(const torch::Tensor* a, int64_t ntok, const T* v) {
+  const auto& mask = a[0]; const auto& off = a[1]; const auto& xt = a[2]; auto& y = const_cast<torch::Tensor&>(a[3]);
+  spmm_impl<T>(mask.data_ptr<int64_t>(), v, off.data_ptr<int64_t>(), xt.data_ptr<float>(), y.data_ptr<float>(),
+               mask.size(0), mask.size(1), ntok);
+}
+template <typename T>
+void densify_call(const torch::Tensor* a, int64_t cols, const T* v) {
+  const auto& mask = a[0]; const auto& off = a[1]; auto& out = const_cast<torch::Tensor&>(a[2]);
+  densify_impl<T>(mask.data_ptr<int64_t>(), v, off.data_ptr<int64_t>(), out.data_ptr<T>(), mask.size(0),
+                  mask.size(1), cols);
+}
+
+}  // namespace
+
+// x: [ntok, words*64] fp32 contiguous, zero padded; returns y [ntok, rows] fp32
+torch::Tensor spmv(torch::Tensor mask, torch::Tensor values, torch::Tensor row_offsets, torch::Tensor x) {
+  check(mask, values, row_offsets);
+  TORCH_CHECK(x.dtype() == torch::kFloat && x.dim() == 2 && x.is_contiguous() && x.size(1) == mask.size(1) * 64,
+              "x: fp32 [ntok, words*64] contiguous");
+  auto y = torch::empty({x.size(0), mask.size(0)}, x.options());
+  const torch::Tensor a[4] = {mask, row_offsets, x, y};
+  DISPATCH(values, spmv_call, a);
+  return y;
+}
+
+// xt: [ntiles, words*64, 16] fp32 contiguous, zero padded; returns y [ntok, rows] fp32
+torch::Tensor spmm(torch::Tensor mask, torch::Tensor values, torch::Tensor row_offsets, torch::Tensor xt,
+                   int64_t ntok) {
+  check(mask, values, row_offsets);
+  TORCH_CHECK(xt.dtype() == torch::kFloat && xt.dim() == 3 && xt.is_contiguous() && xt.size(1) == mask.size(1) * 64 &&
+                  xt.size(2) == TILE && xt.size(0) * TILE >= ntok,
+              "xt: fp32 [ntiles, words*64, 16] contiguous");
+  auto y = torch::empty({ntok, mask.size(0)}, xt.options());
+  const torch::Tensor a[4] = {mask, row_offsets, xt, y};
+  DISPATCH(values, spmm_call, a, ntok);
+  return y;
+}
+
+torch::Tensor densify_into(torch::Tensor mask, torch::Tensor values, torch::Tensor row_offsets, torch::Tensor out) {
+  check(mask, values, row_offsets);
+  TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.size(0) == mask.size(0) &&
+                  out.size(1) <= mask.size(1) * 64 && out.scalar_type() == values.scalar_type(),
+              "out: contiguous [rows, cols] of the values' dtype");
+  const int64_t cols = out.size(1);
+  const torch::Tensor a[3] = {mask, row_offsets, out};
+  DISPATCH(values, densify_call, a, cols);
+  return out;
+}
+
+torch::Tensor densify(torch::Tensor mask, torch::Tensor values, torch::Tensor row_offsets, int64_t cols) {
+  return densify_into(mask, values, row_offsets, torch::empty({mask.size(0), cols}, values.options()));
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("spmv", &spmv, "bitmask sparse matrix x few vectors (fp32 accumulation)");
+  m.def("spmm", &spmm, "bitmask sparse matrix x 16-token tiles (fp32 accumulation)");
+  m.def("densify", &densify, "dense weight of a bitmask-packed matrix");
+  m.def("densify_into", &densify_into, "dense weight of a bitmask-packed matrix, written into `out`");
+  m.attr("TILE") = TILE;
+}

