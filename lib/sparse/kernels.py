@@ -12,7 +12,7 @@ import os
 import sys
 import threading
 
-KERNEL_NAME = "atp_sparse_bitmask_v1"
+KERNEL_NAME = "atp_sparse_bitmask_v3"
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernel.cpp")
 _UNSET = object()
 _module = _UNSET
@@ -28,7 +28,7 @@ def _build():
 
 
 def get():
-    """The compiled kernel module (spmv, spmm, densify, TILE), or None when it cannot be built (said once)."""
+    """The compiled kernel module (linear, spmv, spmm, densify, TILE), or None when it cannot be built (said once)."""
     global _module, _reason
     if _module is not _UNSET:
         return _module
