@@ -67,3 +67,13 @@ def test_tiny_pruned_checkpoint(tmp_path):
     assert row["tokens_identical"] is True and 0.6 < row["sparsity"] < 0.75
     assert row["linear_bytes_ratio"] < 0.45 and row["disk_ratio"] < 1.0
     assert (out / "results.md").read_text().count("|") > 10 and (out / "speedup.png").stat().st_size > 1000
+    assert 0.0 < row["dense_decode_linear_share"] < 1.0
+    assert 1.0 <= row["bound_with_rest_of_step"] <= row["linears_only_bound"] + 1e-9
+
+
+def test_bound_with_the_rest_of_the_step():
+    bound = bench_module().amdahl_bound
+    assert bound(0.0, 0.33) == 1.0
+    assert bound(1.0, 0.25) == pytest.approx(4.0)
+    # half the step in Linears that shrink to a third: 1 / (0.5 + 0.5/3) = 1.5
+    assert bound(0.5, 1 / 3) == pytest.approx(1.5)
