@@ -1,6 +1,7 @@
 """Dense vs sparse (bitmask-packed SparseLinear) inference speed on this machine's CPU, in one run.
 
-Measures, at each sparsity level, dense and sparse interleaved (warm-up, then median of --repeats):
+Measures, at each sparsity level, dense and sparse interleaved (warm-up, then --repeats pairs; times are medians,
+speedups the median of the paired dense/sparse ratios):
   * model (SmolLM2-135M with --demo real, or --model DIR as saved by main.py --save_model / save_compressed):
     greedy decode tokens/s at batch 1 (--new_tokens, identical tokens required for the comparison to count),
     prefill tokens/s (--prefill_tokens), decoder Linear weight bytes, on-disk checkpoint bytes, and the bound a
@@ -65,7 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip_layer", action="store_true")
     p.add_argument("--new_tokens", type=int, default=128)
     p.add_argument("--prefill_tokens", type=int, default=512)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--out", default=os.path.join("out", "speedup"))
     args = p.parse_args(argv)
@@ -130,8 +131,15 @@ def timed(fn) -> tuple[float, object]:
     return time.perf_counter() - start, out
 
 
-def interleaved(fns: dict, repeats: int, warmup: bool = True) -> dict:
-    """name -> median seconds; the candidates run in turn within each repeat (same machine state)."""
+class Timing(dict):
+    """name -> median seconds, plus `speedup`: the median over repeats of dense/sparse within the same repeat
+    (each pair runs back to back, so a slow spell of a shared machine hits both sides of a ratio)."""
+    speedup: float
+
+
+def interleaved(fns: dict, repeats: int, warmup: bool = True) -> Timing:
+    """Median seconds of each candidate, run in turn within each repeat (same machine state), and the paired
+    dense/sparse speedup when both are present."""
     if warmup:
         for fn in fns.values():
             fn()
@@ -139,7 +147,10 @@ def interleaved(fns: dict, repeats: int, warmup: bool = True) -> dict:
     for _ in range(repeats):
         for name, fn in fns.items():
             times[name].append(timed(fn)[0])
-    return {k: statistics.median(v) for k, v in times.items()}
+    result = Timing({k: statistics.median(v) for k, v in times.items()})
+    if "dense" in times and "sparse" in times:
+        result.speedup = statistics.median(d / s for d, s in zip(times["dense"], times["sparse"]))
+    return result
 
 
 # ---------------------------------------------------------------- layer microbenchmark
@@ -169,7 +180,7 @@ def bench_layer(args, dtype) -> list[dict]:
 
         with torch.inference_mode():
             t1 = interleaved({"dense": lambda: dense_block(xs1), "sparse": lambda: sparse_block(xs1)},
-                             max(args.repeats, 5))
+                             max(args.repeats, 11))
             tp = interleaved({"dense": lambda: dense_block(xsp), "sparse": lambda: sparse_block(xsp)},
                              args.repeats, warmup=False)
             err = max((a.float() - b.float()).abs().max().item() for a, b in zip(dense_block(xs1), sparse_block(xs1)))
@@ -177,9 +188,9 @@ def bench_layer(args, dtype) -> list[dict]:
                "sparse_bytes": sparse_bytes, "bytes_ratio": sparse_bytes / dense_bytes,
                "bound_decode": dense_bytes / sparse_bytes,
                "decode_dense_ms": t1["dense"] * 1e3, "decode_sparse_ms": t1["sparse"] * 1e3,
-               "decode_speedup": t1["dense"] / t1["sparse"],
+               "decode_speedup": t1.speedup,
                "prefill_dense_ms": tp["dense"] * 1e3, "prefill_sparse_ms": tp["sparse"] * 1e3,
-               "prefill_speedup": tp["dense"] / tp["sparse"], "max_abs_diff_batch1": err}
+               "prefill_speedup": tp.speedup, "max_abs_diff_batch1": err}
         row["decode_fraction_of_bound"] = row["decode_speedup"] / row["bound_decode"]
         rows.append(row)
         print(f"layer {row['level']:>4}: decode {row['decode_speedup']:.2f}x (bound {row['bound_decode']:.2f}x), "
@@ -306,7 +317,7 @@ def measure_model(args, dense, sparse, tok, label, sparsity) -> dict:
     with torch.inference_mode():
         t_dec = interleaved({"dense": run_gen("dense", dense), "sparse": run_gen("sparse", sparse)}, args.repeats)
         t_pre = interleaved({"dense": run_prefill(dense), "sparse": run_prefill(sparse)}, args.repeats)
-        share = linear_time_share(dense, ids, min(args.new_tokens, 32))
+        share = statistics.median(linear_time_share(dense, ids, min(args.new_tokens, 32)) for _ in range(3))
     new_d, new_s = outs["dense"][0, ids.shape[1]:], outs["sparse"][0, ids.shape[1]:]
     same = torch.equal(new_d, new_s)
     first_diff = None if same else int((new_d != new_s).nonzero()[0, 0])
@@ -315,11 +326,11 @@ def measure_model(args, dense, sparse, tok, label, sparsity) -> dict:
     disk_dense, disk_sparse = checkpoint_bytes(dense, sparse, tok)
     row = {"model": label, "level": label if sparsity is None else sparsity[0], "sparsity": sparsity[1],
            "decode_dense_tok_s": args.new_tokens / t_dec["dense"], "decode_sparse_tok_s": args.new_tokens / t_dec["sparse"],
-           "decode_speedup": t_dec["dense"] / t_dec["sparse"], "tokens_identical": same,
+           "decode_speedup": t_dec.speedup, "tokens_identical": same,
            "first_differing_token": first_diff, "counts": same,
            "prefill_dense_tok_s": args.prefill_tokens / t_pre["dense"],
            "prefill_sparse_tok_s": args.prefill_tokens / t_pre["sparse"],
-           "prefill_speedup": t_pre["dense"] / t_pre["sparse"],
+           "prefill_speedup": t_pre.speedup,
            "linear_dense_bytes": dense_lin, "linear_sparse_bytes": sparse_lin, "linear_bytes_ratio": sparse_lin / dense_lin,
            "bytes_per_token_dense": dense_read, "bytes_per_token_sparse": sparse_read,
            "bound_decode": dense_read / sparse_read, "linears_only_bound": dense_lin / sparse_lin,
@@ -368,8 +379,9 @@ def markdown(result: dict) -> str:
     env = result["environment"]
     lines = [f"Measured {env['date']} on {env['cpu']} ({env['threads']} thread(s), shared machine), "
              f"dtype {result['dtype']}, torch {env['torch']}, kernel: {env['kernel']}.",
-             "Speedup = dense time / sparse time, dense and sparse interleaved in the same run, median of "
-             f"{result['repeats']} repeats. Bound = dense bytes / sparse bytes read per decoded token; bound with rest "
+             "Speedup = dense time / sparse time, dense and sparse run back to back, median of the ratios over "
+             f"{result['repeats']} repeats (times: medians). Bound = dense bytes / sparse bytes read per decoded token (the gain of a memory-bound decode; a speedup above "
+             "it means the dense side ran below the memory bandwidth); bound with rest "
              "of step = the decode speedup if the Linears were exactly memory-bound and the rest of a dense step "
              "(its measured share outside the decoder Linears) stayed as it is. The demo prunes "
              "by per-row magnitude (N:M by magnitude); speed depends only on density and pattern.", ""]
