@@ -1,6 +1,8 @@
 """SparseLinear: an nn.Linear replacement holding its pruned weight bitmask-packed (format.py), never dense.
 
-forward(x) = x @ W^T + b for inputs (..., in_features), accumulated in fp32, returned in x's dtype. Paths:
+forward(x) = x @ W^T + b for inputs (..., in_features), accumulated in fp32, returned in x's dtype. The kernel
+paths below are one C++ call (kernel.cpp `linear`: reshape, padding, kernel, bias, dtype), because the PyTorch glue
+around a decode matvec cost as much as the matvec of a small layer. Paths:
 
 * kernel, few tokens (<= SPMV_MAX_TOKENS, i.e. decode): one streaming pass over the packed weight per token;
 * kernel, up to DENSE_ABOVE_TOKENS[dtype] tokens: the 16-token tiled kernel (each decoded nonzero reused 16
