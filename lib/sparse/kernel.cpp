@@ -12,6 +12,9 @@
 #endif
 
 namespace {
+#ifndef ATP_PREFETCH_BYTES  // how far ahead of the packed values the decode loop prefetches (0: off); measured
+#define ATP_PREFETCH_BYTES 512  // 0-5% faster than the hardware prefetcher alone, most on 7B-sized rows
+#endif
 
 // Expansion table, one 8-byte row per mask byte b: lane i <- packed value number popcount(b & ((1 << i) - 1)) when
 // bit i is set, else -128 (sign bit set: the lane is zeroed by a blend; vpermps reads only the low 3 bits). Bytes,
@@ -62,6 +65,7 @@ float row_dot(const uint8_t* m, const T* v, const float* x, int64_t nbytes) {
   for (int64_t g = 0; g < nbytes; g += 8) {  // one 64-bit mask word (64 columns) per iteration
     uint64_t word;
     std::memcpy(&word, m + g, 8);
+    if (ATP_PREFETCH_BYTES) _mm_prefetch(reinterpret_cast<const char*>(v) + ATP_PREFETCH_BYTES, _MM_HINT_T0);
     const float* xg = x + g * 8;
 #define ATP_STEP(I, ACC)                                                                                    \
   {                                                                                                         \
