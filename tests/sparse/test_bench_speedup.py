@@ -77,3 +77,15 @@ def test_bound_with_the_rest_of_the_step():
     assert bound(1.0, 0.25) == pytest.approx(4.0)
     # half the step in Linears that shrink to a third: 1 / (0.5 + 0.5/3) = 1.5
     assert bound(0.5, 1 / 3) == pytest.approx(1.5)
+
+
+def test_speedup_is_the_median_of_paired_ratios(monkeypatch):
+    """A slow spell that hits one repeat's pair moves both of its times, not the ratio: the speedup is the median
+    of dense/sparse within each repeat, not the ratio of the two medians."""
+    bench = bench_module()
+    # repeats (dense, sparse): (1, 1), (10, 2), (20, 20): paired ratios 1, 5, 1; medians 10 and 2 (ratio 5)
+    durations = iter([1.0, 1.0, 10.0, 2.0, 20.0, 20.0])
+    monkeypatch.setattr(bench, "timed", lambda fn: (next(durations), None))
+    timing = bench.interleaved({"dense": lambda: None, "sparse": lambda: None}, repeats=3)
+    assert timing["dense"] == 10.0 and timing["sparse"] == 2.0
+    assert timing.speedup == 1.0
