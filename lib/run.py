@@ -53,10 +53,34 @@ def prepare(config: RunConfig) -> tuple[torch.device, torch.dtype]:
         checkpoint_path(config)  # says how to install the checkpoint before anything else runs
     if config.model.model is not None and not config.model.model.endswith(".gguf"):
         num_blocks, widths = loading.shape_from_config(config.model.model)
-        if num_blocks is not None:
-            check_allocation(config, num_blocks)
-        check_n_m_widths(config, widths)
+        skeleton = loading.skeleton_from_config(config.model.model)
+        if skeleton is not None:  # the whole structure, checked before any weight is read
+            check_structure(config, skeleton)
+        else:
+            if num_blocks is not None:
+                check_allocation(config, num_blocks)
+            check_n_m_widths(config, widths)
     return device, dtype
+
+
+def check_structure(config: RunConfig, model) -> tuple:
+    """The decoder blocks and what pruning will touch: every block parameter is prunable or dense by a stated
+    rule, the allocation fits the number of blocks, and N:M fits every matrix's input width."""
+    from .models.matrices import model_inventory
+    from .models.structure import find_decoder_blocks
+    blocks = find_decoder_blocks(model)
+    inventory = model_inventory(model, blocks)
+    if inventory.unclassified:
+        shown = ", ".join(inventory.unclassified[:3])
+        more = f" and {len(inventory.unclassified) - 3} more" if len(inventory.unclassified) > 3 else ""
+        raise UserError(f"{type(model).__name__}: block parameter(s) {shown}{more} are neither a matrix this tool "
+                        f"prunes nor dense by a rule it knows; refusing rather than leave them dense silently",
+                        "model")
+    if not inventory.matrices:
+        raise UserError(f"{type(model).__name__}: its decoder blocks hold no matrix to prune", "model")
+    check_allocation(config, len(blocks))
+    check_n_m_widths(config, inventory.input_widths)
+    return blocks, inventory
 
 
 def zero_shot_tasks(config: RunConfig):
@@ -92,7 +116,6 @@ def check_allocation(config: RunConfig, num_blocks: int) -> None:
 def load_model(config: RunConfig, device: torch.device, dtype: torch.dtype) -> LoadedModel:
     """The model on `device` (or with offloaded blocks when asked, or when it does not fit)."""
     from .calibration.offload import place_for_offload
-    from .models.structure import find_decoder_blocks, find_linears
     offload = False
     if device.type == "cuda" and config.model.device_map is None:
         offload = config.model.offload
@@ -111,14 +134,12 @@ def load_model(config: RunConfig, device: torch.device, dtype: torch.dtype) -> L
         model, tokenizer = loading.load_model_and_tokenizer(checkpoint_path(config), dtype, device_map=device_map,
                                                             progress=not config.outputs.quiet)
         name = "demo:smollm2-135m" if config.model.demo == "real" else config.model.model
-    blocks = find_decoder_blocks(model)
-    check_allocation(config, len(blocks))
-    check_n_m_widths(config, {lin.in_features for b in blocks for lin in find_linears(b).values()})
+    blocks, inventory = check_structure(config, model)
     if offload:
         place_for_offload(model, blocks, device)
     elif config.model.device_map is None:
         model.to(device)
-    return LoadedModel(model, tokenizer, blocks, name, device if offload else None)
+    return LoadedModel(model, tokenizer, blocks, name, device if offload else None, inventory)
 
 
 @dataclass
@@ -202,10 +223,15 @@ def prune_and_report(session: PruningSession, config: RunConfig, sparsities: lis
     records = session.prune(sparsities, config.prune.pruner, config.prune.params, config.prune.n_m)
     zeros = sum(r["zeros"] for r in records)
     total = sum(r["weights"] for r in records)
-    _log("sparsity sanity check (Linear layers of each decoder block):")
+    _log("sparsity sanity check (every prunable matrix of each decoder block):")
     for r in records:
         _log(f"  block {r['block']:3d}: target {r['target']:.4f} achieved {r['achieved']:.4f}")
-    _log(f"  overall sparsity {zeros / total:.4f} (target mean {sum(sparsities) / len(sparsities):.4f})")
+    _log(f"  overall sparsity {zeros / total:.4f} over {total:,} prunable weights "
+         f"(target mean {sum(sparsities) / len(sparsities):.4f})")
+    fallback = [f"block {r['block']}: {name}" for r in records for name in r.get("magnitude_fallback", [])]
+    if fallback:
+        _log(f"  {len(fallback)} matrices received no calibration token (experts the router never picked) and were "
+             f"pruned by magnitude: {', '.join(fallback[:4])}{' ...' if len(fallback) > 4 else ''}")
     return records, zeros / total
 
 
@@ -281,6 +307,7 @@ def run(config: RunConfig) -> dict:
     beta = spec.params.get("beta")
     _log(f"layer-wise sparsity plan ({spec.rule}{f', beta={beta:g}' if beta is not None else ''}):")
     _log(format_plan(sparsities))
+    _log(loaded.inventory.text())
 
     records, overall = timings("prune", prune_and_report, session, config, sparsities)
     ppl, windows = timings("eval_ppl", evaluate_pruned, session, config)
@@ -292,6 +319,7 @@ def run(config: RunConfig) -> dict:
                   "parameters": sum(p.numel() for p in loaded.model.parameters())},
         "allocation": {**allocation.info, "sparsities": sparsities, "mean": sum(sparsities) / num_blocks,
                        "max_beta": max_beta(spec.sparsity, num_blocks)},
+        "structure": loaded.inventory.as_dict(),
         "blocks": records,
         "overall_sparsity": overall,
         "perplexity": ppl,

@@ -18,7 +18,7 @@ from .allocation.probe import ModelProbe
 from .allocation.rule import Allocation
 from .calibration.offload import blocks_visit_device
 from .eval.perplexity import eval_windows, perplexity_from_nlls, window_nlls
-from .models.structure import find_linears
+from .models.matrices import ModelInventory, block_matrices
 from .pruning.pruner import Pruner
 from .pruning.sequential import prune_sequential
 
@@ -30,6 +30,7 @@ class LoadedModel:
     blocks: nn.ModuleList
     name: str  # what results and caches call it
     offload_device: torch.device | None = None  # set when blocks live on the CPU and visit this device
+    inventory: ModelInventory | None = None  # what pruning touches and what stays dense
 
 
 @dataclass
@@ -62,15 +63,15 @@ class PruningSession:
         return allocate(spec, self.probe)
 
     def keep_dense_copy(self) -> None:
-        """Remember the dense Linear weights (on the CPU) so `restore_dense` can undo a pruning."""
-        self._dense = [{n: lin.weight.detach().to("cpu", copy=True) for n, lin in find_linears(b).items()}
+        """Remember the dense prunable weights (on the CPU) so `restore_dense` can undo a pruning."""
+        self._dense = [{n: m.weight.detach().to("cpu", copy=True) for n, m in block_matrices(b).items()}
                        for b in self.blocks]
 
     @torch.no_grad()
     def restore_dense(self) -> None:
         for block, saved in zip(self.blocks, self._dense):
-            for name, lin in find_linears(block).items():
-                lin.weight.copy_(saved[name].to(lin.weight.device))
+            for name, matrix in block_matrices(block).items():
+                matrix.weight.copy_(saved[name].to(matrix.weight.device))
 
     def prune(self, sparsities: list[float], pruner: Pruner, params: dict[str, Any],
               n_m: tuple[int, int] | None) -> list[dict]:

@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..calibration.blocks import BlockBatch, capture_block_inputs, run_block as run_block_batch
+from ..calibration.blocks import capture_block_inputs, run_block as run_block_batch
 from ..models.structure import final_norm
 from .probe import ModelProbe
 
@@ -184,10 +184,10 @@ def measure_model_absorption(probe: ModelProbe, perturbation_scale: float, num_b
     ids = probe.calib_ids[: probe.batch_size * num_batches]
     batches = capture_block_inputs(probe.model, probe.blocks, ids, probe.batch_size)
     pairs = [(b.hidden, {"__batch__": b}) for b in batches]
+    index_of = {id(block): i for i, block in enumerate(probe.blocks)}
 
-    def run(block, hidden, kwargs):
-        batch = kwargs["__batch__"]
-        return run_block_batch(block, BlockBatch(hidden, batch.args, batch.kwargs))
+    def run(block, hidden, kwargs):  # each block with its own call arguments
+        return run_block_batch(block, kwargs["__batch__"].at(index_of[id(block)], hidden))
 
     return measure_absorption(list(probe.blocks), pairs, run, final_norm(probe.model, probe.blocks),
                               perturbation_scale)

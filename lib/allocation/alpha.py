@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models.structure import find_linears
+from ..models.matrices import block_matrices
 from ..outputs import cached_json_entry
 from ..registry import Param
 from .rule import Allocation, AllocationRequest, AllocationRule, register_rule, rule_value_error
@@ -153,9 +153,9 @@ def block_alphas(blocks_linear_weights: list[list[torch.Tensor]],
 
 
 def measure_block_alphas(blocks, cache_path: str | None, model_key: str) -> tuple[list[float], list[int]]:
-    """Per-block mean alpha of the Linear weights and per-block parameter counts (alphas cached in a JSON file
-    under the model key and the layer shapes when a path is given)."""
-    weights = [[lin.weight for lin in find_linears(b).values()] for b in blocks]
+    """Per-block mean alpha of the prunable matrices (Linear weights and expert slices) and per-block parameter
+    counts (alphas cached in a JSON file under the model key and the matrix shapes when a path is given)."""
+    weights = [[m.weight for m in block_matrices(b).values()] for b in blocks]
     params = [sum(w.numel() for w in ws) for ws in weights]
     shapes = ";".join(",".join("x".join(map(str, w.shape)) for w in ws) for ws in weights)
     key = f"{model_key}|{hashlib.sha1(shapes.encode()).hexdigest()[:12]}"

@@ -11,7 +11,7 @@ from torch import nn
 from ..calibration.blocks import BlockBatch
 from ..calibration.stats import InputStats, collect_input_stats
 from ..calibration.walk import Visitor, walk_blocks
-from ..models.structure import find_linears
+from ..models.matrices import PrunableMatrix, block_matrices
 
 
 class ModelProbe:
@@ -38,14 +38,16 @@ class ModelProbe:
                     self.progress)
 
     @torch.no_grad()
-    def per_block(self, measure: Callable[[dict[str, nn.Linear], dict[str, InputStats]], Any], desc: str) -> list:
-        """measure(linears, input statistics with squared norms) of every dense block, in order."""
+    def per_block(self, measure: Callable[[dict[str, PrunableMatrix], dict[str, InputStats]], Any],
+                  desc: str) -> list:
+        """measure(matrices, input statistics with squared norms) of every dense block, in order. The matrices
+        are those that received calibration input (an expert the router never picked has nothing to measure)."""
         values: list = []
 
         def visit(i: int, block: nn.Module, batches: list[BlockBatch]) -> None:
-            linears = find_linears(block)
-            values.append(measure(linears, collect_input_stats(block, linears, batches, want_sq_norm=True,
-                                                               want_xtx=False)))
+            matrices = block_matrices(block)
+            stats = collect_input_stats(block, matrices, batches, want_sq_norm=True, want_xtx=False)
+            values.append(measure({n: m for n, m in matrices.items() if n in stats}, stats))
 
         self.walk(visit, desc)
         return values

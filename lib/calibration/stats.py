@@ -1,4 +1,4 @@
-"""Input statistics of a block's Linear layers on calibration data, shared between layers that read one input.
+"""Input statistics of a block's matrices on calibration data, shared between Linear layers that read one input.
 
 Wanda needs the squared norm of every input feature; SparseGPT needs X X^T. Layers fed the very same tensor object
 in a forward pass (q/k/v, gate/up) share one accumulator, so the work and memory are paid once per distinct input.
@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..models.matrices import FusedExperts, PrunableMatrix, classify_block
 from .blocks import BlockBatch, run_block
+from .experts import observe_expert_inputs
 
 
 @contextlib.contextmanager
@@ -57,34 +59,56 @@ class InputStats:
 
 
 @torch.no_grad()
-def collect_input_stats(block: nn.Module, linears: dict[str, nn.Linear], batches: list[BlockBatch],
+def collect_input_stats(block: nn.Module, matrices: dict[str, PrunableMatrix], batches: list[BlockBatch],
                         want_sq_norm: bool, want_xtx: bool) -> dict[str, InputStats]:
-    """Run the block over all batches; return each Linear's input statistics (shared objects for shared inputs)."""
+    """Run the block over all batches; return each matrix's input statistics (shared objects for Linears fed the
+    same tensor). An expert slice gets the tokens routed to it; one that received none is absent from the result.
+    """
     stats_of: dict[str, InputStats] = {}
     seen_this_pass: list[tuple[torch.Tensor, InputStats]] = []  # holding the tensors keeps their memory unreused
 
+    def add(name: str, x: torch.Tensor) -> None:
+        for tensor, stats in seen_this_pass:
+            if tensor is x:
+                if name not in stats_of:
+                    stats_of[name] = stats
+                    stats.names.append(name)
+                return
+        stats = stats_of.get(name)
+        if stats is None:
+            stats = stats_of[name] = InputStats(names=[name])
+        stats.add(x, want_sq_norm, want_xtx)
+        seen_this_pass.append((x, stats))
+
     def make_hook(name: str):
         def hook(module, args):
-            x = args[0]
-            for tensor, stats in seen_this_pass:
-                if tensor is x:
-                    if name not in stats_of:
-                        stats_of[name] = stats
-                        stats.names.append(name)
-                    return
-            stats = stats_of.get(name)
-            if stats is None:
-                stats = stats_of[name] = InputStats(names=[name])
-            stats.add(x, want_sq_norm, want_xtx)
-            seen_this_pass.append((x, stats))
+            add(name, args[0])
         return hook
 
-    handles = [lin.register_forward_pre_hook(make_hook(n)) for n, lin in linears.items()]
+    def expert_input(matrix: PrunableMatrix, x: torch.Tensor) -> None:
+        if x.shape[0]:
+            stats = stats_of.get(matrix.name)
+            if stats is None:
+                stats = stats_of[matrix.name] = InputStats(names=[matrix.name])
+            stats.add(x, want_sq_norm, want_xtx)
+
+    handles = [m.owner.register_forward_pre_hook(make_hook(n)) for n, m in matrices.items()
+               if not m.is_expert_slice]
+    fused = _fused_of(block, matrices)
     try:
-        for batch in batches:
-            run_block(block, batch)
-            seen_this_pass.clear()
+        with observe_expert_inputs(block, fused, expert_input) as observer:
+            for batch in batches:
+                run_block(block, batch)
+                seen_this_pass.clear()
+                if observer is not None:
+                    observer.forget_slices()
     finally:
         for h in handles:
             h.remove()
     return stats_of
+
+
+def _fused_of(block: nn.Module, matrices: dict[str, PrunableMatrix]) -> list[FusedExperts]:
+    """The fused expert parameters some of whose slices are among `matrices`."""
+    wanted = {id(m.parameter) for m in matrices.values() if m.is_expert_slice}
+    return [f for f in classify_block(block).fused if id(f.parameter) in wanted]

@@ -81,16 +81,47 @@ def shape_from_config(name: str) -> tuple[int | None, set[int]]:
     return getattr(config, "num_hidden_layers", None), widths
 
 
+def auto_model_class(config):
+    """The transformers auto class that builds a text-generating model for `config`: a causal LM, or a
+    vision-language model (whose language model is pruned on text) when the config is one."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    for auto in (AutoModelForCausalLM, AutoModelForImageTextToText):
+        if type(config) in auto._model_mapping:
+            return auto
+    raise UserError(f"{type(config).__name__.removesuffix('Config')} is neither a causal language model nor a "
+                    f"vision-language model that transformers can build", "model")
+
+
+def skeleton_from_config(name: str) -> nn.Module | None:
+    """The model built on the meta device from its config alone (no weights read); None for a .gguf file or a
+    config that cannot be built that way (the real load then decides)."""
+    if name.endswith(".gguf"):
+        return None
+    try:
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig
+        config = AutoConfig.from_pretrained(name)
+        with init_empty_weights():
+            return auto_model_class(config).from_config(config)
+    except Exception:  # noqa: BLE001 - any config we cannot instantiate: let the real load decide
+        return None
+
+
 def load_model_and_tokenizer(name: str, dtype: torch.dtype, device_map=None, progress: bool = True):
     """(model in eval mode, tokenizer). `device_map` is passed to from_pretrained (e.g. "auto" for several GPUs)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
     check_model_path(name)
     if name.endswith(".gguf"):
         from .gguf import load_gguf_model
         model, tokenizer = load_gguf_model(name, dtype=dtype, progress=progress)
     else:
         try:
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, device_map=device_map)
+            config = AutoConfig.from_pretrained(name)
+        except Exception as exc:  # noqa: BLE001
+            raise _hub_error(name, exc) from None
+        auto = auto_model_class(config)
+        try:
+            model = auto.from_pretrained(name, dtype=dtype, device_map=device_map)
             tokenizer = AutoTokenizer.from_pretrained(name)
         except Exception as exc:  # noqa: BLE001 - a corrupt or truncated checkpoint raises many kinds of error
             raise _hub_error(name, exc) from None
@@ -108,12 +139,8 @@ def estimated_weight_bytes(name: str, dtype: torch.dtype) -> int | None:
     """Size of the model's weights in `dtype`, from its config alone (built on the meta device); None if unknown."""
     if name.endswith(".gguf"):
         return os.path.getsize(name) * 4 if os.path.isfile(name) else None  # quantized file: a rough upper bound
-    try:
-        from accelerate import init_empty_weights
-        from transformers import AutoConfig, AutoModelForCausalLM
-        with init_empty_weights():
-            skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name))
-    except Exception:  # any config we cannot instantiate: let the real load decide
+    skeleton = skeleton_from_config(name)
+    if skeleton is None:
         return None
     return sum(p.numel() for p in skeleton.parameters()) * torch.tensor([], dtype=dtype).element_size()
 

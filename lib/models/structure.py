@@ -7,28 +7,41 @@ from torch import nn
 from ..errors import UserError
 
 
-def find_decoder_blocks(model: nn.Module) -> nn.ModuleList:
-    """The ModuleList of repeated decoder blocks: the one holding the most parameters whose children share a type.
+def _text_config(model: nn.Module):
+    config = getattr(model, "config", None)
+    getter = getattr(config, "get_text_config", None)
+    return getter() if callable(getter) else config
 
-    This covers LLaMA/Mistral/Qwen2 (`model.layers`), OPT (`model.decoder.layers`), GPT-2 style (`h`) and others
-    without a per-family table.
+
+def find_decoder_blocks(model: nn.Module, layer_types: tuple[type, ...] = (nn.Linear,)) -> nn.ModuleList:
+    """The language model's ModuleList of repeated decoder blocks: among the lists of same-type blocks holding
+    weight matrices whose parent also holds the input embeddings (which rules out a vision tower's blocks), the
+    one with the most parameters.
+
+    This covers LLaMA/Mistral/Qwen2 (`model.layers`), OPT (`model.decoder.layers`), GPT-2 style (`h`), and the
+    language model inside a vision-language wrapper (`model.language_model.layers`) without a per-family table.
+    A block list must contain at least one module of `layer_types` (lib.sparse adds its SparseLinear).
     """
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     best, best_params = None, 0
-    for module in model.modules():
-        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+    for parent in model.modules():
+        if embeddings is not None and not any(m is embeddings for m in parent.modules()):
             continue
-        if len({type(child) for child in module}) != 1:
-            continue
-        if not any(isinstance(m, nn.Linear) for m in module[0].modules()):
-            continue
-        params = sum(p.numel() for p in module.parameters())
-        if params > best_params:
-            best, best_params = module, params
+        for module in parent.children():
+            if not isinstance(module, nn.ModuleList) or len(module) == 0:
+                continue
+            if len({type(child) for child in module}) != 1:
+                continue
+            if not any(isinstance(m, layer_types) for m in module[0].modules()):
+                continue
+            params = sum(p.numel() for p in module.parameters())
+            if params > best_params:
+                best, best_params = module, params
     if best is None:
         raise UserError(
             f"unsupported architecture {type(model).__name__}: no list of decoder blocks with nn.Linear layers found"
         )
-    expected = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    expected = getattr(_text_config(model), "num_hidden_layers", None)
     if expected is not None and expected != len(best):
         raise UserError(
             f"unsupported architecture {type(model).__name__}: found {len(best)} repeated blocks but the config "
@@ -48,22 +61,16 @@ def module_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def block_sparsity(block: nn.Module) -> tuple[int, int]:
-    """(zero weights, total weights) over the block's Linear layers: the quantity the allocation controls."""
-    zeros = total = 0
-    for linear in find_linears(block).values():
-        zeros += (linear.weight == 0).sum().item()
-        total += linear.weight.numel()
-    return zeros, total
-
-
 def final_norm(model: nn.Module, blocks: nn.ModuleList) -> nn.Module | None:
-    """The norm applied after the last block: the first norm-like sibling registered after the block list."""
+    """The norm applied after the last block: a norm-like sibling of the block list, the first one registered
+    after it if any (OPT registers its final norm before the list)."""
     for parent in model.modules():
         children = [child for _, child in parent.named_children()]
         positions = [i for i, child in enumerate(children) if child is blocks]
         if positions:
-            for child in children[positions[0] + 1:]:
+            after = children[positions[0] + 1:]
+            before = children[:positions[0]]
+            for child in after + before[::-1]:
                 if "norm" in type(child).__name__.lower():
                     return child
             return None

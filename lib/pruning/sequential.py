@@ -1,5 +1,11 @@
 """Prune a model block by block on calibration data: block i is pruned to sparsities[i] with one pruner, on the
-inputs produced by the already-pruned blocks before it."""
+inputs produced by the already-pruned blocks before it.
+
+Every prunable matrix of a block (lib.models.matrices: Linear weights and each expert's slice of a fused expert
+tensor) gets the block's sparsity. A matrix that received no calibration token (an expert the router never picked
+on the calibration data) has no statistics to prune by; it is pruned by magnitude instead, and the block's record
+names it.
+"""
 from __future__ import annotations
 
 import time
@@ -11,19 +17,28 @@ from torch import nn
 from ..calibration.blocks import BlockBatch
 from ..calibration.stats import collect_input_stats
 from ..calibration.walk import walk_blocks
-from ..models.structure import block_sparsity, find_linears
+from ..models.matrices import block_matrices, block_sparsity
+from .magnitude import prune_magnitude
 from .pruner import PRUNERS, SQ_NORM, XTX, Pruner, default_params
 
 
 @torch.no_grad()
 def prune_block(pruner: Pruner, params: dict[str, Any], block: nn.Module, batches: list[BlockBatch],
-                sparsity: float, n_m: tuple[int, int] | None) -> None:
-    """Collect what `pruner` needs from the block's inputs, then prune every Linear of the block."""
-    linears = find_linears(block)
-    stats = None
-    if pruner.needs:
-        stats = collect_input_stats(block, linears, batches, SQ_NORM in pruner.needs, XTX in pruner.needs)
-    pruner.prune(linears, stats, sparsity, n_m, params)
+                sparsity: float, n_m: tuple[int, int] | None) -> list[str]:
+    """Collect what `pruner` needs from the block's inputs, then prune every matrix of the block; return the
+    matrices that got no calibration input (experts the router never picked), which magnitude pruning handles."""
+    matrices = block_matrices(block)
+    if not pruner.needs:
+        pruner.prune(matrices, None, sparsity, n_m, params)
+        return []
+    stats = collect_input_stats(block, matrices, batches, SQ_NORM in pruner.needs, XTX in pruner.needs)
+    unseen = {name: m for name, m in matrices.items() if name not in stats}
+    seen = {name: m for name, m in matrices.items() if name in stats}
+    if seen:
+        pruner.prune(seen, stats, sparsity, n_m, params)
+    if unseen:
+        prune_magnitude(unseen, None, sparsity, n_m, {})
+    return list(unseen)
 
 
 def prune_sequential(model: nn.Module, blocks: nn.ModuleList, calib_ids: torch.Tensor | None,
@@ -43,10 +58,10 @@ def prune_sequential(model: nn.Module, blocks: nn.ModuleList, calib_ids: torch.T
 
     def visit(i: int, block: nn.Module, batches: list[BlockBatch]) -> None:
         start = time.perf_counter()
-        prune_block(pruner, params, block, batches, sparsities[i], n_m)
+        fallback = prune_block(pruner, params, block, batches, sparsities[i], n_m)
         zeros, total = block_sparsity(block)
         records.append({"block": i, "target": sparsities[i], "achieved": zeros / total, "zeros": zeros,
-                        "weights": total, "seconds": time.perf_counter() - start})
+                        "weights": total, "magnitude_fallback": fallback, "seconds": time.perf_counter() - start})
 
     ids = calib_ids if pruner.requires_calibration_data else None  # a data-free pruner runs no forward pass
     walk_blocks(model, blocks, ids, visit, batch_size, offload_device, f"prune {pruner.name}", progress)

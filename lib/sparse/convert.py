@@ -1,7 +1,7 @@
 """Converting the pruned nn.Linear modules of a loaded transformers model into SparseLinear, in place.
 
-Only Linears inside the decoder blocks (the ModuleList of config.num_hidden_layers blocks) are candidates; the
-embeddings and lm_head stay dense. A Linear stays dense, with its reason in the summary, when its sparsity is
+Only Linears inside the decoder blocks are candidates; the embeddings and lm_head stay dense, and so do fused
+mixture-of-experts tensors (3-D parameters; the kernel takes 2-D Linears), which the summary lists. A Linear stays dense, with its reason in the summary, when its sparsity is
 below `min_sparsity` (there the packed form saves too few bytes to pay for the unpacking work), or when its
 dtype has no kernel. `model.generate()` works unchanged afterwards.
 """
@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..errors import UserError
+from ..models.matrices import classify_block
+from ..models.structure import find_decoder_blocks
 from . import format as fmt
 from . import kernels
 from . import linear as sparse_linear
@@ -69,15 +72,23 @@ class ConversionSummary:
 
 
 def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
-    """(qualified name, ModuleList) of the model's decoder blocks, or None when none is found."""
-    count = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    best = None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0 and (count is None or len(module) == count):
-            if any(isinstance(m, (nn.Linear, SparseLinear)) for m in module.modules()):
-                if best is None or len(name) < len(best[0]):
-                    best = (name, module)
-    return best
+    """(qualified name, ModuleList) of the model's decoder blocks (lib.models.structure's finder, which also
+    counts SparseLinear modules as layers), or None when none is found."""
+    try:
+        blocks = find_decoder_blocks(model, layer_types=(nn.Linear, SparseLinear))
+    except UserError:
+        return None
+    return next((name, m) for name, m in model.named_modules() if m is blocks)
+
+
+def fused_expert_tensors(model: nn.Module) -> list[str]:
+    """Qualified names of the fused 3-D expert parameters inside the decoder blocks (kept dense: the kernel
+    handles 2-D Linears only)."""
+    found = decoder_blocks(model)
+    if found is None:
+        return []
+    prefix, blocks = found
+    return [f"{prefix}.{i}.{fused.name}" for i, block in enumerate(blocks) for fused in classify_block(block).fused]
 
 
 def block_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -133,6 +144,9 @@ def sparsify_model(model: nn.Module, min_sparsity: float = DEFAULT_MIN_SPARSITY,
                                   "sparsity": sparsity, "dtype": str(weight.dtype).replace("torch.", ""),
                                   "dense_bytes": weight.numel() * weight.element_size(),
                                   "sparse_bytes": new.packed_nbytes()})
+    for name in fused_expert_tensors(model):
+        summary.kept_dense.append({"name": name, "reason": "fused expert tensor (the sparse kernel takes 2-D Linears "
+                                                           "only)"})
     if verbose:
         print(summary.text(), file=sys.stderr)
     return summary

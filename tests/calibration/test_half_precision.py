@@ -8,7 +8,8 @@ import torch
 
 from lib.calibration.blocks import capture_block_inputs
 from lib.calibration.stats import collect_input_stats
-from lib.models.structure import find_decoder_blocks, find_linears
+from lib.models.matrices import block_matrices
+from lib.models.structure import find_decoder_blocks
 
 HALF = ["float16", "bfloat16"]
 
@@ -43,7 +44,7 @@ def test_statistics_of_half_activations_are_accumulated_in_fp32_and_match_fp32(m
     for name, model in (("fp32", model32), ("half", model_half)):
         blocks = find_decoder_blocks(model)
         batches = capture_block_inputs(model, blocks, ids, batch_size=2)
-        stats[name] = collect_input_stats(blocks[0], find_linears(blocks[0]), batches, True, True)
+        stats[name] = collect_input_stats(blocks[0], block_matrices(blocks[0]), batches, True, True)
     for layer, s in stats["half"].items():
         assert s.sq_norm.dtype == torch.float32 and s.xtx.dtype == torch.float32
         reference = stats["fp32"][layer]
@@ -62,7 +63,7 @@ def test_half_precision_wanda_masks_agree_with_fp32(cli, run_flags, tmp_path, dt
         assert code == 0, err
         from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32)
-        saved[name] = [lin.weight == 0 for b in find_decoder_blocks(model) for lin in find_linears(b).values()]
+        saved[name] = [lin.weight == 0 for b in find_decoder_blocks(model) for lin in block_matrices(b).values()]
     same = sum(int((a == b).sum()) for a, b in zip(saved["float32"], saved[dtype]))
     total = sum(a.numel() for a in saved["float32"])
     assert same / total > 0.97

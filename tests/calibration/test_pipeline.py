@@ -12,7 +12,8 @@ from lib.calibration.blocks import advance, capture_block_inputs
 from lib.data import calibration_windows, evaluation_tokens, read_local_documents
 from lib.errors import UserError
 from lib.eval.perplexity import eval_windows, perplexity, perplexity_from_nlls, window_nlls
-from lib.models.structure import block_sparsity, find_decoder_blocks, find_linears
+from lib.models.matrices import block_matrices, block_sparsity
+from lib.models.structure import find_decoder_blocks
 from lib.pruning.sequential import prune_sequential
 from lib.calibration.stats import collect_input_stats
 
@@ -45,7 +46,7 @@ def test_decoder_blocks_are_found_in_every_family(make_model, family):
     blocks = find_decoder_blocks(model)
     expected = model.model.decoder.layers if family == "opt" else model.model.layers
     assert blocks is expected and len(blocks) == NUM_BLOCKS
-    linears = find_linears(blocks[0])
+    linears = block_matrices(blocks[0])
     assert len(linears) == (6 if family == "opt" else 7)  # q k v o + fc1 fc2 / gate up down
 
 
@@ -63,9 +64,9 @@ def test_layers_reading_one_input_share_statistics_equal_to_x_transpose_x(make_m
     model = make_model("llama")
     blocks = find_decoder_blocks(model)
     batches = capture_block_inputs(model, blocks, calib_ids, batch_size=4)
-    linears = find_linears(blocks[0])
+    linears = block_matrices(blocks[0])
     seen = []
-    handle = linears["self_attn.q_proj"].register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+    handle = linears["self_attn.q_proj"].owner.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
     stats = collect_input_stats(blocks[0], linears, batches, want_sq_norm=True, want_xtx=True)
     handle.remove()
     attn = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"}
@@ -107,7 +108,7 @@ def test_block_one_is_pruned_on_the_outputs_of_the_pruned_block_zero(make_model,
     torch.testing.assert_close(used[1][0], pruned_1)
     # and block 1's Wanda statistics were those of the pruned inputs, not the dense ones
     q_name = "self_attn.q_proj"
-    q = {q_name: find_linears(blocks[1])[q_name]}
+    q = {q_name: block_matrices(blocks[1])[q_name]}
     dense_norms = collect_input_stats(blocks[1], q, dense_inputs_1, True, False)[q_name].sq_norm
     pruned_norms = collect_input_stats(blocks[1], q, pruned_inputs_1, True, False)[q_name].sq_norm
     torch.testing.assert_close(used[1][1][q_name].sq_norm, pruned_norms)
@@ -120,7 +121,7 @@ def prune_and_score(make_model, tokenizer, text_files, eval_ids, method, calib_s
     calib, _ = calibration_windows(str(text_files.calib), tokenizer, 8, SEQLEN, calib_seed)
     records = prune_sequential(model, blocks, calib, atp_allocation(0.5, 0.1, NUM_BLOCKS), method, batch_size=4,
                                offload_device=torch.device("cpu") if offload else None, progress=False)
-    masks = [lin.weight == 0 for b in blocks for lin in find_linears(b).values()]
+    masks = [lin.weight == 0 for b in blocks for lin in block_matrices(b).values()]
     ppl = perplexity(model, eval_ids, SEQLEN, batch_size=4, max_windows=8, progress=False)
     return masks, ppl, records
 
@@ -154,7 +155,7 @@ def test_records_report_the_block_sparsity(make_model, calib_ids):
         assert record["block"] == i and record["target"] == plan[i]
         assert (record["zeros"], record["weights"]) == (zeros, total)
         assert record["achieved"] == zeros / total
-        assert plan[i] - len(find_linears(block)) / total <= record["achieved"] <= plan[i]
+        assert plan[i] - len(block_matrices(block)) / total <= record["achieved"] <= plan[i]
     with pytest.raises(ValueError, match="sparsities for"):
         prune_sequential(model, blocks, calib_ids, plan[:2], "magnitude", progress=False)
 

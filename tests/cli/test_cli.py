@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from lib.allocation.atp import atp_allocation
-from lib.models.structure import find_decoder_blocks, find_linears
+from lib.models.matrices import block_matrices
+from lib.models.structure import find_decoder_blocks
 
 from conftest import NUM_BLOCKS, REPO
 
@@ -37,7 +38,7 @@ def floor_count(count: int, sparsity: float) -> int:
 def expected_zeros(block: nn.Module, method: str, sparsity: float) -> int:
     """Zeros the pruner promises: Wanda floor(cols*s) per row, magnitude and SparseGPT floor(numel*s) per matrix."""
     total = 0
-    for lin in find_linears(block).values():
+    for lin in block_matrices(block).values():
         rows, cols = lin.weight.shape
         total += rows * floor_count(cols, sparsity) if method == "wanda" else floor_count(rows * cols, sparsity)
     return total
@@ -86,12 +87,12 @@ def test_end_to_end_run_reports_perplexity_sanity_check_and_results(cli, flags, 
     assert [r["block"] for r in records] == list(range(NUM_BLOCKS))
     for record, block, target, (_, shown_target, shown_achieved) in zip(records, blocks, plan, sanity):
         assert record["target"] == pytest.approx(target, abs=1e-12)
-        assert record["weights"] == sum(lin.weight.numel() for lin in find_linears(block).values())
+        assert record["weights"] == sum(lin.weight.numel() for lin in block_matrices(block).values())
         assert record["zeros"] == expected_zeros(block, method, target)
         assert record["achieved"] == record["zeros"] / record["weights"]
         # within the pruner's floor granularity: one weight per row (Wanda) or per matrix below the target
-        rows = sum(lin.weight.shape[0] for lin in find_linears(block).values())
-        slack = (rows if method == "wanda" else len(find_linears(block))) / record["weights"]
+        rows = sum(lin.weight.shape[0] for lin in block_matrices(block).values())
+        slack = (rows if method == "wanda" else len(block_matrices(block))) / record["weights"]
         assert target - slack <= record["achieved"] <= target + 1e-12
         assert float(shown_target) == pytest.approx(target, abs=5e-5)
         assert float(shown_achieved) == pytest.approx(record["achieved"], abs=5e-5)
@@ -158,7 +159,7 @@ def test_save_model_round_trip(cli, flags, tmp_path, monkeypatch):
     original = pruned_in_memory["model"]
     records = json.loads(results_path.read_text())["blocks"]
     for record, block, block_in_memory in zip(records, find_decoder_blocks(reloaded), find_decoder_blocks(original)):
-        reloaded_linears, memory_linears = find_linears(block), find_linears(block_in_memory)
+        reloaded_linears, memory_linears = block_matrices(block), block_matrices(block_in_memory)
         zeros = sum(int((lin.weight == 0).sum()) for lin in reloaded_linears.values())
         assert zeros == record["zeros"]
         for name, lin in reloaded_linears.items():

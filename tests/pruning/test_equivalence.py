@@ -12,7 +12,8 @@ from lib.allocation.atp import atp_allocation
 from lib.calibration.blocks import capture_block_inputs
 from lib.eval.perplexity import perplexity
 from lib.calibration.offload import blocks_visit_device, place_for_offload
-from lib.models.structure import find_decoder_blocks, find_linears
+from lib.models.matrices import block_matrices
+from lib.models.structure import find_decoder_blocks
 from lib.pruning.pruner import PRUNERS, default_params
 from lib.pruning.sequential import prune_sequential
 from lib.pruning.sparsegpt_solver import sparsegpt_prune
@@ -39,7 +40,7 @@ def random_tokens(shape: tuple[int, int], seed: int) -> torch.Tensor:
 
 def linear_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {f"{i}.{name}": lin.weight.detach().clone()
-            for i, block in enumerate(find_decoder_blocks(model)) for name, lin in find_linears(block).items()}
+            for i, block in enumerate(find_decoder_blocks(model)) for name, lin in block_matrices(block).items()}
 
 
 def random_problem(rows: int, cols: int, seed: int, dead: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,7 +105,7 @@ def test_block_pruning_stacks_qkv_and_matches_separate_solves():
     model = tiny_llama(seed=5)
     blocks = find_decoder_blocks(model)
     batches = capture_block_inputs(model, blocks, random_tokens((4, SEQLEN), 6), batch_size=2)
-    linears = find_linears(blocks[0])
+    linears = block_matrices(blocks[0])
     stats = collect_input_stats(blocks[0], linears, batches, want_sq_norm=False, want_xtx=True)
     groups = {id(s): s.names for s in stats.values()}
     assert sorted(map(sorted, groups.values()))[:2] == [["mlp.down_proj"], ["mlp.gate_proj", "mlp.up_proj"]]
