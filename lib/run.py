@@ -253,6 +253,9 @@ def write_outputs(config: RunConfig, loaded: LoadedModel, results: dict, timings
             from .sparse.checkpoint import save_compressed
             saved = timings("save_model", save_compressed, loaded.model, loaded.tokenizer, config.outputs.save_model)
             results["saved_model"] = saved
+            if saved.get("dense_fused_experts"):
+                _log(f"compressed checkpoint: {saved['dense_fused_experts']} fused expert tensor(s) stored dense "
+                     f"with their zeros (the packed format holds 2-D Linears only)")
         else:
             timings("save_model", save_model_atomic, loaded.model, loaded.tokenizer, config.outputs.save_model)
         _log(f"pruned model saved to {config.outputs.save_model}")

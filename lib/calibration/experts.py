@@ -9,6 +9,21 @@ with the whole 3-D parameter (`torch.bmm(x, experts)`, x [experts, tokens, in]) 
 
 While observing, the experts modules run transformers' eager implementation (the grouped and batched ones index
 all experts at once, which hides which tokens went where); the outputs are the same.
+
+How mixture-of-experts blocks are pruned here, and how that relates to published work:
+* Each expert's matrices are pruned with statistics of the tokens the router sent to that expert (Wanda's input
+  norms, RIA's, SparseGPT's Hessian), unweighted. This is what running Wanda or SparseGPT per expert means,
+  and what the usual MoE baselines do. MoE-Pruner (Xie et al., 2024) also multiplies each token's contribution
+  by its router weight; we do not (the expert's own input distribution is what its output error depends on).
+* Every expert slice gets its block's sparsity: the allocation rules allocate across blocks, not across experts
+  inside a block. Expert-level pruning (removing whole experts, as in STUN, Lee et al., 2024, before an
+  unstructured pass) is out of scope.
+* Shared experts and the dense MLPs of the first blocks (DeepSeek's `first_k_dense_replace`) are ordinary
+  Linears and see every token. Routers and shared-expert gates stay dense (lib.models.matrices).
+* An expert that received no calibration token cannot be scored by activations; it is pruned by magnitude to the
+  same sparsity, and the run names it (lib.pruning.sequential). Published methods mostly do not discuss this
+  case, which calibration sets of 128 x 2048 tokens make rare but not impossible for models with hundreds of
+  experts.
 """
 from __future__ import annotations
 

@@ -9,9 +9,11 @@ this module uses its own format, in a directory that is otherwise a normal trans
 * ``config.json`` (+ ``generation_config.json``) and the tokenizer files, written by transformers;
 * ``model.safetensors``: for each converted Linear ``<name>.mask`` (int64 bit words), ``<name>.values`` (packed
   nonzeros, model dtype), ``<name>.row_offsets`` (int64) and ``<name>.bias`` when present (see format.py); every
-  other tensor of the state dict under its usual name, dense (embeddings, norms, lm_head, Linears kept dense);
+  other tensor of the state dict under its usual name, dense (embeddings, norms, lm_head, Linears kept dense,
+  and fused 3-D mixture-of-experts tensors, whose zeros are kept but not packed);
 * ``sparse_manifest.json``: ``{"format": "atp-bitmask-v1", "sparse_modules": {name: {in_features,
-  out_features, bias, sparsity}}, "tied": {alias: canonical}, "dtype": ...}``.
+  out_features, bias, sparsity}}, "tied": {alias: canonical}, "dtype": ...,
+  "dense_fused_experts": [name, ...]}``.
 
 `load_compressed` builds the model skeleton with empty (meta) weights, swaps in SparseLinear modules built
 straight from the packed tensors and assigns the dense tensors: no converted Linear's dense weight is ever
@@ -30,7 +32,7 @@ from torch import nn
 
 from ..outputs import make_parents, publish_directory, remove_empty
 from . import format as fmt
-from .convert import DEFAULT_MIN_SPARSITY, block_linears, weight_sparsity
+from .convert import DEFAULT_MIN_SPARSITY, block_linears, fused_expert_tensors, weight_sparsity
 from .linear import SparseLinear
 
 FORMAT = "atp-bitmask-v1"
@@ -101,8 +103,10 @@ def save_compressed(model: nn.Module, tokenizer, directory: str,
             tensors[key] = t.detach().cpu().contiguous()
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         save_file(tensors, os.path.join(tmp, WEIGHTS), metadata={"format": FORMAT})
+        fused = fused_expert_tensors(model)
         manifest = {"format": FORMAT, "dtype": str(dtype).replace("torch.", ""),
-                    "sparse_modules": {n: e["meta"] for n, e in packed.items()}, "tied": tied}
+                    "sparse_modules": {n: e["meta"] for n, e in packed.items()}, "tied": tied,
+                    "dense_fused_experts": fused}
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1)
         model.config.save_pretrained(tmp)
@@ -116,7 +120,8 @@ def save_compressed(model: nn.Module, tokenizer, directory: str,
         raise
     size = sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory))
     return {"directory": directory, "bytes": size, "sparse_modules": len(packed),
-            "dense_tensors": len(tensors) - sum(len(e["tensors"]) for e in packed.values())}
+            "dense_tensors": len(tensors) - sum(len(e["tensors"]) for e in packed.values()),
+            "dense_fused_experts": len(fused)}
 
 
 def is_compressed_dir(directory: str) -> bool:
