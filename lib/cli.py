@@ -12,7 +12,7 @@ import sys
 from .allocation.allocate import AllocationSpec
 from .allocation.rule import RULES
 from .config import (DEFAULT_NSAMPLES, HUB_CALIBRATION, HUB_EVALUATION, DataConfig, ModelConfig, OutputConfig,
-                     PruneConfig, RunConfig, SearchConfig, ZeroShotConfig)
+                     PruneConfig, RunConfig, SearchConfig, ZeroShotConfig, check_given_settings)
 from .errors import IllegalAllocationError, UserError
 from .pruning.pruner import PRUNERS
 from .registry import declared_params
@@ -192,7 +192,10 @@ def config_from_flags(ns: argparse.Namespace) -> RunConfig:
     limit = ns.zs_limit
     if limit is not None and limit >= 1 and limit == int(limit):
         limit = int(limit)
-    tasks = [t.strip() for t in ns.tasks.split(",") if t.strip()] if ns.tasks else None
+    tasks = [t.strip() for t in ns.tasks.split(",") if t.strip()] if ns.tasks is not None else None
+    if tasks == []:
+        raise UserError(f"{ns.tasks!r} names no task; give comma-separated lm-eval task names, or leave the flag out "
+                        f"for the paper's seven", "tasks")
     return RunConfig(
         model=ModelConfig(ns.model, ns.demo, ns.dtype, ns.device, ns.offload, ns.device_map),
         data=DataConfig(ns.calib_data, ns.eval_data, ns.nsamples, ns.seqlen, ns.seed, ns.calib_batch_size,
@@ -206,10 +209,32 @@ def config_from_flags(ns: argparse.Namespace) -> RunConfig:
         record=dict(vars(ns)))
 
 
+def given_settings(argv: list[str] | None) -> frozenset[str]:
+    """The settings whose flags the user typed (argparse fills in the others from their defaults)."""
+    probe = build_parser()
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    return frozenset(vars(probe.parse_args(argv)))
+
+
 def parse_config(argv: list[str] | None = None) -> RunConfig:
-    """Flags -> a validated RunConfig (UserError on bad input)."""
-    config = config_from_flags(build_parser().parse_args(argv))
+    """Flags -> a validated RunConfig (UserError on bad input, including flags that would be ignored or that
+    contradict each other)."""
+    ns = build_parser().parse_args(argv)
+    given = given_settings(argv)
+    if "sparsity_type" in given and "sparsity_ratio" in given:
+        from .pruning.masks import parse_sparsity_type
+        try:
+            n_m = parse_sparsity_type(ns.sparsity_type)
+        except ValueError:
+            n_m = None  # reported by validation
+        if n_m is not None and abs(ns.sparsity_ratio - n_m[0] / n_m[1]) > 1e-9:
+            raise UserError(f"{ns.sparsity_ratio:g} contradicts --sparsity_type {ns.sparsity_type}, which prunes "
+                            f"exactly {n_m[0]}/{n_m[1]} = {n_m[0] / n_m[1]:g} of every block; drop one of them",
+                            "sparsity_ratio")
+    config = config_from_flags(ns)
     config.validate()
+    check_given_settings(config, given)
     return config
 
 
@@ -235,5 +260,15 @@ def main(argv: list[str] | None = None) -> int:
         print(error_line(exc), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        print(f"{_end_of_open_bar()}error: interrupted", file=sys.stderr)
         return 130
+
+
+def _end_of_open_bar() -> str:
+    """A newline when a progress bar's line is still open on the terminal, so the error starts its own line."""
+    try:
+        from tqdm import tqdm
+        open_bars = [bar for bar in list(getattr(tqdm, "_instances", ())) if not bar.disable]
+    except Exception:  # noqa: BLE001 - cosmetics must never hide the interruption
+        return ""
+    return "\n" if open_bars else ""

@@ -13,7 +13,7 @@ from typing import Any
 from .allocation.allocate import AllocationSpec, check_spec
 from .allocation.rule import RULES
 from .errors import IllegalAllocationError, UserError
-from .outputs import check_output_paths, check_writable_file
+from .outputs import check_output_paths, check_writable_file, resolved
 from .pruning.masks import parse_sparsity_type
 from .pruning.pruner import PRUNERS, Pruner
 
@@ -116,6 +116,47 @@ class RunConfig:
             check_model_path(self.model.model)
 
 
+ZERO_SHOT_SETTINGS = ("tasks", "tasks_dir", "zs_source", "zs_batch_size", "zs_limit")
+SEARCH_SETTINGS = ("search_strategy", "search_step", "search_coarse", "search_tol", "search_eval_windows",
+                   "search_refine", "search_log", "search_plot")
+
+
+def check_given_settings(config: RunConfig, given: frozenset[str]) -> None:
+    """Refuse settings the user gave that this run would ignore: a flag that does nothing must not look as if it
+    did something. `given` names the settings set explicitly."""
+    for setting, reason in ignored_settings(config, given).items():
+        raise UserError(f"{reason}; this run would ignore it", setting)
+    if "offload" in given and config.model.offload:
+        from .models.loading import resolve_device
+        if resolve_device(config.model.device).type != "cuda":
+            raise UserError("moves decoder blocks to a GPU one at a time; this run has no CUDA device",
+                            "offload")
+
+
+def ignored_settings(config: RunConfig, given: frozenset[str]) -> dict[str, str]:
+    """The given settings this run would not use, each with the reason (tools that run many configurations with
+    one set of flags use it to pass each run only what applies to it)."""
+    ignored: dict[str, str] = {}
+
+    def only_with(settings, active: bool, condition: str) -> None:
+        for setting in settings:
+            if setting in given and not active:
+                ignored[setting] = f"applies only {condition}"
+
+    only_with(ZERO_SHOT_SETTINGS, config.zero_shot.enabled, "with --eval_zero_shot")
+    only_with(SEARCH_SETTINGS, config.search.enabled, "with --beta search")
+    only_with(("save_format",), bool(config.outputs.save_model), "with --save_model")
+    only_with(("absorption_scale",), config.allocation.absorption > 0, "with --absorption above 0")
+    for kind, chosen, plugins in (("--prune_method", config.prune.method, PRUNERS),
+                                  ("--allocation", config.allocation.rule, RULES)):
+        own = {p.name for p in plugins.get(chosen).params} if chosen in plugins else set()
+        for plugin in plugins:
+            for param in plugin.params:
+                if param.name in given and param.name not in own and param.name != "beta":
+                    ignored.setdefault(param.name, f"is a parameter of {kind} {plugin.name}, not of {kind} {chosen}")
+    return ignored
+
+
 def setting_error(setting: str, exc: ValueError) -> UserError:
     """A math module's ValueError as a UserError about one setting (keeps the illegal-allocation exit code)."""
     if isinstance(exc, UserError):
@@ -136,6 +177,10 @@ def _check_model(config: ModelConfig) -> None:
         parse_device(config.device)
     except ValueError as exc:
         raise setting_error("device", exc) from None
+    if config.model is not None and os.path.isfile(os.path.join(config.model, "sparse_manifest.json")):
+        raise UserError(f"{config.model} is a compressed checkpoint (--save_format compressed): it is already "
+                        f"pruned and its Linears are packed. Run it with lib.sparse.load_compressed (README, "
+                        f"'Speed'), or prune the dense original instead", "model")
 
 
 def _check_prune(config: PruneConfig, allocation: AllocationSpec) -> None:
@@ -169,8 +214,9 @@ def _check_allocation(spec: AllocationSpec, search: SearchConfig) -> None:
         raise UserError(f"{spec.params['beta']}: beta is ATP's rate; it does not apply to --allocation {spec.rule}",
                         "beta")
     _check_params(RULES.get(spec.rule).params, spec.params)
-    if not (math.isfinite(spec.absorption) and spec.absorption >= 0):
-        raise UserError(f"strength must be >= 0, got {spec.absorption}", "absorption")
+    if not (math.isfinite(spec.absorption) and 0 <= spec.absorption <= 1):
+        raise UserError(f"strength must lie in [0, 1] (sparsity units per standard deviation), got "
+                        f"{spec.absorption}", "absorption")
     if not (math.isfinite(spec.absorption_scale) and 0 < spec.absorption_scale < 10):
         raise UserError(f"must lie in (0, 10), got {spec.absorption_scale}", "absorption_scale")
     try:
@@ -184,6 +230,8 @@ def _check_data(config: DataConfig) -> None:
         _at_least(setting, getattr(config, setting), 1)
     for setting in ("seqlen", "max_eval_windows"):
         _at_least(setting, getattr(config, setting), 2)
+    if not 0 <= config.seed < 2 ** 32:
+        raise UserError(f"{config.seed}: must lie in [0, 2^32)", "seed")
     for setting, hub_name in (("calib_data", HUB_CALIBRATION), ("eval_data", HUB_EVALUATION)):
         value = getattr(config, setting)
         if value != hub_name and not os.path.exists(value):
@@ -193,11 +241,13 @@ def _check_data(config: DataConfig) -> None:
 def _check_search(config: SearchConfig) -> None:
     if not config.enabled:
         return
-    if not (math.isfinite(config.step) and config.step > 0):
-        raise UserError(f"{config.step}: the grid step of beta must be a positive number", "search_step")
+    if not (math.isfinite(config.step) and 1e-6 <= config.step <= 1):
+        raise UserError(f"{config.step}: the grid step of beta must lie in [1e-6, 1]", "search_step")
     _at_least("search_coarse", config.coarse, 2)
-    if config.tol is not None and not (math.isfinite(config.tol) and config.tol > 0):
-        raise UserError(f"{config.tol}: must be a positive number", "search_tol")
+    if config.coarse > 1000:
+        raise UserError(f"{config.coarse}: at most 1000 points", "search_coarse")
+    if config.tol is not None and not (math.isfinite(config.tol) and 0 < config.tol <= 1):
+        raise UserError(f"{config.tol}: must lie in (0, 1]", "search_tol")
     _at_least("search_eval_windows", config.eval_windows, 2)
     _at_least("search_refine", config.refine, 0)
 
@@ -216,9 +266,17 @@ def _check_zero_shot(config: ZeroShotConfig) -> None:
 
 
 def _check_outputs(config: OutputConfig, search: SearchConfig) -> None:
+    # symbolic links resolved once, here: what is written, printed and recorded is where the data really is
+    config.results, config.save_model = resolved(config.results), resolved(config.save_model)
+    search.log, search.plot = resolved(search.log), resolved(search.plot)
     check_output_paths(config.results, config.save_model)
     if search.enabled:
         for setting in ("log", "plot"):
             path = getattr(search, setting)
             if path:
                 check_writable_file(path, f"search_{setting}")
+        if search.plot:
+            from .search.strategies import plotting_available
+            if not plotting_available():
+                raise UserError(f"{search.plot}: drawing the plot needs matplotlib (pip install matplotlib); "
+                                f"leave the flag out to run without it", "search_plot")

@@ -23,8 +23,47 @@ def _existing_ancestor(path: str) -> str:
     return existing
 
 
+def check_path_length(path: str, setting: str) -> None:
+    """Names the file system will refuse only when the file is finally written: too long a name or path."""
+    existing = _existing_ancestor(path)
+    try:
+        name_max = os.pathconf(existing, "PC_NAME_MAX")
+        path_max = os.pathconf(existing, "PC_PATH_MAX")
+    except (OSError, ValueError):
+        name_max, path_max = 255, 4096
+    full = os.path.abspath(path)
+    longest = max(len(os.fsencode(part)) for part in full.split(os.sep))
+    if longest + 40 > name_max:  # room for the temporary names written beside it
+        raise UserError(f"{path}: a name in this path is {longest} bytes long; this file system takes at most "
+                        f"{name_max} (less the room for a temporary name)", setting)
+    if len(os.fsencode(full)) + 40 > path_max:
+        raise UserError(f"{path}: the path is too long for this file system ({path_max} bytes at most)", setting)
+
+
+def resolved(path: str | None) -> str | None:
+    """`path` with symbolic links resolved, so what is written, printed and recorded is where the data is."""
+    return os.path.realpath(path) if path else path
+
+
+def check_free_space(path: str, needed: int | None, setting: str) -> None:
+    """Fail before any work when the file system holding `path` has clearly too little room for `needed` bytes."""
+    if not needed:
+        return
+    free = shutil.disk_usage(_existing_ancestor(path)).free
+    if free < needed:
+        raise UserError(f"{path}: needs about {needed / 2**30:.2f} GiB but only {free / 2**30:.2f} GiB is free "
+                        f"there", setting)
+
+
+def write_error(path: str, exc: OSError, setting: str) -> UserError:
+    """An OSError while writing an output (disk full, quota, a name the file system refuses) as one line."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    return UserError(f"{path}: cannot write it ({reason}); nothing was left half-written", setting)
+
+
 def check_writable_file(path: str, setting: str) -> None:
     """Fail before any work when a file cannot be created or appended to at `path` (creating nothing)."""
+    check_path_length(path, setting)
     if os.path.isdir(path):
         raise UserError(f"{path}: is a directory; give a file name", setting)
     if os.path.exists(path) and not os.access(path, os.W_OK):
@@ -44,6 +83,7 @@ def check_output_paths(results: str | None, save_model: str | None) -> None:
     for setting, path in (("results", results), ("save_model", save_model)):
         if not path:
             continue
+        check_path_length(path, setting)
         existing = _existing_ancestor(path)
         if not os.path.isdir(existing):
             raise UserError(f"{path}: cannot create its directory ({existing} is not a directory)", setting)
@@ -100,8 +140,9 @@ def write_json_atomic(path: str, data: dict) -> None:
         raise
 
 
-def save_model_atomic(model, tokenizer, directory: str) -> None:
-    """save_pretrained into a temporary sibling directory, renamed into place only once complete."""
+def save_model_atomic(model, tokenizer, directory: str) -> str:
+    """save_pretrained into a temporary sibling directory, renamed into place only once complete; returns where
+    the model went (see publish_directory)."""
     directory = os.path.abspath(directory)
     parent = os.path.dirname(directory)
     created = make_parents(parent)
@@ -109,7 +150,7 @@ def save_model_atomic(model, tokenizer, directory: str) -> None:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        publish_directory(tmp, directory)
+        return publish_directory(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         remove_empty(created)
@@ -140,6 +181,61 @@ def publish_directory(tmp: str, directory: str) -> str:
               flush=True)
     os.replace(tmp, target)
     return target
+
+
+def _lock_holder(lock: str) -> int | None:
+    try:
+        with open(lock, encoding="ascii") as f:
+            return int(f.read().strip() or 0) or None
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def claimed_outputs(outputs: dict[str, str | None]):
+    """Claim every output path (setting -> path) for this run while inside: a lock file beside each, created
+    atomically, so a second run given the same output is refused up front instead of both writing it. A lock
+    whose process is gone (a run killed with SIGKILL) is taken over."""
+    locks: list[str] = []
+    created: list[str] = []
+    try:
+        for setting, path in outputs.items():
+            if not path:
+                continue
+            parent = os.path.dirname(os.path.abspath(path))
+            created += make_parents(parent)
+            lock = os.path.join(parent, f".{os.path.basename(os.path.abspath(path))}.atp-lock")
+            for _ in range(3):
+                try:
+                    fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                except FileExistsError:
+                    holder = _lock_holder(lock)
+                    if holder is not None and holder != os.getpid() and _alive(holder):
+                        raise UserError(f"{path}: another run (process {holder}) is writing it; wait for it to "
+                                        f"finish or choose another path", setting) from None
+                    with contextlib.suppress(OSError):
+                        os.unlink(lock)  # left by a run that no longer exists
+                    continue
+                with os.fdopen(fd, "w", encoding="ascii") as f:
+                    f.write(str(os.getpid()))
+                locks.append(lock)
+                break
+        yield
+    finally:
+        for lock in locks:
+            with contextlib.suppress(OSError):
+                os.unlink(lock)
+        remove_empty(created)
 
 
 def versions() -> dict[str, str]:

@@ -56,11 +56,23 @@ def prepare(config: RunConfig) -> tuple[torch.device, torch.dtype]:
         skeleton = loading.skeleton_from_config(config.model.model)
         if skeleton is not None:  # the whole structure, checked before any weight is read
             check_structure(config, skeleton)
+            check_room_for_the_model(config, skeleton, dtype)
         else:
             if num_blocks is not None:
                 check_allocation(config, num_blocks)
             check_n_m_widths(config, widths)
     return device, dtype
+
+
+def check_room_for_the_model(config: RunConfig, skeleton, dtype: torch.dtype) -> None:
+    """A saved model must fit where it goes: said before the run rather than after it, when the disk fills."""
+    from .outputs import check_free_space
+    if not config.outputs.save_model:
+        return
+    dense_bytes = sum(p.numel() for p in skeleton.parameters()) * torch.tensor([], dtype=dtype).element_size()
+    # the packed format stores a pruned weight in about (1 - S) of its bytes plus a bit per weight
+    share = 1.0 if config.outputs.save_format == "dense" else max(0.2, 1.0 - config.allocation.sparsity + 0.05)
+    check_free_space(config.outputs.save_model, int(dense_bytes * share), "save_model")
 
 
 def check_structure(config: RunConfig, model) -> tuple:
@@ -230,8 +242,9 @@ def prune_and_report(session: PruningSession, config: RunConfig, sparsities: lis
          f"(target mean {sum(sparsities) / len(sparsities):.4f})")
     fallback = [f"block {r['block']}: {name}" for r in records for name in r.get("magnitude_fallback", [])]
     if fallback:
-        _log(f"  {len(fallback)} matrices received no calibration token (experts the router never picked) and were "
-             f"pruned by magnitude: {', '.join(fallback[:4])}{' ...' if len(fallback) > 4 else ''}")
+        _log(f"  {len(fallback)} matrices received no calibration input (experts the router never picked, or weights "
+             f"used without a call of their module) and were pruned by magnitude: {', '.join(fallback[:4])}"
+             f"{' ...' if len(fallback) > 4 else ''}")
     return records, zeros / total
 
 
@@ -247,26 +260,40 @@ def evaluate_pruned(session: PruningSession, config: RunConfig) -> tuple[float, 
 
 
 def write_outputs(config: RunConfig, loaded: LoadedModel, results: dict, timings: Timings) -> None:
-    from .outputs import save_model_atomic, write_json_atomic
+    """The pruned model and the results JSON, each written whole or not at all; a write the file system refuses
+    (disk full, quota, a name it does not take) is one error line."""
+    from .outputs import save_model_atomic, write_error
     if config.outputs.save_model:
-        if config.outputs.save_format == "compressed":
-            from .sparse.checkpoint import save_compressed
-            saved = timings("save_model", save_compressed, loaded.model, loaded.tokenizer, config.outputs.save_model)
-            results["saved_model"] = saved
-            if saved.get("dense_fused_experts"):
-                _log(f"compressed checkpoint: {saved['dense_fused_experts']} fused expert tensor(s) stored dense "
-                     f"with their zeros (the packed format holds 2-D Linears only)")
-        else:
-            timings("save_model", save_model_atomic, loaded.model, loaded.tokenizer, config.outputs.save_model)
-        _log(f"pruned model saved to {config.outputs.save_model}")
+        try:
+            if config.outputs.save_format == "compressed":
+                from .sparse.checkpoint import save_compressed
+                saved = timings("save_model", save_compressed, loaded.model, loaded.tokenizer,
+                                config.outputs.save_model)
+            else:
+                saved = {"directory": timings("save_model", save_model_atomic, loaded.model, loaded.tokenizer,
+                                              config.outputs.save_model)}
+        except OSError as exc:
+            raise write_error(config.outputs.save_model, exc, "save_model") from None
+        results["saved_model"] = {**saved, "format": config.outputs.save_format}
+        if saved.get("dense_fused_experts"):
+            _log(f"compressed checkpoint: {saved['dense_fused_experts']} fused expert tensor(s) stored dense "
+                 f"with their zeros (the packed format holds 2-D Linears only)")
+        _log(f"pruned model saved to {saved['directory']}")
     if config.outputs.results:
-        write_json_atomic(config.outputs.results, results)
+        write_results(config, results)
         _log(f"results written to {config.outputs.results}")
+
+
+def write_results(config: RunConfig, results: dict) -> None:
+    from .outputs import write_error, write_json_atomic
+    try:
+        write_json_atomic(config.outputs.results, results)
+    except OSError as exc:
+        raise write_error(config.outputs.results, exc, "results") from None
 
 
 def run_zero_shot(session: PruningSession, config: RunConfig, results: dict, timings: Timings) -> None:
     from .eval.zeroshot import evaluate_zero_shot, format_zero_shot_table
-    from .outputs import write_json_atomic
     zs = config.zero_shot
     source = zero_shot_tasks(config)
     _log(source.describe())
@@ -277,10 +304,20 @@ def run_zero_shot(session: PruningSession, config: RunConfig, results: dict, tim
     _log(format_zero_shot_table(outcome))
     results["zero_shot"] = outcome
     if config.outputs.results:
-        write_json_atomic(config.outputs.results, results)
+        write_results(config, results)
 
 
 def run(config: RunConfig) -> dict:
+    """Claim the outputs, then run the steps (a second run given the same outputs is refused up front)."""
+    from .outputs import claimed_outputs
+    search = config.search
+    with claimed_outputs({"results": config.outputs.results, "save_model": config.outputs.save_model,
+                          "search_log": search.log if search.enabled else None,
+                          "search_plot": search.plot if search.enabled else None}):
+        return run_steps(config)
+
+
+def run_steps(config: RunConfig) -> dict:
     from .outputs import versions
     started = time.perf_counter()
     timings = Timings()

@@ -147,6 +147,27 @@ def check_passthrough(flags: list[str]) -> None:
                             f"--absorption)")
 
 
+def applying_to(combo: Combination, passthrough: list[str]) -> list[str]:
+    """The pass-through flags this combination's run uses: one set of flags serves every cell, and a flag for
+    another rule or pruner (or for the search, in a cell without one) is left out of that cell's run."""
+    from lib.cli import build_parser as main_parser, config_from_flags, given_settings
+    from lib.config import ignored_settings
+    parser = main_parser()
+    config = config_from_flags(parser.parse_args(["--demo"] + combo.flags() + passthrough))
+    drop = set(ignored_settings(config, given_settings(passthrough)))
+    options = {opt: action for action in parser._actions for opt in action.option_strings}
+    kept, i = [], 0
+    while i < len(passthrough):
+        flag = passthrough[i].split("=", 1)[0]
+        action = options.get(flag)
+        takes_value = action is not None and action.nargs != 0 and "=" not in passthrough[i]
+        width = 2 if takes_value else 1
+        if action is None or action.dest not in drop:
+            kept += passthrough[i:i + width]
+        i += width
+    return kept
+
+
 def check_output_path(flag: str, path: str | None) -> None:
     if path:
         try:
@@ -188,7 +209,7 @@ def run_one(model_flags: list[str], combo: Combination, passthrough: list[str], 
     """Run main.py in-process for one combination: a record with its results or its error message."""
     from lib.cli import main as cli_main
     results_path = os.path.join(workdir, f"run-{combo.method}-{combo.sparsity:g}-{combo.column}.json")
-    argv = model_flags + combo.flags() + (["--quiet"] if not verbose else []) + passthrough
+    argv = model_flags + combo.flags() + (["--quiet"] if not verbose else []) + applying_to(combo, passthrough)
     argv += ["--results", results_path]
     log = io.StringIO()
     out_sink, err_sink = (_Tee(log, sys.stdout), _Tee(log, sys.stderr)) if verbose else (log, log)

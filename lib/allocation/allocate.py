@@ -3,10 +3,11 @@ correction) plus the dense model's probe give one sparsity per decoder block. Th
 trial and every comparison row go through `allocate`."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import UserError
+from ..errors import IllegalAllocationError, UserError
 from .absorption import absorption_adjust, measure_model_absorption
 from .atp import validate_sparsity
 from .probe import ModelProbe
@@ -82,7 +83,27 @@ def allocate(spec: AllocationSpec, probe: ModelProbe | None, num_blocks: int | N
         raise
     except ValueError as exc:
         raise UserError(f"allocation {spec.rule}: {exc}", "allocation") from None
-    return Allocation([float(s) for s in sparsities], info, result.mean_weights)
+    sparsities = [float(s) for s in sparsities]
+    check_allocation_contract(spec, sparsities, num_blocks, result.mean_weights)
+    return Allocation(sparsities, info, result.mean_weights)
+
+
+def check_allocation_contract(spec: AllocationSpec, sparsities: list[float], num_blocks: int,
+                              mean_weights: list[float] | None) -> None:
+    """What every rule (built-in or plug-in) must return: one sparsity per block, each in [0, 1], with mean S
+    (weighted by the rule's stated weights, when it states them). 1 is allowed because ATP's legal range is
+    closed: at its largest beta the last block is pruned whole, and searches score that end of the range."""
+    where = f"allocation {spec.rule}" + (f" with absorption {spec.absorption:g}" if spec.absorption > 0 else "")
+    if len(sparsities) != num_blocks:
+        raise UserError(f"{where} returned {len(sparsities)} sparsities for {num_blocks} blocks", "allocation")
+    for i, value in enumerate(sparsities):
+        if not (math.isfinite(value) and 0 <= value <= 1):
+            raise IllegalAllocationError(f"{where} gives block {i} the sparsity {value:g}, outside [0, 1]; choose "
+                                         f"a smaller --sparsity_ratio or spread", "allocation")
+    weights = mean_weights if mean_weights is not None else [1.0] * num_blocks
+    mean = sum(s * w for s, w in zip(sparsities, weights)) / sum(weights)
+    if abs(mean - spec.sparsity) > 1e-6:
+        raise UserError(f"{where} returned a mean sparsity of {mean:.6f} instead of {spec.sparsity:g}", "allocation")
 
 
 def format_plan(sparsities: list[float]) -> str:

@@ -58,7 +58,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from ..registry import Param, non_negative
+from ..registry import Param
 from .probe import ModelProbe
 from .rule import Allocation, AllocationRequest, AllocationRule, register_rule, rule_value_error
 
@@ -240,7 +240,7 @@ register_rule(AllocationRule(
     "dlp", _allocate, measures_model=True, requires_calibration_data=True,
     params=(Param("dlp_alpha", float, 0.15,
                   "DLP spread: block sparsities span 2*alpha around S, the most important block lowest "
-                  "(0.15: the authors' setting at 70%)", non_negative, "must be >= 0"),
+                  "(0.15: the authors' setting at 70%)", lambda v: 0 <= v <= 0.5, "must lie in [0, 0.5]"),
             Param("dlp_statistic", str, "median",
                   "DLP block unimportance over its Wanda scores: median (paper) or mean (authors' released code)",
                   lambda v: v in DLP_STATISTICS, "must be median or mean", choices=DLP_STATISTICS)),

@@ -10,7 +10,7 @@ import math
 import torch
 
 from ..pruning.masks import wanda_metric
-from ..registry import Param, positive
+from ..registry import Param
 from .probe import ModelProbe
 from .rule import Allocation, AllocationRequest, AllocationRule, register_rule, rule_value_error
 
@@ -77,8 +77,8 @@ def _allocate(request: AllocationRequest) -> Allocation:
 
 register_rule(AllocationRule(
     "owl", _allocate, measures_model=True, requires_calibration_data=True,
-    params=(Param("owl_m", float, 5.0, "OWL outlier threshold M (times the mean score)", positive,
-                  "must be positive"),
+    params=(Param("owl_m", float, 5.0, "OWL outlier threshold M (times the mean score)", lambda v: 0 < v <= 1000,
+                  "must lie in (0, 1000]"),
             Param("owl_lambda", float, 0.08, "OWL sparsity spread lambda", lambda v: 0 <= v < 0.5,
                   "must lie in [0, 0.5)")),
     help="OWL: blocks with more activation outliers are pruned less"))

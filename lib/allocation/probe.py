@@ -47,6 +47,7 @@ class ModelProbe:
         def visit(i: int, block: nn.Module, batches: list[BlockBatch]) -> None:
             matrices = block_matrices(block)
             stats = collect_input_stats(block, matrices, batches, want_sq_norm=True, want_xtx=False)
+            matrices = block_matrices(block)  # again: calibration may have learnt an experts layout
             values.append(measure({n: m for n, m in matrices.items() if n in stats}, stats))
 
         self.walk(visit, desc)

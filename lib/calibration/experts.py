@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..models.matrices import FusedExperts, PrunableMatrix
+from ..models.matrices import FusedExperts, PrunableMatrix, declares_layout
 
 # on_input(matrix, activation [tokens, in_features]) for each product with an expert's slice
 OnInput = Callable[[PrunableMatrix, torch.Tensor], None]
@@ -68,9 +68,16 @@ class _ExpertInputs(TorchFunctionMode):
     def _emit(self, fused: FusedExperts, expert: int, activation: torch.Tensor, stored_in_out: bool) -> None:
         matrix = fused.matrices[expert]
         if matrix.transposed != stored_in_out:
-            raise ExpertOrientationError(
-                f"{fused.name}: the experts are used as {'[in, out]' if stored_in_out else '[out, in]'} matrices "
-                f"but the module declares {'[in, out]' if matrix.transposed else '[out, in]'}")
+            owner = matrix.owner
+            if declares_layout(owner) and bool(owner.is_transposed) != stored_in_out:
+                raise ExpertOrientationError(
+                    f"{fused.name}: the experts are used as {'[in, out]' if stored_in_out else '[out, in]'} "
+                    f"matrices but the module declares {'[in, out]' if matrix.transposed else '[out, in]'}")
+            # an experts module that does not state its layout (Llama 4's bmm(x, W)): record what it does, in
+            # transformers' own attribute, so every later look at the block sees the right input axis
+            owner.is_transposed = stored_in_out
+            for slice_ in fused.matrices:
+                slice_.transposed = stored_in_out
         self.on_input(matrix, activation.reshape(-1, activation.shape[-1]))
 
     def __torch_function__(self, func, types, args=(), kwargs=None):

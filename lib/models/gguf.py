@@ -92,12 +92,14 @@ def load_gguf_model(path: str, dtype: torch.dtype = torch.float32, progress: boo
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         import transformers.modeling_gguf_pytorch_utils  # noqa: F401  (so its bar can be silenced)
         with _quiet_conversion(progress):
-            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype,
-                                                         **_dense_loading_kwargs())
+            model, info = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype,
+                                                               output_loading_info=True, **_dense_loading_kwargs())
     except (OSError, ValueError, KeyError, IndexError, TypeError, NotImplementedError, RuntimeError,
             struct.error) as error:  # what a truncated, corrupt or unsupported file raises
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UserError(f"cannot load GGUF file {path}: {reason}") from error
+    from .loading import check_loading_info
+    check_loading_info(path, info)
     _drop_quantization_tags(model)
     model.eval()
     return model, tokenizer

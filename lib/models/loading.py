@@ -92,6 +92,20 @@ def auto_model_class(config):
                     f"vision-language model that transformers can build", "model")
 
 
+def check_loading_info(name: str, info: dict) -> None:
+    """Refuse a checkpoint whose weights do not match its model: transformers would initialise a missing weight
+    at random (and drop an unexpected one), and the run would report a plausible but meaningless perplexity."""
+    problems = []
+    for kind in ("missing", "unexpected", "mismatched"):
+        keys = sorted(str(k if isinstance(k, str) else k[0]) for k in info.get(f"{kind}_keys") or ())
+        if keys:
+            shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+            problems.append(f"{len(keys)} {kind} weight(s) ({shown})")
+    if problems:
+        raise UserError(f"{name}: the checkpoint does not match its model: {'; '.join(problems)}. Refusing to run "
+                        f"with weights transformers would initialise at random", "model")
+
+
 def skeleton_from_config(name: str) -> nn.Module | None:
     """The model built on the meta device from its config alone (no weights read); None for a .gguf file or a
     config that cannot be built that way (the real load then decides)."""
@@ -121,10 +135,11 @@ def load_model_and_tokenizer(name: str, dtype: torch.dtype, device_map=None, pro
             raise _hub_error(name, exc) from None
         auto = auto_model_class(config)
         try:
-            model = auto.from_pretrained(name, dtype=dtype, device_map=device_map)
+            model, info = auto.from_pretrained(name, dtype=dtype, device_map=device_map, output_loading_info=True)
             tokenizer = AutoTokenizer.from_pretrained(name)
         except Exception as exc:  # noqa: BLE001 - a corrupt or truncated checkpoint raises many kinds of error
             raise _hub_error(name, exc) from None
+        check_loading_info(name, info)
     model.eval()
     model.config.use_cache = False
     return model, tokenizer

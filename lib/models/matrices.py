@@ -5,10 +5,10 @@ Every parameter of a block is accounted for, so a matrix the pruners skip can ne
 * a prunable matrix is an `nn.Linear` weight, or one expert's slice of a fused expert tensor (transformers 5
   stores a mixture of experts as 3-D parameters, [experts, out, in], or [experts, in, out] when the experts
   module says `is_transposed`, as gpt-oss does);
-* dense by design: vectors (norm scales, biases, attention sinks, per-expert biases), convolutions (the short
-  causal convolutions of linear-attention and Mamba layers), embeddings, and routers: the matrices of a
-  mixture-of-experts module that score the experts (as many outputs as there are experts) or gate a shared
-  expert (one output);
+* dense by design: vectors (norm scales, biases, attention sinks, per-expert biases; any shape with one
+  dimension above 1), convolutions (the short causal convolutions of linear-attention and Mamba layers),
+  embeddings, and routers: the matrices anywhere inside a mixture-of-experts module that score the experts (as
+  many outputs as there are experts) or gate a shared expert (one output);
 * anything else (a 2-D or larger parameter none of these rules explains) is unclassified, and the run stops
   before pruning rather than leave it dense silently.
 
@@ -104,26 +104,35 @@ def _moe_parents(block: nn.Module) -> dict[int, int]:
 
 
 def _is_transposed(owner: nn.Module) -> bool:
-    """Fused experts stored [experts, in, out]: transformers marks such experts modules with `is_transposed`."""
+    """Fused experts stored [experts, in, out]: transformers marks such experts modules with `is_transposed` (and
+    lib.calibration.experts sets it on modules that use that layout without saying so, once it has seen them)."""
     return bool(getattr(owner, "is_transposed", False))
+
+
+def declares_layout(owner: nn.Module) -> bool:
+    """Whether the experts module states its storage layout (or calibration has observed it)."""
+    return hasattr(owner, "is_transposed")
 
 
 def classify_block(block: nn.Module) -> BlockInventory:
     """Every parameter of `block`: a prunable matrix (or one per expert), dense with a reason, or unclassified."""
     inventory = BlockInventory()
     moe_parents = _moe_parents(block)
-    router_like: dict[int, str] = {}  # id(module) -> reason, for direct children of a MoE parent that score/gate
+    router_like: dict[int, str] = {}  # id(parameter) -> reason, for the matrices that score or gate experts
     for module in block.modules():
         count = moe_parents.get(id(module))
         if count is None:
             continue
-        for child in [module, *module.children()]:
-            for param in child.parameters(recurse=False):
+        direct = {id(child) for child in module.children()}
+        for owner in module.modules():  # routers may sit deeper (mlp.gate.wg, mlp.router.layer, ...)
+            if any(p.ndim == 3 for p in owner.parameters(recurse=False)):
+                continue  # per-expert vectors beside fused experts, not routers
+            for param in owner.parameters(recurse=False):
                 if param.ndim != 2:
                     continue
-                if param.shape[0] == count and _expert_count(child) is None:
+                if param.shape[0] == count:
                     router_like[id(param)] = ROUTER
-                elif param.shape[0] == 1 and isinstance(child, nn.Linear):
+                elif param.shape[0] == 1 and isinstance(owner, nn.Linear) and id(owner) in direct:
                     router_like[id(param)] = SHARED_GATE
 
     seen: set[int] = set()
@@ -135,7 +144,7 @@ def classify_block(block: nn.Module) -> BlockInventory:
             name = f"{module_name}.{param_name}" if module_name else param_name
             if id(param) in router_like:
                 inventory.dense[name] = router_like[id(param)]
-            elif param.ndim <= 1:
+            elif param.ndim <= 1 or param.numel() == max(param.shape):  # (1, n) and (1, 1, n, 1) too
                 inventory.dense[name] = VECTOR
             elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
                 inventory.dense[name] = CONVOLUTION
@@ -240,13 +249,20 @@ def model_inventory(model: nn.Module, blocks: nn.ModuleList, examples: int = 3) 
     """Every parameter of the model accounted for: prunable matrices, dense ones in the blocks by reason, and
     the parts outside the decoder blocks."""
     inventory = ModelInventory(0, 0, 0)
+    owner_block: dict[int, int] = {}
     for i, block in enumerate(blocks):
+        for name, param in block.named_parameters():
+            first = owner_block.setdefault(id(param), i)
+            if first != i:  # pruning block by block would prune a shared weight once per block that holds it
+                inventory.unclassified.append(f"block {i}: {name} (the same tensor as in block {first})")
         found = classify_block(block)
         for matrix in found.matrices.values():
             inventory.prunable_weights += matrix.weight.numel()
             inventory.matrices += 1
             inventory.expert_slices += matrix.is_expert_slice
             inventory.input_widths.add(matrix.in_features)
+            if matrix.is_expert_slice and not declares_layout(matrix.owner):
+                inventory.input_widths.add(matrix.out_features)  # layout unknown until calibration sees it
         for name, reason in found.dense.items():
             entry = inventory.dense_in_blocks.setdefault(reason, {"weights": 0, "examples": []})
             entry["weights"] += block.get_parameter(name).numel()

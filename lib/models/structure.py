@@ -14,40 +14,38 @@ def _text_config(model: nn.Module):
 
 
 def find_decoder_blocks(model: nn.Module, layer_types: tuple[type, ...] = (nn.Linear,)) -> nn.ModuleList:
-    """The language model's ModuleList of repeated decoder blocks: among the lists of same-type blocks holding
-    weight matrices whose parent also holds the input embeddings (which rules out a vision tower's blocks), the
-    one with the most parameters.
+    """The language model's ModuleList of decoder blocks: among the lists of blocks holding weight matrices whose
+    parent also holds the input embeddings (which rules out a vision tower's blocks) and whose length is the
+    config's num_hidden_layers, the one of same-type blocks with the most parameters (a hybrid stack that mixes
+    block classes, attention and Mamba layers, is taken when no list of one class fits).
 
     This covers LLaMA/Mistral/Qwen2 (`model.layers`), OPT (`model.decoder.layers`), GPT-2 style (`h`), and the
     language model inside a vision-language wrapper (`model.language_model.layers`) without a per-family table.
     A block list must contain at least one module of `layer_types` (lib.sparse adds its SparseLinear).
     """
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    best, best_params = None, 0
+    expected = getattr(_text_config(model), "num_hidden_layers", None)
+    candidates = []  # (length matches the config, same-type blocks, parameters, the list)
     for parent in model.modules():
         if embeddings is not None and not any(m is embeddings for m in parent.modules()):
             continue
         for module in parent.children():
             if not isinstance(module, nn.ModuleList) or len(module) == 0:
                 continue
-            if len({type(child) for child in module}) != 1:
-                continue
             if not any(isinstance(m, layer_types) for m in module[0].modules()):
                 continue
+            homogeneous = len({type(child) for child in module}) == 1
             params = sum(p.numel() for p in module.parameters())
-            if params > best_params:
-                best, best_params = module, params
-    if best is None:
+            candidates.append((expected is None or len(module) == expected, homogeneous, params, module))
+    # a hybrid stack may mix block classes (attention and Mamba layers): a list of the config's length wins
+    usable = [c for c in candidates if c[0] and (c[1] or expected is not None)]
+    if not usable:
+        found = ", ".join(sorted({str(len(c[3])) for c in candidates})) or "none"
         raise UserError(
-            f"unsupported architecture {type(model).__name__}: no list of decoder blocks with nn.Linear layers found"
+            f"unsupported architecture {type(model).__name__}: no list of {expected or 'repeated'} decoder blocks "
+            f"with nn.Linear layers beside the input embeddings (lists found: {found} blocks)"
         )
-    expected = getattr(_text_config(model), "num_hidden_layers", None)
-    if expected is not None and expected != len(best):
-        raise UserError(
-            f"unsupported architecture {type(model).__name__}: found {len(best)} repeated blocks but the config "
-            f"says num_hidden_layers={expected}"
-        )
-    return best
+    return max(usable, key=lambda c: (c[1], c[2]))[3]
 
 
 def find_linears(block: nn.Module) -> dict[str, nn.Linear]:

@@ -41,7 +41,7 @@ import math
 
 import torch
 
-from ..registry import Param, non_negative
+from ..registry import Param
 from .masks import select_mask
 from .pruner import SQ_NORM, Pruner, register_pruner
 
@@ -102,6 +102,6 @@ def prune_ria(linears, stats, sparsity, n_m, params) -> None:
 register_pruner(Pruner(
     "ria", prune_ria, needs=frozenset({SQ_NORM}),
     params=(Param("ria_exponent", float, 0.5,
-                  "RIA exponent a on the input activation norm (0: relative importance only)", non_negative,
-                  "must be >= 0"),),
+                  "RIA exponent a on the input activation norm (0: relative importance only)",
+                  lambda v: 0 <= v <= 10, "must lie in [0, 10]"),),
     help="RIA: relative importance (row and column normalised |W|) times activation norm^a, per matrix"))

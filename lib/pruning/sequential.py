@@ -2,9 +2,9 @@
 inputs produced by the already-pruned blocks before it.
 
 Every prunable matrix of a block (lib.models.matrices: Linear weights and each expert's slice of a fused expert
-tensor) gets the block's sparsity. A matrix that received no calibration token (an expert the router never picked
-on the calibration data) has no statistics to prune by; it is pruned by magnitude instead, and the block's record
-names it.
+tensor) gets the block's sparsity. A matrix that received no calibration input (an expert the router never picked
+on the calibration data, or a weight the model uses without calling its module) has no statistics to prune by;
+it is pruned by magnitude instead, and the block's record names it.
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from torch import nn
 from ..calibration.blocks import BlockBatch
 from ..calibration.stats import collect_input_stats
 from ..calibration.walk import walk_blocks
-from ..models.matrices import block_matrices, block_sparsity
+from ..errors import UserError
+from ..models.matrices import block_matrices, block_sparsity, declares_layout
 from .magnitude import prune_magnitude
 from .pruner import PRUNERS, SQ_NORM, XTX, Pruner, default_params
 
@@ -29,9 +30,12 @@ def prune_block(pruner: Pruner, params: dict[str, Any], block: nn.Module, batche
     matrices that got no calibration input (experts the router never picked), which magnitude pruning handles."""
     matrices = block_matrices(block)
     if not pruner.needs:
+        if n_m is not None:
+            _require_known_layouts(matrices)
         pruner.prune(matrices, None, sparsity, n_m, params)
         return []
     stats = collect_input_stats(block, matrices, batches, SQ_NORM in pruner.needs, XTX in pruner.needs)
+    matrices = block_matrices(block)  # again: calibration may have learnt an experts module's storage layout
     unseen = {name: m for name, m in matrices.items() if name not in stats}
     seen = {name: m for name, m in matrices.items() if name in stats}
     if seen:
@@ -39,6 +43,16 @@ def prune_block(pruner: Pruner, params: dict[str, Any], block: nn.Module, batche
     if unseen:
         prune_magnitude(unseen, None, sparsity, n_m, {})
     return list(unseen)
+
+
+def _require_known_layouts(matrices: dict) -> None:
+    """N:M groups inputs: without calibration the input axis of experts stored without a stated layout is unknown."""
+    unknown = sorted({m.name.rsplit("[", 1)[0] for m in matrices.values()
+                      if m.is_expert_slice and not declares_layout(m.owner)})
+    if unknown:
+        raise UserError(f"N:M needs each matrix's input axis, and the experts {', '.join(unknown[:2])} do not state "
+                        f"their storage layout; use a pruner with calibration data (it observes the layout)",
+                        "sparsity_type")
 
 
 def prune_sequential(model: nn.Module, blocks: nn.ModuleList, calib_ids: torch.Tensor | None,

@@ -30,5 +30,5 @@ register_pruner(Pruner(
     "sparsegpt", prune_sparsegpt, needs=frozenset({XTX}),
     params=(Param("sparsegpt_blocksize", int, 128, "SparseGPT column block size", positive, "must be positive"),
             Param("sparsegpt_percdamp", float, 0.01, "SparseGPT Hessian dampening (share of the mean diagonal)",
-                  positive, "must be positive")),
+                  lambda v: 0 < v <= 1, "must lie in (0, 1]")),
     help="OBS reconstruction with a shared inverse Hessian"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 from ..allocation.atp import max_beta
 from ..config import RunConfig
@@ -73,7 +74,8 @@ def run_beta_search(session: PruningSession, config: RunConfig) -> tuple[dict, f
     try:
         plotted = bool(plot_path) and plot_search(result, plot_path, uniform)
         if plot_path and not plotted:
-            print("matplotlib is not installed: no search plot written", flush=True)
+            warnings.warn("matplotlib is not installed (pip install matplotlib): no search plot written; the "
+                          "search results are complete without it")
     except (OSError, ValueError, RuntimeError) as exc:  # a finished search is worth more than its picture
         plotted = False
         print(f"warning: no search plot written to {plot_path} ({exc})", flush=True)

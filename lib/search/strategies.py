@@ -150,6 +150,12 @@ def refine_best(
                         num_evaluated=runner.num_evaluated, settings={**result.settings, "top_k": top_k, "key": key})
 
 
+def plotting_available() -> bool:
+    """Whether matplotlib (an optional extra) can be imported, without importing it."""
+    import importlib.util
+    return importlib.util.find_spec("matplotlib") is not None
+
+
 def plot_search(result: SearchResult, path: str, uniform_ppl: float | None = None) -> bool:
     """Save a PNG of perplexity vs beta (best point and uniform beta=0 marked); False when matplotlib is missing.
 
@@ -306,22 +312,44 @@ def _load_log(path: str, key: str | None) -> dict[float, dict]:
     if not os.path.exists(path):
         return {}
     records: dict[float, dict] = {}
-    unreadable = 0
+    unreadable = invalid = 0
     with open(path, encoding="utf-8", errors="replace") as f:  # a corrupt byte spoils one line, not the log
         for line in f:
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
-                beta = round(float(record["beta"]), BETA_DECIMALS)
-            except (ValueError, KeyError, TypeError):
+            except ValueError:
                 unreadable += 1
                 continue
-            if record.get("key") == key:
-                records[beta] = record
+            if not isinstance(record, dict) or record.get("key") != key:
+                unreadable += not isinstance(record, dict)
+                continue
+            if not valid_log_record(record):
+                invalid += 1
+                continue
+            records[round(float(record["beta"]), BETA_DECIMALS)] = record
     if unreadable:
         warnings.warn(f"{path}: skipped {unreadable} unreadable line(s)")
+    if invalid:
+        warnings.warn(f"{path}: skipped {invalid} record(s) with an impossible beta, perplexity or time; "
+                      f"those trials run again")
     return records
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def valid_log_record(record: dict) -> bool:
+    """A trial record this search could have written: a beta in [0, 1], a perplexity that is a finite number
+    >= 1 or null (a diverged trial), and a non-negative time when present."""
+    beta, ppl, seconds = record.get("beta"), record.get("ppl"), record.get("seconds", 0.0)
+    if not (_is_number(beta) and 0 <= beta <= 1):
+        return False
+    if ppl is not None and not (_is_number(ppl) and ppl >= 1):
+        return False
+    return _is_number(seconds) and seconds >= 0
 
 
 def _to_json(value: Any) -> Any:

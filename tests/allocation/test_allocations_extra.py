@@ -257,7 +257,7 @@ def test_absorption_invalid_strength_raises_user_error():
 
 
 @pytest.mark.parametrize("flags, fragment", [
-    (["--allocation", "owl", "--owl_m", "0"], "--owl_m must be positive, got 0.0"),
+    (["--allocation", "owl", "--owl_m", "0"], "--owl_m must lie in (0, 1000], got 0.0"),
     (["--allocation", "owl", "--owl_lambda", "-0.1"], "--owl_lambda"),
     (["--allocation", "alpha", "--alpha_eps", "1.5"], "--alpha_eps"),
     (["--absorption", "-0.1"], "--absorption"),

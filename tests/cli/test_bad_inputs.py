@@ -82,10 +82,107 @@ CASES = {
     "illegal beta": (["--beta", "0.9"], 3, "--beta 0.9 is illegal", False),
     "sparsity above one": (["--sparsity_ratio", "1.5"], 3, "--sparsity_ratio 1.5", False),
     "unknown pruner parameter value": (["--prune_method", "ria", "--ria_exponent", "-1"], 2,
-                                       "--ria_exponent must be >= 0, got -1.0", False),
+                                       "--ria_exponent must lie in [0, 10], got -1.0", False),
     "beta with dlp": (["--allocation", "dlp", "--beta", "0.01"], 2, "does not apply to --allocation dlp", False),
     "demo with hub calibration": (["--demo", "--calib_data", "c4"], 2, "could not load c4", False),
+    # second hostile round: weights that do not match the model
+    "missing weight tensor": (lambda t, m: ["--model", edited_checkpoint(t, m, drop="model.layers.2.mlp.down_proj")],
+                              2, "1 missing weight(s) (model.layers.2.mlp.down_proj.weight)", True),
+    "unexpected weight tensor": (lambda t, m: ["--model", edited_checkpoint(t, m, add="model.layers.9.odd.weight")],
+                                 2, "1 unexpected weight(s) (model.layers.9.odd.weight)", True),
+    "a compressed checkpoint as the model": (lambda t, m: ["--model", compressed_checkpoint(t, m)], 2,
+                                             "is a compressed checkpoint (--save_format compressed)", False),
+    # flags that would be ignored or contradict each other
+    "2:4 with another sparsity": (["--sparsity_type", "2:4", "--sparsity_ratio", "0.3"], 2,
+                                  "--sparsity_ratio 0.3 contradicts --sparsity_type 2:4", False),
+    "empty task list": (["--eval_zero_shot", "--tasks", ""], 2, "--tasks '' names no task", False),
+    "task list of commas": (["--eval_zero_shot", "--tasks", ",,,"], 2, "--tasks ',,,' names no task", False),
+    "tasks without zero-shot": (["--tasks", "piqa"], 2, "--tasks applies only with --eval_zero_shot", False),
+    "zero-shot limit without zero-shot": (["--zs_limit", "5"], 2, "--zs_limit applies only with --eval_zero_shot",
+                                          False),
+    "zero-shot source without zero-shot": (["--zs_source", "offline"], 2, "--zs_source applies only", False),
+    "search log without search": (lambda t, m: ["--search_log", t / "log.jsonl"], 2,
+                                  "--search_log applies only with --beta search", False),
+    "search step without search": (["--search_step", "0.01"], 2, "--search_step applies only", False),
+    "save format without a model to save": (["--save_format", "compressed", "--save_model", ""], 2,
+                                            "--save_format applies only with --save_model", False),
+    "absorption scale without absorption": (["--absorption_scale", "0.2"], 2, "--absorption_scale applies only",
+                                            False),
+    "another rule's parameter": (["--owl_lambda", "0.1"], 2,
+                                 "--owl_lambda is a parameter of --allocation owl, not of --allocation uniform",
+                                 False),
+    "another pruner's parameter": (["--sparsegpt_blocksize", "64"], 2,
+                                   "--sparsegpt_blocksize is a parameter of --prune_method sparsegpt", False),
+    "offload without a GPU": (["--offload"], 2, "--offload moves decoder blocks to a GPU", False),
+    # every number a user types is range-checked
+    "seed too large": (["--seed", "99999999999999999999999"], 2, "--seed 99999999999999999999999: must lie in",
+                       False),
+    "seed negative": (["--seed", "-1"], 2, "--seed -1: must lie in [0, 2^32)", False),
+    "sparsegpt damping huge": (["--prune_method", "sparsegpt", "--sparsegpt_percdamp", "1e308"], 2,
+                               "--sparsegpt_percdamp must lie in (0, 1]", False),
+    "ria exponent huge": (["--prune_method", "ria", "--ria_exponent", "1e308"], 2, "--ria_exponent must lie in",
+                          False),
+    "dlp alpha huge": (["--allocation", "dlp", "--dlp_alpha", "1e308"], 2, "--dlp_alpha must lie in [0, 0.5]",
+                       False),
+    "owl threshold huge": (["--allocation", "owl", "--owl_m", "1e308"], 2, "--owl_m must lie in (0, 1000]", False),
+    "absorption huge": (["--absorption", "1e308"], 2, "--absorption strength must lie in [0, 1]", False),
+    "search tolerance huge": (["--beta", "search", "--search_tol", "1e308"], 2, "--search_tol 1e+308: must lie in",
+                              False),
+    "search step tiny": (["--beta", "search", "--search_step", "1e-300"], 2, "--search_step 1e-300: the grid step",
+                         False),
+    "search coarse huge": (["--beta", "search", "--search_coarse", "1000000000"], 2, "at most 1000 points", False),
+    "nan sparsity": (["--sparsity_ratio", "nan"], 2, "--sparsity_ratio: must be finite", False),
+    # outputs the file system would refuse only at the end
+    "results name too long": (lambda t, m: ["--results", t / ("r" * 300 + ".json")], 2, "--results", False),
+    "save directory name too long": (lambda t, m: ["--save_model", t / ("m" * 300)], 2, "--save_model", False),
+    "no room for the saved model": (lambda t, m: ["--save_model", t / "out" / "m", *no_room()], 2,
+                                    "--save_model", False),
 }
+
+
+def edited_checkpoint(tmp, model_dir, drop: str | None = None, add: str | None = None):
+    """The tiny LLaMA with one weight tensor removed from (or one extra tensor added to) its safetensors file."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    path = tmp / "ckpt-edited"
+    shutil.copytree(model_dir("llama"), path)
+    tensors = load_file(str(path / "model.safetensors"))
+    if drop:
+        del tensors[drop + ".weight"]
+    if add:
+        tensors[add] = torch.zeros(2, 2)
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+def compressed_checkpoint(tmp, model_dir):
+    """A directory laid out as --save_format compressed writes it (its manifest is what identifies it)."""
+    path = tmp / "ckpt-compressed"
+    shutil.copytree(model_dir("llama"), path)
+    (path / "sparse_manifest.json").write_text('{"format": "atp-bitmask-v1", "sparse_modules": {}}',
+                                               encoding="utf-8")
+    return path
+
+
+def no_room():
+    """Flags of nothing; makes the disk look full to the free-space check (patched by the test below)."""
+    NO_ROOM.append(True)
+    return []
+
+
+NO_ROOM: list = []
+
+
+@pytest.fixture(autouse=True)
+def _disk_looks_full_when_asked(monkeypatch):
+    NO_ROOM.clear()
+    import lib.outputs
+    real = lib.outputs.shutil.disk_usage
+
+    def usage(path):
+        total, used, free = real(path)
+        return type(real(path))(total, used, 1024 if NO_ROOM else free)
+    monkeypatch.setattr(lib.outputs.shutil, "disk_usage", usage)
 
 
 @pytest.mark.parametrize("case", list(CASES))

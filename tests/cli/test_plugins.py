@@ -48,7 +48,7 @@ def toy_plugins():
 
 
 def test_cli_choices_and_help_come_from_the_registries(toy_plugins):
-    text = build_parser().format_help()
+    text = " ".join(build_parser().format_help().split())  # argparse wraps to the terminal's width
     for name in ("toy_columns", "toy_step", "--toy_scale", "--toy_delta", "toy: a step", "toy: last columns"):
         assert name in text
     for name in ("magnitude", "wanda", "sparsegpt", "ria", "uniform", "atp", "owl", "alpha", "dlp"):
@@ -75,3 +75,23 @@ def test_toy_pruner_and_rule_run_end_to_end(cli, model_dir, text_files, tmp_path
 def test_a_toy_parameter_is_validated_with_its_flag(cli, toy_plugins):
     code, _, err = cli("--model", "org/model", "--allocation", "toy_step", "--toy_delta", "0.7")
     assert code == 2 and "error: --toy_delta must lie in [0, 0.5), got 0.7" in err
+
+
+@pytest.mark.parametrize("returned, code, fragment", [
+    ([0.5, 0.5, 1.2, 0.6], 3, "gives block 2 the sparsity 1.2, outside [0, 1]"),
+    ([0.5, float("nan"), 0.5, 0.5], 3, "gives block 1 the sparsity nan"),
+    ([0.5, 0.5, 0.5], 2, "returned 3 sparsities for 4 blocks"),
+    ([0.4, 0.4, 0.4, 0.4], 2, "returned a mean sparsity of 0.400000 instead of 0.5"),
+])
+def test_a_plug_in_rule_breaking_the_allocation_contract_is_one_error_line(cli, model_dir, text_files, returned,
+                                                                          code, fragment):
+    register_rule(AllocationRule("toy_broken", lambda request: Allocation(list(returned), {}), help="toy: broken"))
+    try:
+        exit_code, out, err = cli("--model", model_dir("llama"), "--calib_data", text_files.calib, "--eval_data",
+                                  text_files.eval, "--nsamples", "4", "--seqlen", "32", "--max_eval_windows", "2",
+                                  "--quiet", "--allocation", "toy_broken", "--sparsity_ratio", "0.5")
+    finally:
+        RULES.unregister("toy_broken")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert exit_code == code and lines[-1].startswith("error: --allocation") and fragment in lines[-1], err
+    assert "Traceback" not in err and "sparsity sanity check" not in out  # nothing was pruned
