@@ -4,21 +4,27 @@ Why not compressed-tensors. compressed-tensors 0.20 (checked by downloading the 
 `sparse-bitmask` *config* class, marked legacy; its sparse compressors are no longer shipped, and transformers'
 CompressedTensors quantizer either dequantizes every weight at load (`dequantize=True`) or leaves
 compressed-tensors to decompress on the first forward pass: either way the model ends up dense in memory. So
-this module uses its own format, in a directory that is otherwise a normal transformers one:
+this module uses its own format (version "atp-bitmask-v2"), in a directory that is otherwise a normal
+transformers one:
 
-* ``config.json`` (+ ``generation_config.json``) and the tokenizer files, written by transformers;
+* ``config.json`` (+ ``generation_config.json``) and the tokenizer files, written by transformers; config.json
+  has ``"quantization_config": {"quant_method": "atp_sparse", "format": "atp-bitmask-v2", "sparse_modules":
+  [name, ...], "dense_fused_experts": [name, ...]}`` and the dtype of the stored tensors;
 * ``model.safetensors``: for each converted Linear ``<name>.mask`` (int64 bit words), ``<name>.values`` (packed
-  nonzeros, model dtype), ``<name>.row_offsets`` (int64) and ``<name>.bias`` when present (see format.py); every
-  other tensor of the state dict under its usual name, dense (embeddings, norms, lm_head, Linears kept dense,
-  and fused 3-D mixture-of-experts tensors, whose zeros are kept but not packed);
-* ``sparse_manifest.json``: ``{"format": "atp-bitmask-v1", "sparse_modules": {name: {in_features,
-  out_features, bias, sparsity}}, "tied": {alias: canonical}, "dtype": ...,
+  nonzeros, model dtype), ``<name>.row_offsets`` (int64), ``<name>.bias`` when present (see format.py) and
+  ``<name>.weight``, an empty uint8 marker that plain transformers refuses to load (hf_quantizer.py says why);
+  every other tensor of the state dict under its usual name, dense (embeddings, norms, lm_head, Linears kept
+  dense, and fused 3-D mixture-of-experts tensors, whose zeros are kept but not packed);
+* ``sparse_manifest.json`` (for people and tools; loading does not need it): ``{"format": ..., "sparse_modules":
+  {name: {in_features, out_features, bias, sparsity}}, "tied": {alias: canonical}, "dtype": ...,
   "dense_fused_experts": [name, ...]}``.
 
-`load_compressed` builds the model skeleton with empty (meta) weights, swaps in SparseLinear modules built
-straight from the packed tensors and assigns the dense tensors: no converted Linear's dense weight is ever
-materialised. A plain `from_pretrained` cannot read this directory (the Linears' `weight` is missing); use
-`load_compressed`.
+Loading: `lib.sparse.register()` teaches transformers the "atp_sparse" quantization method (hf_quantizer.py);
+after it, ``AutoModelForCausalLM.from_pretrained(directory)`` returns the model with SparseLinear modules and
+never materialises a converted Linear's dense weight, and the model's save_pretrained writes this format back.
+`load_compressed` is that call plus the tokenizer. Directories of the first version ("atp-bitmask-v1": no
+quantization_config, no markers) are still read by `load_compressed`, with the loader of that version; re-save
+them (``save_compressed(*load_compressed(old), new)``) to make them safe for plain transformers.
 """
 from __future__ import annotations
 
@@ -33,9 +39,10 @@ from torch import nn
 from ..outputs import make_parents, publish_directory, remove_empty
 from . import format as fmt
 from .convert import DEFAULT_MIN_SPARSITY, block_linears, fused_expert_tensors, weight_sparsity
+from . import hf_quantizer as hfq
 from .linear import SparseLinear
 
-FORMAT = "atp-bitmask-v1"
+FORMAT_V1 = "atp-bitmask-v1"
 MANIFEST = "sparse_manifest.json"
 WEIGHTS = "model.safetensors"
 _PACKED = ("mask", "values", "row_offsets")
@@ -89,6 +96,7 @@ def save_compressed(model: nn.Module, tokenizer, directory: str,
         for name, entry in packed.items():
             for key, t in entry["tensors"].items():
                 tensors[f"{name}.{key}"] = t.detach().cpu().contiguous()
+            tensors[f"{name}.weight"] = hfq.marker()
         skip = {f"{name}.{k}" for name in packed for k in ("weight", "bias", *_PACKED)}
         tied: dict[str, str] = {}
         seen: dict[tuple, str] = {}
@@ -102,14 +110,17 @@ def save_compressed(model: nn.Module, tokenizer, directory: str,
             seen[ident] = key
             tensors[key] = t.detach().cpu().contiguous()
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-        save_file(tensors, os.path.join(tmp, WEIGHTS), metadata={"format": FORMAT})
+        dtype_name = str(dtype).replace("torch.", "")
+        save_file(tensors, os.path.join(tmp, WEIGHTS), metadata={"format": "pt", "atp_sparse_format": hfq.FORMAT})
         fused = fused_expert_tensors(model)
-        manifest = {"format": FORMAT, "dtype": str(dtype).replace("torch.", ""),
+        manifest = {"format": hfq.FORMAT, "dtype": dtype_name,
                     "sparse_modules": {n: e["meta"] for n, e in packed.items()}, "tied": tied,
                     "dense_fused_experts": fused}
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1)
         model.config.save_pretrained(tmp)
+        quantization = hfq.AtpSparseConfig(sparse_modules=list(packed), dense_fused_experts=fused).to_dict()
+        _edit_config(tmp, lambda c: c.update(quantization_config=quantization, dtype=dtype_name))
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -124,22 +135,62 @@ def save_compressed(model: nn.Module, tokenizer, directory: str,
             "dense_fused_experts": len(fused)}
 
 
+def _edit_config(directory: str, edit) -> None:
+    path = os.path.join(directory, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    edit(config)
+    with open(path, "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def _quant_method(directory: str) -> str | None:
+    try:
+        with open(os.path.join(directory, "config.json")) as f:
+            quantization = json.load(f).get("quantization_config")
+    except (OSError, ValueError):
+        return None
+    return quantization.get("quant_method") if isinstance(quantization, dict) else None
+
+
 def is_compressed_dir(directory: str) -> bool:
-    return os.path.isfile(os.path.join(directory, MANIFEST))
+    """A save_compressed directory (either version), or a save_pretrained one of a model loaded from one."""
+    return os.path.isfile(os.path.join(directory, MANIFEST)) or _quant_method(directory) == "atp_sparse"
 
 
-def load_compressed(directory: str, dtype: torch.dtype | None = None):
-    """(model, tokenizer) from a save_compressed directory, the converted Linears as SparseLinear, in eval mode.
+def load_compressed(directory: str, dtype: torch.dtype | None = None, device_map=None):
+    """(model, tokenizer) from a compressed directory, the converted Linears as SparseLinear, in eval mode.
 
     `dtype` converts the stored floating-point tensors (packed values included); None keeps the saved dtype.
+    For the current format this is ``from_pretrained`` after `lib.sparse.register()`; first-version
+    directories go through that version's loader.
     """
+    from transformers import AutoConfig, AutoTokenizer
+
+    from ..models.loading import auto_model_class
+    from . import register
+
+    if _quant_method(directory) is None and os.path.isfile(os.path.join(directory, MANIFEST)):
+        model = _load_v1(directory, dtype)
+    else:
+        register()
+        config = AutoConfig.from_pretrained(directory)
+        model = auto_model_class(config).from_pretrained(directory, config=config, dtype=dtype or "auto",
+                                                         device_map=device_map)
+    model.eval()
+    return model, AutoTokenizer.from_pretrained(directory)
+
+
+def _load_v1(directory: str, dtype: torch.dtype | None):
+    """The loader of "atp-bitmask-v1" directories (weights without markers, no quantization_config)."""
     from accelerate import init_empty_weights
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     with open(os.path.join(directory, MANIFEST)) as f:
         manifest = json.load(f)
-    if manifest.get("format") != FORMAT:
+    if manifest.get("format") != FORMAT_V1:
         raise ValueError(f"{directory}: unknown sparse format {manifest.get('format')!r}")
     saved_dtype = getattr(torch, manifest["dtype"])
     dtype = dtype or saved_dtype
@@ -168,6 +219,4 @@ def load_compressed(directory: str, dtype: torch.dtype | None = None):
     still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if still_meta:
         raise ValueError(f"{directory}: tensors missing from the checkpoint: {still_meta[:5]}")
-    model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    return model, tokenizer
+    return model

@@ -1,0 +1,247 @@
+"""Loading compressed checkpoints with `from_pretrained`, through transformers' quantizer extension point.
+
+`register()` adds the quantization method "atp_sparse" to transformers (`register_quantization_config` and
+`register_quantizer` from transformers.quantizers.auto). A compressed checkpoint's config.json carries
+``"quantization_config": {"quant_method": "atp_sparse", "format": "atp-bitmask-v2", "sparse_modules": [...],
+"dense_fused_experts": [...]}``, so `from_pretrained` hands the load to `AtpSparseHfQuantizer`:
+
+1. `_process_model_before_weight_loading` (the model is still on the meta device): each listed nn.Linear is
+   replaced by a `PackedLinearSlot` holding meta tensors named like SparseLinear's state (``mask``, ``values``,
+   ``row_offsets``, ``bias``), ``values`` sized from the checkpoint header. The Linear's dense weight never leaves
+   the meta device.
+2. transformers loads the checkpoint tensors into those slots by name, as for any model (the packed ``values``
+   take the load dtype; the int64 mask and offsets are not cast).
+3. `_process_model_after_weight_loading`: every slot becomes a SparseLinear built by its own constructor from the
+   loaded tensors (which checks them); a packed tensor missing from the checkpoint is an error.
+
+Why a slot and not a SparseLinear directly: SparseLinear's constructor validates real tensors (it reads
+``row_offsets[-1]``), which meta tensors cannot give, and building one around its constructor would copy its
+internals into this file.
+
+Why plain transformers cannot load these directories silently wrong. transformers 5.24 does not refuse an
+unknown quant_method: it logs "Unknown quantization type, got atp_sparse ... Hence, we will skip the
+quantization" and loads the model as a dense one. So each packed Linear also has a ``<name>.weight`` entry of
+shape (0,) (`marker`): without this quantizer that is a size mismatch with the dense (out, in) weight, which
+`from_pretrained` refuses (RuntimeError) unless called with ignore_mismatched_sizes=True, and even then it prints
+the mismatch. With this quantizer the entry is ignored. save_pretrained of a model loaded this way writes the
+markers again (`get_state_dict_and_metadata`), so its output is as safe as save_compressed's.
+
+Only the CPU is supported (SparseLinear's kernels are CPU kernels): a device_map naming another device, or
+"auto" on a machine with an accelerator, is refused.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING,
+                                          register_quantization_config, register_quantizer)
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from . import format as fmt
+from .linear import SparseLinear
+
+QUANT_METHOD = "atp_sparse"
+FORMAT = "atp-bitmask-v2"
+PACKED = ("mask", "values", "row_offsets")
+
+
+def marker() -> torch.Tensor:
+    """The ``<name>.weight`` entry stored for each packed Linear: a shape plain transformers refuses to load."""
+    return torch.zeros(0, dtype=torch.uint8)
+
+
+class AtpSparseConfig(QuantizationConfigMixin):
+    """The ``quantization_config`` of a compressed checkpoint (see the module docstring)."""
+
+    def __init__(self, format: str = FORMAT, sparse_modules=(), dense_fused_experts=(),
+                 quant_method: str = QUANT_METHOD):
+        if quant_method != QUANT_METHOD:
+            raise ValueError(f"AtpSparseConfig: quant_method must be {QUANT_METHOD!r}, got {quant_method!r}")
+        if format != FORMAT:
+            raise ValueError(f"unknown {QUANT_METHOD} checkpoint format {format!r}; this code reads {FORMAT!r}")
+        self.quant_method = QUANT_METHOD
+        self.format = format
+        self.sparse_modules = list(sparse_modules)
+        self.dense_fused_experts = list(dense_fused_experts)
+
+
+class PackedLinearSlot(nn.Module):
+    """Placeholder for one packed Linear while transformers loads the checkpoint: meta tensors with the names,
+    shapes and dtypes of the SparseLinear state it receives. Replaced by a SparseLinear once loaded."""
+
+    def __init__(self, linear: nn.Linear, stored_values: int):
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        meta = torch.device("meta")
+        self.register_buffer("mask", torch.empty(self.out_features, fmt.words_for(self.in_features),
+                                                 dtype=torch.int64, device=meta))
+        self.register_buffer("values", torch.empty(stored_values, dtype=linear.weight.dtype, device=meta))
+        self.register_buffer("row_offsets", torch.empty(self.out_features + 1, dtype=torch.int64, device=meta))
+        self.bias = None if linear.bias is None else nn.Parameter(
+            torch.empty(self.out_features, dtype=linear.bias.dtype, device=meta), requires_grad=False)
+
+    def forward(self, x):
+        raise RuntimeError("PackedLinearSlot is a loading placeholder; the load did not finish")
+
+
+def _resolve(model: nn.Module, name: str) -> str:
+    """`name` (as saved) as a module path of `model`, which may lack or add the base-model prefix (AutoModel vs
+    AutoModelForCausalLM)."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    candidates = [name]
+    if prefix:
+        candidates += [name.removeprefix(f"{prefix}."), f"{prefix}.{name}"]
+    for candidate in candidates:
+        try:
+            model.get_submodule(candidate)
+            return candidate
+        except AttributeError:
+            continue
+    raise ValueError(f"{QUANT_METHOD} checkpoint: module {name!r} is not in {type(model).__name__}")
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def _stored_value_counts(checkpoint_files: list[str], names: list[str]) -> dict[str, int]:
+    """name -> number of stored packed values, read from the safetensors headers (no tensor is read)."""
+    from safetensors import safe_open
+    wanted = {f"{n}.values": n for n in names}
+    counts = {}
+    for path in checkpoint_files:
+        if not path.endswith(".safetensors"):
+            raise ValueError(f"{QUANT_METHOD} checkpoints are safetensors files, got {path}")
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                if key in wanted:
+                    shape = f.get_slice(key).get_shape()
+                    if len(shape) != 1:
+                        raise ValueError(f"{path}: {key} must be 1-D, has shape {shape}")
+                    counts[wanted[key]] = shape[0]
+    missing = [n for n in names if n not in counts]
+    if missing:
+        raise ValueError(f"{QUANT_METHOD} checkpoint: no packed values for {len(missing)} module(s) its config "
+                         f"lists, e.g. {missing[:3]}")
+    return counts
+
+
+def _device_names(device_map) -> list[str]:
+    if device_map is None:
+        return []
+    if isinstance(device_map, dict):
+        return [str(v) for v in device_map.values()]
+    return [str(device_map)]
+
+
+def _accelerator_available() -> bool:
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and hasattr(accelerator, "is_available"):
+        return bool(accelerator.is_available())
+    return torch.cuda.is_available()
+
+
+class AtpSparseHfQuantizer(HfQuantizer):
+    """Loads compressed checkpoints (pre-packed only: `requires_calibration`) into SparseLinear modules."""
+
+    requires_calibration = True
+    quantization_config: AtpSparseConfig
+
+    def validate_environment(self, *args, device_map=None, **kwargs):
+        for device in _device_names(device_map):
+            if device == "cpu":
+                continue
+            if device in ("auto", "balanced", "balanced_low_0", "sequential") and not _accelerator_available():
+                continue
+            raise ValueError(f"{QUANT_METHOD} checkpoints run on the CPU only (SparseLinear's kernels are CPU "
+                             f"kernels); device_map={device_map!r} would place modules on {device!r}. Use "
+                             f"device_map='cpu' or no device_map")
+
+    def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        if dtype not in fmt.SUPPORTED_DTYPES:
+            raise ValueError(f"{QUANT_METHOD} checkpoints load in one of {fmt.SUPPORTED_DTYPES}, not {dtype}")
+        return dtype
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        names = self.quantization_config.sparse_modules
+        if not names:
+            self._slots = []
+            return model
+        if not checkpoint_files:
+            raise ValueError(f"{QUANT_METHOD}: loading needs the checkpoint's safetensors files")
+        counts = _stored_value_counts(checkpoint_files, names)
+        slots, ignore = [], set(model._keys_to_ignore_on_load_unexpected or ())
+        for saved in names:
+            name = _resolve(model, saved)
+            linear = model.get_submodule(name)
+            if not isinstance(linear, nn.Linear):
+                raise ValueError(f"{QUANT_METHOD} checkpoint: {name} is a {type(linear).__name__}, not an nn.Linear")
+            _set_module(model, name, PackedLinearSlot(linear, counts[saved]))
+            slots.append(name)
+            # the marker (see marker()), under its checkpoint key and, once transformers has added or removed the
+            # base-model prefix, under the model's
+            ignore |= {rf"^{re.escape(n)}\.weight$" for n in (saved, name)}
+        model._keys_to_ignore_on_load_unexpected = ignore
+        self._slots = slots
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        for name in getattr(self, "_slots", []):
+            slot = model.get_submodule(name)
+            tensors = {key: getattr(slot, key) for key in (*PACKED, "bias") if getattr(slot, key) is not None}
+            # transformers flags every tensor it loaded from the checkpoint; a missing one would be left
+            # uninitialised memory
+            missing = [k for k, t in tensors.items() if t.is_meta or not getattr(t, "_is_hf_initialized", False)]
+            if missing:
+                raise ValueError(f"{QUANT_METHOD} checkpoint: {name}.{{{', '.join(missing)}}} missing")
+            _set_module(model, name, SparseLinear(slot.in_features, slot.out_features, tensors["mask"],
+                                                  tensors["values"], tensors["row_offsets"], tensors.get("bias")))
+        self._slots = []
+        return model
+
+    def get_state_dict_and_metadata(self, model):
+        """save_pretrained's state dict: the model's (SparseLinear state = packed tensors) plus a marker per
+        SparseLinear; the config's module list is updated to the model's SparseLinear modules."""
+        state = model.state_dict()
+        names = [name for name, module in model.named_modules() if isinstance(module, SparseLinear)]
+        for name in names:
+            state[f"{name}.weight"] = marker()
+        self.quantization_config.sparse_modules = names
+        return state, {"atp_sparse_format": FORMAT}
+
+    def _dequantize(self, model, dtype=None):
+        """transformers' `model.dequantize()`: every SparseLinear back to a dense nn.Linear (this does build the
+        dense weights)."""
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, SparseLinear)]:
+            weight = module.dense_weight().to(dtype or module.dtype)
+            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                               device="meta", dtype=weight.dtype)
+            linear.weight = nn.Parameter(weight)
+            if module.bias is not None:
+                linear.bias = nn.Parameter(module.bias.detach().to(weight.dtype))
+            _set_module(model, name, linear)
+        return model
+
+    def is_serializable(self):
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+
+def register() -> None:
+    """Make "atp_sparse" known to transformers (idempotent)."""
+    for mapping, cls, decorator in ((AUTO_QUANTIZATION_CONFIG_MAPPING, AtpSparseConfig, register_quantization_config),
+                                    (AUTO_QUANTIZER_MAPPING, AtpSparseHfQuantizer, register_quantizer)):
+        existing = mapping.get(QUANT_METHOD)
+        if existing is None:
+            decorator(QUANT_METHOD)(cls)
+        elif existing is not cls:
+            raise RuntimeError(f"transformers already has a different {QUANT_METHOD!r} registered: {existing}")

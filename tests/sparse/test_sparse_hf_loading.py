@@ -1,0 +1,273 @@
+"""Compressed checkpoints and transformers' from_pretrained: refused without this project (in a subprocess that
+never imports it), loaded natively as SparseLinear modules with it (hf_quantizer.py), written back by
+save_pretrained. Tiny models built in code, no network."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+import lib.sparse
+from lib.pruning.masks import lowest_per_row_mask
+from lib.sparse import hf_quantizer as hfq
+from lib.sparse.checkpoint import WEIGHTS, is_compressed_dir, load_compressed, save_compressed
+from lib.sparse.linear import SparseLinear
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+NUM_LINEARS = 2 * 7
+# the dense (out, in) shapes of the tiny LLaMA's block Linears; nothing else in the model has them
+DENSE_SHAPES = {(64, 64), (32, 64), (160, 64), (64, 160)}
+
+
+def pruned_llama(dtype=torch.float32, seed=0):
+    """A tiny LLaMA with biased attention projections, every block Linear 70% zeros per row."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=True, attention_bias=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    model = LlamaForCausalLM(cfg).to(dtype).eval()
+    with torch.no_grad():
+        for module in model.model.layers.modules():
+            if isinstance(module, nn.Linear):
+                module.weight[lowest_per_row_mask(module.weight.abs().float(), 0.7)] = 0
+                if module.bias is not None:
+                    module.bias.normal_(0, 0.1)
+    return model
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+IDS = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from lib.demo.tiny import train_tokenizer
+    return train_tokenizer(["the quick brown fox jumps over the lazy dog"] * 20, vocab_size=128)
+
+
+@pytest.fixture(scope="module")
+def dense():
+    return pruned_llama()
+
+
+@pytest.fixture(scope="module")
+def compressed(tmp_path_factory, dense, tok):
+    directory = tmp_path_factory.mktemp("hf") / "compressed"
+    save_compressed(dense, tok, str(directory))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def native(compressed):
+    lib.sparse.register()
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(compressed)
+
+
+@pytest.fixture(scope="module")
+def round_trip(tmp_path_factory, native):
+    directory = tmp_path_factory.mktemp("hf") / "round_trip"
+    native.save_pretrained(directory)
+    return directory
+
+
+def test_the_directory_says_what_it_is(compressed):
+    config = json.loads((compressed / "config.json").read_text())
+    quant = config["quantization_config"]
+    assert quant["quant_method"] == "atp_sparse" and quant["format"] == hfq.FORMAT
+    assert len(quant["sparse_modules"]) == NUM_LINEARS and config["dtype"] == "float32"
+    stored = load_file(compressed / WEIGHTS)
+    for name in quant["sparse_modules"]:
+        assert stored[f"{name}.weight"].shape == (0,)  # the marker
+        assert stored[f"{name}.mask"].dtype == torch.int64
+        assert (f"{name}.bias" in stored) == ("self_attn" in name)  # attention_bias=True, no MLP bias
+    assert is_compressed_dir(str(compressed))
+
+
+def test_plain_transformers_refuses_both_directories(compressed, round_trip):
+    """Without this project (nothing of `lib` importable in the child), from_pretrained raises, and says why."""
+    script = textwrap.dedent("""
+        import sys
+        from transformers import AutoModelForCausalLM
+        for directory in sys.argv[1:]:
+            try:
+                AutoModelForCausalLM.from_pretrained(directory)
+                print("LOADED", directory)
+            except Exception as error:
+                print("REFUSED", type(error).__name__, str(error).splitlines()[0])
+        print("lib imported:", any(m == "lib" or m.startswith("lib.") for m in sys.modules))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", NO_COLOR="1")
+    run = subprocess.run([sys.executable, "-c", script, str(compressed), str(round_trip)], cwd=compressed.parent,
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[-1] == "lib imported: False"
+    refusals = [line for line in lines if line.startswith("REFUSED RuntimeError")]
+    assert len(refusals) == 2 and "ignore_mismatched_sizes" in refusals[0], run.stdout
+    assert run.stderr.count("Unknown quantization type, got atp_sparse") == 2
+    assert "Reinit due to size mismatch - ckpt: torch.Size([0]) vs model:torch.Size([64, 64])" in run.stderr
+
+
+def test_import_is_cheap():
+    run = subprocess.run([sys.executable, "-c", "import sys, lib.sparse; print(sorted({'torch', 'transformers'} & "
+                          "set(sys.modules)))"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert run.stdout.strip() == "[]", run.stderr
+
+
+class AllocationLog(TorchDispatchMode):
+    """Shapes of every tensor that an operation produces off the meta device."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.shapes |= {tuple(t.shape) for t in tree_leaves(out)
+                        if isinstance(t, torch.Tensor) and t.device.type != "meta"}
+        return out
+
+
+def test_native_load_never_builds_a_dense_weight_and_matches(compressed, dense, monkeypatch):
+    lib.sparse.register()
+    lib.sparse.register()  # idempotent
+    from transformers import AutoModelForCausalLM
+    monkeypatch.setenv("HF_DEACTIVATE_ASYNC_LOAD", "1")  # load in this thread, where the dispatch mode sees it
+    log = AllocationLog()
+    with log:
+        model, info = AutoModelForCausalLM.from_pretrained(compressed, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    assert {(64, 64), (128, 64)} & log.shapes == {(128, 64)}  # the log works: the embedding was materialised
+    assert not DENSE_SHAPES & log.shapes
+    sparse = [m for m in model.model.layers.modules() if isinstance(m, SparseLinear)]
+    assert len(sparse) == NUM_LINEARS and not any(isinstance(m, nn.Linear) for m in model.model.layers.modules())
+    assert not any(hasattr(m, "weight") for m in sparse)
+    biased = [m for m in sparse if m.bias is not None]
+    assert len(biased) == 2 * 4 and not any(m.bias.requires_grad for m in biased)
+    assert model.lm_head.weight is model.model.embed_tokens.weight and not model.training
+    torch.testing.assert_close(logits(model, IDS), logits(dense, IDS), rtol=1e-4, atol=1e-4)
+    old, _ = load_compressed(str(compressed))
+    assert torch.equal(logits(model, IDS), logits(old, IDS))
+    greedy = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert torch.equal(model.generate(IDS[:1], **greedy), dense.generate(IDS[:1], **greedy))
+
+
+def test_save_pretrained_writes_the_same_checkpoint_back(compressed, round_trip, native):
+    written, original = load_file(round_trip / WEIGHTS), load_file(compressed / WEIGHTS)
+    assert written.keys() == original.keys()
+    for key, tensor in original.items():
+        assert torch.equal(written[key], tensor) and written[key].dtype == tensor.dtype, key
+    quant = json.loads((round_trip / "config.json").read_text())["quantization_config"]
+    assert quant == json.loads((compressed / "config.json").read_text())["quantization_config"]
+    from transformers import AutoModelForCausalLM
+    again = AutoModelForCausalLM.from_pretrained(round_trip)
+    assert sum(isinstance(m, SparseLinear) for m in again.modules()) == NUM_LINEARS
+    assert torch.equal(logits(again, IDS), logits(native, IDS))
+    again.dequantize()  # transformers' API: back to dense nn.Linear modules and a plain config
+    assert not any(isinstance(m, SparseLinear) for m in again.modules()) and not again.is_quantized
+    assert not hasattr(again.config, "quantization_config")
+    torch.testing.assert_close(logits(again, IDS), logits(native, IDS), rtol=1e-5, atol=1e-5)
+
+
+def test_base_model_and_causal_lm_load_each_others_saves(compressed, native, tmp_path):
+    from transformers import AutoModel, AutoModelForCausalLM
+    base = AutoModel.from_pretrained(compressed)  # the checkpoint's keys carry the "model." prefix, base's do not
+    assert isinstance(base.layers[0].mlp.down_proj, SparseLinear)
+    base.save_pretrained(tmp_path / "base")
+    model, info = AutoModelForCausalLM.from_pretrained(tmp_path / "base", output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    assert torch.equal(logits(model, IDS), logits(native, IDS))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_dtype_and_device_map(compressed, dtype):
+    lib.sparse.register()
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(compressed, dtype=dtype, device_map="cpu")
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, SparseLinear) and q_proj.values.dtype == dtype and q_proj.bias.dtype == dtype
+    assert q_proj.mask.dtype == torch.int64 and q_proj.row_offsets.dtype == torch.int64
+    assert model.model.embed_tokens.weight.dtype == dtype
+    reference = pruned_llama(dtype)
+    tol = 1e-4 if dtype == torch.float32 else 6e-2
+    torch.testing.assert_close(logits(model, IDS), logits(reference, IDS), rtol=tol, atol=tol)
+
+
+def test_non_cpu_device_map_and_unsupported_dtype_are_refused(compressed):
+    lib.sparse.register()
+    from transformers import AutoModelForCausalLM
+    with pytest.raises(ValueError, match="CPU only"):
+        AutoModelForCausalLM.from_pretrained(compressed, device_map={"": "cuda:0"})
+    with pytest.raises(ValueError, match="float64"):
+        AutoModelForCausalLM.from_pretrained(compressed, dtype=torch.float64)
+
+
+def test_a_packed_tensor_missing_from_the_checkpoint_is_an_error(compressed, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(compressed, broken)
+    state = load_file(broken / WEIGHTS)
+    del state["model.layers.1.mlp.up_proj.row_offsets"]
+    save_file(state, broken / WEIGHTS, metadata={"format": "pt"})
+    lib.sparse.register()
+    from transformers import AutoModelForCausalLM
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj\.\{row_offsets\} missing"):
+        AutoModelForCausalLM.from_pretrained(broken)
+
+
+def test_first_version_directories_still_load(compressed, dense, tmp_path):
+    """A directory as the previous save_compressed wrote it: no quantization_config, no markers, v1 manifest."""
+    old = tmp_path / "v1"
+    shutil.copytree(compressed, old)
+    config = json.loads((old / "config.json").read_text())
+    names = config.pop("quantization_config")["sparse_modules"]
+    (old / "config.json").write_text(json.dumps(config))
+    state = {k: v for k, v in load_file(old / WEIGHTS).items() if k not in {f"{n}.weight" for n in names}}
+    save_file(state, old / WEIGHTS, metadata={"format": "atp-bitmask-v1"})
+    manifest = json.loads((old / "sparse_manifest.json").read_text())
+    (old / "sparse_manifest.json").write_text(json.dumps({**manifest, "format": "atp-bitmask-v1"}))
+    model, _ = load_compressed(str(old))
+    assert sum(isinstance(m, SparseLinear) for m in model.modules()) == NUM_LINEARS
+    torch.testing.assert_close(logits(model, IDS), logits(dense, IDS), rtol=1e-4, atol=1e-4)
+
+
+def test_fused_moe_experts_stay_dense_tensors(tmp_path, tok):
+    from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
+    torch.manual_seed(0)
+    cfg = MixtralConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                        max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    moe = MixtralForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for module in moe.model.layers.modules():
+            if isinstance(module, nn.Linear):
+                module.weight[lowest_per_row_mask(module.weight.abs(), 0.7)] = 0
+        for name, p in moe.model.layers.named_parameters():
+            if p.dim() == 3:
+                p[p.abs() < p.abs().median()] = 0
+    save_compressed(moe, tok, str(tmp_path / "moe"))
+    quant = json.loads((tmp_path / "moe" / "config.json").read_text())["quantization_config"]
+    assert len(quant["dense_fused_experts"]) == 4 and len(quant["sparse_modules"]) == 8
+    lib.sparse.register()
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "moe")
+    for name in quant["dense_fused_experts"]:
+        p = model.get_parameter(name)
+        assert isinstance(p, nn.Parameter) and p.dim() == 3 and torch.equal(p, moe.get_parameter(name))
+    assert isinstance(model.model.layers[1].self_attn.v_proj, SparseLinear)
+    torch.testing.assert_close(logits(model, IDS), logits(moe, IDS), rtol=1e-4, atol=1e-4)
