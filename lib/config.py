@@ -179,8 +179,9 @@ def _check_model(config: ModelConfig) -> None:
         raise setting_error("device", exc) from None
     if config.model is not None and os.path.isfile(os.path.join(config.model, "sparse_manifest.json")):
         raise UserError(f"{config.model} is a compressed checkpoint (--save_format compressed): it is already "
-                        f"pruned and its Linears are packed. Run it with lib.sparse.load_compressed (README, "
-                        f"'Speed'), or prune the dense original instead", "model")
+                        f"pruned and its Linears are packed. Run it with lib.sparse.load_compressed, or "
+                        f"from_pretrained after lib.sparse.register() (README, 'Speed'); to prune again, start "
+                        f"from the dense original", "model")
 
 
 def _check_prune(config: PruneConfig, allocation: AllocationSpec) -> None:

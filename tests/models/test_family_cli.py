@@ -101,3 +101,22 @@ def test_a_compressed_checkpoint_stores_fused_experts_dense_with_their_zeros_and
     ids = torch.randint(3, 400, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(packed(ids).logits, dense(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_a_family_with_a_matrix_no_rule_explains_is_refused_before_its_weights_are_read(cli, tmp_path, tokenizer,
+                                                                                        text_files, monkeypatch):
+    from families import REFUSED
+    import lib.models.loading
+    config = REFUSED["jamba"](len(tokenizer))
+    path = tmp_path / "jamba"
+    auto_model_class(config).from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    loads = []
+    real = lib.models.loading.load_model_and_tokenizer
+    monkeypatch.setattr(lib.models.loading, "load_model_and_tokenizer",
+                        lambda *a, **k: loads.append(a) or real(*a, **k))
+    code, out, err = cli(*run_flags(path, text_files), "--results", tmp_path / "run.json")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and lines[-1].startswith("error: --model") and "mamba.A_log" in lines[-1], err
+    assert "refusing rather than leave them dense silently" in lines[-1]
+    assert not loads and not (tmp_path / "run.json").exists()
