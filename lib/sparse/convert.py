@@ -59,13 +59,7 @@ class ConversionSummary:
         if self.converted and self.kernel.startswith("C++"):
             dtypes = sorted({c["dtype"] for c in self.converted})
             for d in dtypes:
-                limit = sparse_linear.dense_above_tokens(getattr(torch, d))
-                if limit < 1 << 40:
-                    lines.append(f"  {d}: calls with more than {limit} tokens (long prefill) unpack the weight into a "
-                                 "dense workspace and use torch's dense GEMM (measured faster there)")
-                else:
-                    lines.append(f"  {d}: every batch size uses the sparse kernel (measured faster than torch's "
-                                 "dense GEMM)")
+                lines.append(f"  {d}: {sparse_linear.path_summary()}")
         elif self.converted:
             lines.append("  no C++ kernel: every call unpacks the weight (correct but slower than dense)")
         return "\n".join(lines)
@@ -121,7 +115,7 @@ def sparsify_model(model: nn.Module, min_sparsity: float = DEFAULT_MIN_SPARSITY,
     if not 0.0 <= min_sparsity <= 1.0:
         raise ValueError(f"min_sparsity must be within [0, 1], got {min_sparsity}")
     kern = kernels.get()
-    summary = ConversionSummary(kernel="C++ (AVX2/OpenMP)" if kern is not None else
+    summary = ConversionSummary(kernel=kernels.describe() if kern is not None else
                                 f"none, pure-PyTorch fallback ({kernels.reason()})")
     for name, module in block_linears(model):
         if isinstance(module, SparseLinear):

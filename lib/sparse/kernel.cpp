@@ -1,20 +1,134 @@
 // Bitmask-packed sparse Linear kernels (see format.py for the layout). fp32 accumulation for every value dtype.
-// spmv:    y[t, r] = sum_j W[r, j] x[t, j], one pass over the packed row per token (decode, few tokens).
-// spmm:    the same for a tile of 16 tokens per packed-row pass (prefill), inputs transposed to [tile][col][16].
-// densify: the dense weight, for the dense fallback of large batches.
+//
+// One extension, three instruction sets chosen at run time (the `isa` argument of every entry point; kernels.py
+// picks the best the CPU has, ATP_SPARSE_ISA forces one): 2 = AVX-512 (F, BW, VL, VBMI2 + BMI2), 1 = AVX2 (+FMA,
+// F16C), 0 = portable C++. The file is compiled for the baseline x86-64 (no -march=native); the SIMD code sits in
+// regions compiled for their instruction set (function-level target attributes), so one build runs on any CPU.
+//
+// decode:  y[t, r] = sum_j W[r, j] x[t, j] for a few tokens: one pass over each packed row, the expanded weights
+//          reused for up to 4 tokens at a time (more tokens: the row is re-read from L1).
+// tiled:   many tokens (prefill): per nonzero, its value times a 16-token vector of inputs (inputs transposed to
+//          [tile][col][16]); AVX-512 decodes each row's column offsets once per group of up to 4 tiles.
+// densify: the dense weight, for the dense-GEMM path of large batches.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
-#ifdef __AVX2__
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#define ATP_X86 1
 #include <immintrin.h>
+#else
+#define ATP_X86 0
+#endif
+
+#if ATP_X86 && defined(__clang__)
+#define ATP_PRAGMA(x) _Pragma(#x)
+#define ATP_TARGET_BEGIN(features) ATP_PRAGMA(clang attribute push(__attribute__((target(features))), apply_to = function))
+#define ATP_TARGET_END _Pragma("clang attribute pop")
+#elif ATP_X86
+#define ATP_PRAGMA(x) _Pragma(#x)
+#define ATP_TARGET_BEGIN(features) _Pragma("GCC push_options") ATP_PRAGMA(GCC target(features))
+#define ATP_TARGET_END _Pragma("GCC pop_options")
 #endif
 
 namespace {
-#ifndef ATP_PREFETCH_BYTES  // how far ahead of the packed values the decode loop prefetches (0: off); measured
-#define ATP_PREFETCH_BYTES 512  // 0-5% faster than the hardware prefetcher alone, most on 7B-sized rows
+
+enum Isa : int64_t { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
+
+#ifndef ATP_PREFETCH_BYTES  // how far ahead of the packed values the decode loops prefetch (0: off); measured
+#define ATP_PREFETCH_BYTES 512  // 0-5% faster than the hardware prefetcher alone on a Zen 3, most on 7B-sized rows
 #endif
+
+constexpr int TILE = 16;       // tokens per tile of the tiled kernels
+constexpr int DECODE_NT = 4;   // tokens per pass of the decode kernels
+constexpr int64_t ROW_CHUNK = 16;
+constexpr int GROUP_TILES = 8;      // AVX-512 tiled kernel: tiles per group (128 tokens)
+constexpr int64_t TILED_ROWS = 16;  // AVX-512 tiled kernel: rows per work item (partial sums stay in L1)
+
+// What one call works on. Pointers are raw; the kernels below never allocate (except per-thread scratch).
+struct Op {
+  const int64_t* mask;
+  const void* vals;
+  const int64_t* off;
+  const float* x;  // decode: [ntok][cpad]; tiled: [ntiles][cpad][TILE]
+  float* y;        // [ntok][rows]
+  int64_t rows, words, ntok;
+};
+
+template <typename T> inline float to_f(T v) { return static_cast<float>(v); }
+
+// ------------------------------------------------------------------------------------------ portable C++
+template <typename T>
+void decode_rows_scalar(const Op& op, int64_t r0, int64_t r1) {
+  const T* vals = static_cast<const T*>(op.vals);
+  const int64_t cpad = op.words * 64;
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t t0 = 0; t0 < op.ntok; t0 += DECODE_NT) {
+      const int64_t nt = std::min<int64_t>(DECODE_NT, op.ntok - t0);
+      float acc[DECODE_NT] = {0.f, 0.f, 0.f, 0.f};
+      const T* v = vals + op.off[r];
+      for (int64_t w = 0; w < op.words; ++w) {
+        uint64_t bits = static_cast<uint64_t>(op.mask[r * op.words + w]);
+        while (bits) {
+          const int j = __builtin_ctzll(bits);
+          bits &= bits - 1;
+          const float wv = to_f(*v++);
+          for (int64_t t = 0; t < nt; ++t) acc[t] += wv * op.x[(t0 + t) * cpad + w * 64 + j];
+        }
+      }
+      for (int64_t t = 0; t < nt; ++t) op.y[(t0 + t) * op.rows + r] = acc[t];
+    }
+  }
+}
+
+template <typename T>
+void tiled_rows_scalar(const Op& op, int64_t tile, int64_t r0, int64_t r1) {
+  const T* vals = static_cast<const T*>(op.vals);
+  const int64_t cpad = op.words * 64;
+  const float* xb = op.x + tile * cpad * TILE;
+  for (int64_t r = r0; r < r1; ++r) {
+    float acc[TILE] = {};
+    const T* v = vals + op.off[r];
+    for (int64_t w = 0; w < op.words; ++w) {
+      uint64_t bits = static_cast<uint64_t>(op.mask[r * op.words + w]);
+      while (bits) {
+        const int j = __builtin_ctzll(bits);
+        bits &= bits - 1;
+        const float wv = to_f(*v++);
+        const float* xp = xb + (w * 64 + j) * TILE;
+        for (int i = 0; i < TILE; ++i) acc[i] += wv * xp[i];
+      }
+    }
+    const int64_t t0 = tile * TILE;
+    for (int i = 0; i < TILE && t0 + i < op.ntok; ++i) op.y[(t0 + i) * op.rows + r] = acc[i];
+  }
+}
+
+template <typename T>
+void densify_rows_scalar(const Op& op, T* out, int64_t cols, int64_t r0, int64_t r1) {
+  const T* vals = static_cast<const T*>(op.vals);
+  for (int64_t r = r0; r < r1; ++r) {
+    T* o = out + r * cols;
+    std::memset(static_cast<void*>(o), 0, sizeof(T) * cols);
+    const T* v = vals + op.off[r];
+    for (int64_t w = 0; w < op.words; ++w) {
+      uint64_t bits = static_cast<uint64_t>(op.mask[r * op.words + w]);
+      while (bits) {
+        const int j = __builtin_ctzll(bits);
+        bits &= bits - 1;
+        o[w * 64 + j] = *v++;
+      }
+    }
+  }
+}
+
+#if ATP_X86
+// ------------------------------------------------------------------------------------------ AVX2 + FMA
+ATP_TARGET_BEGIN("avx2,fma,f16c,popcnt")
 
 // Expansion table, one 8-byte row per mask byte b: lane i <- packed value number popcount(b & ((1 << i) - 1)) when
 // bit i is set, else -128 (sign bit set: the lane is zeroed by a blend; vpermps reads only the low 3 bits). Bytes,
@@ -30,9 +144,6 @@ struct SelectTable {
 };
 const SelectTable SELECT;
 
-template <typename T> inline float to_f(T v) { return static_cast<float>(v); }
-
-#ifdef __AVX2__
 template <typename T> inline __m256 load8(const T* p);
 template <> inline __m256 load8<float>(const float* p) { return _mm256_loadu_ps(p); }
 template <> inline __m256 load8<at::BFloat16>(const at::BFloat16* p) {
@@ -43,21 +154,23 @@ template <> inline __m256 load8<at::Half>(const at::Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
-inline float hsum(__m256 a) {
+inline float hsum8(__m256 a) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
   return _mm_cvtss_f32(s);
 }
-#endif
 
-// One row's dot product with x. The loop is bound by loads and instruction count (measured on a 2-core AVX2 EPYC):
-// mask bytes come out of one 64-bit word by shifts (no load per byte), the value pointer advances by popcount (no
-// prefix sums), and per 8 columns there are 3 loads: table row, 8 packed values, 8 inputs.
-template <typename T>
-float row_dot(const uint8_t* m, const T* v, const float* x, int64_t nbytes) {
-#ifdef __AVX2__
-  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+// One row against NT tokens. Per 8 columns: a byte-indexed table row, 8 packed values, one permute + blend (the
+// expanded weights), then one FMA per token. Mask bytes come out of one 64-bit word by shifts, the value pointer
+// advances by popcount. U accumulators per token keep the FMA chains independent.
+template <typename T, int NT>
+inline void row_avx2(const uint8_t* m, const T* v, const float* x, int64_t ldx, int64_t nbytes, float* out,
+                     int64_t ostride) {
+  constexpr int U = NT == 1 ? 4 : (NT == 2 ? 2 : 1);
+  __m256 acc[NT][U];
+  for (int t = 0; t < NT; ++t)
+    for (int u = 0; u < U; ++u) acc[t][u] = _mm256_setzero_ps();
   __m256 zero = _mm256_setzero_ps();
 #ifdef __GNUC__
   asm("" : "+x"(zero));  // keeps one vblendvps per step (a known-zero operand gets rewritten into two instructions)
@@ -67,203 +180,454 @@ float row_dot(const uint8_t* m, const T* v, const float* x, int64_t nbytes) {
     std::memcpy(&word, m + g, 8);
     if (ATP_PREFETCH_BYTES) _mm_prefetch(reinterpret_cast<const char*>(v) + ATP_PREFETCH_BYTES, _MM_HINT_T0);
     const float* xg = x + g * 8;
-#define ATP_STEP(I, ACC)                                                                                    \
-  {                                                                                                         \
-    const unsigned b = (word >> (8 * I)) & 0xFFu;                                                           \
-    const __m256i idx = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(SELECT.idx[b]))); \
-    const __m256 w = _mm256_blendv_ps(_mm256_permutevar8x32_ps(load8(v), idx), zero, _mm256_castsi256_ps(idx)); \
-    ACC = _mm256_fmadd_ps(w, _mm256_loadu_ps(xg + 8 * I), ACC);                                             \
-    v += __builtin_popcount(b);                                                                             \
-  }
-    ATP_STEP(0, a0) ATP_STEP(1, a1) ATP_STEP(2, a2) ATP_STEP(3, a3)
-    ATP_STEP(4, a0) ATP_STEP(5, a1) ATP_STEP(6, a2) ATP_STEP(7, a3)
-#undef ATP_STEP
-  }
-  return hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-#else
-  float acc = 0.f;
-  for (int64_t w = 0; w < nbytes / 8; ++w) {
-    uint64_t bits;
-    std::memcpy(&bits, m + w * 8, 8);
-    while (bits) {
-      int j = __builtin_ctzll(bits);
-      bits &= bits - 1;
-      acc += to_f(*v++) * x[w * 64 + j];
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) {
+      const unsigned b = (word >> (8 * i)) & 0xFFu;
+      const __m256i idx = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(SELECT.idx[b])));
+      const __m256 w = _mm256_blendv_ps(_mm256_permutevar8x32_ps(load8(v), idx), zero, _mm256_castsi256_ps(idx));
+      for (int t = 0; t < NT; ++t) acc[t][i % U] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xg + t * ldx + 8 * i), acc[t][i % U]);
+      v += __builtin_popcount(b);
     }
   }
-  return acc;
-#endif
+  for (int t = 0; t < NT; ++t) {
+    __m256 s = acc[t][0];
+    for (int u = 1; u < U; ++u) s = _mm256_add_ps(s, acc[t][u]);
+    out[t * ostride] = hsum8(s);
+  }
 }
 
 template <typename T>
-void spmv_impl(const int64_t* mask, const T* vals, const int64_t* off, const float* x, float* y,
-               int64_t rows, int64_t words, int64_t ntok) {
-  const int64_t cpad = words * 64, nbytes = words * 8;
-  const int nt = at::get_num_threads();
-  for (int64_t t = 0; t < ntok; ++t) {
-    const float* xt = x + t * cpad;
-    float* yt = y + t * rows;
-#pragma omp parallel for schedule(dynamic, 32) num_threads(nt) if (rows * words >= 512)
-    for (int64_t r = 0; r < rows; ++r) {
-      yt[r] = row_dot<T>(reinterpret_cast<const uint8_t*>(mask + r * words), vals + off[r], xt, nbytes);
-    }
-  }
-}
-
-constexpr int TILE = 16;
-
-template <typename T>
-void spmm_impl(const int64_t* mask, const T* vals, const int64_t* off, const float* xt, float* y,
-               int64_t rows, int64_t words, int64_t ntok) {
-  // xt: [ntiles][words*64][TILE] fp32 (zero padded); y: [ntok][rows]
-  const int64_t cpad = words * 64, ntiles = (ntok + TILE - 1) / TILE;
-  const int nt = at::get_num_threads();
-#pragma omp parallel for schedule(dynamic, 8) num_threads(nt) collapse(2)
-  for (int64_t tile = 0; tile < ntiles; ++tile) {
-    for (int64_t r = 0; r < rows; ++r) {
-      const float* xb = xt + tile * cpad * TILE;
-      const T* v = vals + off[r];
-      const int64_t* m = mask + r * words;
-      alignas(32) float acc[TILE];
-#ifdef __AVX2__
-      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), c0 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps();
-      for (int64_t w = 0; w < words; ++w) {
-        uint64_t bits = static_cast<uint64_t>(m[w]);
-        const float* xw = xb + w * 64 * TILE;
-        while (bits) {
-          int j = __builtin_ctzll(bits);
-          bits &= bits - 1;
-          __m256 vb = _mm256_set1_ps(to_f(*v++));
-          const float* xp = xw + j * TILE;
-          a0 = _mm256_fmadd_ps(vb, _mm256_loadu_ps(xp), a0);
-          a1 = _mm256_fmadd_ps(vb, _mm256_loadu_ps(xp + 8), a1);
-          if (!bits) break;
-          j = __builtin_ctzll(bits);
-          bits &= bits - 1;
-          vb = _mm256_set1_ps(to_f(*v++));
-          xp = xw + j * TILE;
-          c0 = _mm256_fmadd_ps(vb, _mm256_loadu_ps(xp), c0);
-          c1 = _mm256_fmadd_ps(vb, _mm256_loadu_ps(xp + 8), c1);
-        }
+void decode_rows_avx2(const Op& op, int64_t r0, int64_t r1) {
+  const T* vals = static_cast<const T*>(op.vals);
+  const int64_t ldx = op.words * 64, nbytes = op.words * 8;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* m = reinterpret_cast<const uint8_t*>(op.mask + r * op.words);
+    const T* v = vals + op.off[r];
+    for (int64_t t0 = 0; t0 < op.ntok; t0 += DECODE_NT) {
+      const float* x = op.x + t0 * ldx;
+      float* out = op.y + t0 * op.rows + r;
+      switch (std::min<int64_t>(DECODE_NT, op.ntok - t0)) {
+        case 1: row_avx2<T, 1>(m, v, x, ldx, nbytes, out, op.rows); break;
+        case 2: row_avx2<T, 2>(m, v, x, ldx, nbytes, out, op.rows); break;
+        case 3: row_avx2<T, 3>(m, v, x, ldx, nbytes, out, op.rows); break;
+        default: row_avx2<T, 4>(m, v, x, ldx, nbytes, out, op.rows); break;
       }
-      _mm256_store_ps(acc, _mm256_add_ps(a0, c0));
-      _mm256_store_ps(acc + 8, _mm256_add_ps(a1, c1));
-#else
-      for (int i = 0; i < TILE; ++i) acc[i] = 0.f;
-      for (int64_t w = 0; w < words; ++w) {
-        uint64_t bits = static_cast<uint64_t>(m[w]);
-        while (bits) {
-          int j = __builtin_ctzll(bits);
-          bits &= bits - 1;
-          float wv = to_f(*v++);
-          const float* xp = xb + (w * 64 + j) * TILE;
-          for (int i = 0; i < TILE; ++i) acc[i] += wv * xp[i];
-        }
-      }
-#endif
-      const int64_t t0 = tile * TILE;
-      for (int i = 0; i < TILE && t0 + i < ntok; ++i) y[(t0 + i) * rows + r] = acc[i];
     }
   }
 }
 
 template <typename T>
-void densify_impl(const int64_t* mask, const T* vals, const int64_t* off, T* out, int64_t rows, int64_t words,
-                  int64_t cols) {
-  const int nt = at::get_num_threads();
-#pragma omp parallel for schedule(static) num_threads(nt)
-  for (int64_t r = 0; r < rows; ++r) {
-    T* o = out + r * cols;
-    std::memset(static_cast<void*>(o), 0, sizeof(T) * cols);
-    const T* v = vals + off[r];
-    for (int64_t w = 0; w < words; ++w) {
-      uint64_t bits = static_cast<uint64_t>(mask[r * words + w]);
+void tiled_rows_avx2(const Op& op, int64_t tile, int64_t r0, int64_t r1) {
+  const T* vals = static_cast<const T*>(op.vals);
+  const int64_t cpad = op.words * 64;
+  const float* xb = op.x + tile * cpad * TILE;
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* v = vals + op.off[r];
+    const int64_t* m = op.mask + r * op.words;
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), c0 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps();
+    for (int64_t w = 0; w < op.words; ++w) {
+      uint64_t bits = static_cast<uint64_t>(m[w]);
+      const float* xw = xb + w * 64 * TILE;
       while (bits) {
         int j = __builtin_ctzll(bits);
         bits &= bits - 1;
-        o[w * 64 + j] = *v++;
+        __m256 vb = _mm256_set1_ps(to_f(*v++));
+        const float* xp = xw + j * TILE;
+        a0 = _mm256_fmadd_ps(vb, _mm256_loadu_ps(xp), a0);
+        a1 = _mm256_fmadd_ps(vb, _mm256_loadu_ps(xp + 8), a1);
+        if (!bits) break;
+        j = __builtin_ctzll(bits);
+        bits &= bits - 1;
+        vb = _mm256_set1_ps(to_f(*v++));
+        xp = xw + j * TILE;
+        c0 = _mm256_fmadd_ps(vb, _mm256_loadu_ps(xp), c0);
+        c1 = _mm256_fmadd_ps(vb, _mm256_loadu_ps(xp + 8), c1);
+      }
+    }
+    alignas(32) float acc[TILE];
+    _mm256_store_ps(acc, _mm256_add_ps(a0, c0));
+    _mm256_store_ps(acc + 8, _mm256_add_ps(a1, c1));
+    const int64_t t0 = tile * TILE;
+    for (int i = 0; i < TILE && t0 + i < op.ntok; ++i) op.y[(t0 + i) * op.rows + r] = acc[i];
+  }
+}
+
+ATP_TARGET_END
+
+// ------------------------------------------------------------------------------------------ AVX-512
+ATP_TARGET_BEGIN("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi2,bmi,bmi2,popcnt,avx2,fma,f16c")
+
+// 16 mask bits -> the next popcount(k) packed values expanded into the lanes whose bit is set (zeros elsewhere),
+// as fp32. bf16: the values go into the high halves of the 32-bit lanes (mask bits spread to the odd 16-bit
+// positions by pdep), which is exactly their fp32 value; fp16: expanded as 16-bit words, then converted.
+template <typename T> inline __m512 expand16(__mmask16 k, const T* v);
+#ifndef ATP_F32_EXPAND
+#define ATP_F32_EXPAND 0
+#endif
+template <> inline __m512 expand16<float>(__mmask16 k, const float* v) {
+#if ATP_F32_EXPAND == 0
+  return _mm512_maskz_expandloadu_ps(k, v);
+#elif ATP_F32_EXPAND == 1
+  return _mm512_maskz_expand_ps(k, _mm512_loadu_ps(v));
+#else
+  return _mm512_castsi512_ps(_mm512_maskz_expandloadu_epi32(k, v));
+#endif
+}
+template <> inline __m512 expand16<at::BFloat16>(__mmask16 k, const at::BFloat16* v) {
+  return _mm512_castsi512_ps(_mm512_maskz_expandloadu_epi16(_pdep_u32(k, 0xAAAAAAAAu), v));
+}
+template <> inline __m512 expand16<at::Half>(__mmask16 k, const at::Half* v) {
+  return _mm512_cvtph_ps(_mm256_maskz_expandloadu_epi16(k, v));
+}
+
+// One row against NT tokens: per 16 columns one expand-load (the mask's 16 bits say where the next popcount
+// values go), one FMA per token, the value pointer advanced by popcount. U accumulators per token.
+template <typename T, int NT>
+inline void row_avx512(const uint16_t* m, const T* v, const float* x, int64_t ldx, int64_t nq, float* out,
+                       int64_t ostride) {
+  constexpr int U = NT == 1 ? 4 : (NT == 2 ? 2 : 1);
+  __m512 acc[NT][U];
+  for (int t = 0; t < NT; ++t)
+    for (int u = 0; u < U; ++u) acc[t][u] = _mm512_setzero_ps();
+  for (int64_t q = 0; q < nq; q += 4) {  // 64 columns (one mask word) per iteration
+    if (ATP_PREFETCH_BYTES) _mm_prefetch(reinterpret_cast<const char*>(v) + ATP_PREFETCH_BYTES, _MM_HINT_T0);
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) {
+      const unsigned k = m[q + i];
+      const __m512 w = expand16<T>(static_cast<__mmask16>(k), v);
+      for (int t = 0; t < NT; ++t)
+        acc[t][i % U] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + t * ldx + 16 * (q + i)), acc[t][i % U]);
+      v += __builtin_popcount(k);
+    }
+  }
+  for (int t = 0; t < NT; ++t) {
+    __m512 s = acc[t][0];
+    for (int u = 1; u < U; ++u) s = _mm512_add_ps(s, acc[t][u]);
+    out[t * ostride] = _mm512_reduce_add_ps(s);
+  }
+}
+
+template <typename T>
+void decode_rows_avx512(const Op& op, int64_t r0, int64_t r1) {
+  const T* vals = static_cast<const T*>(op.vals);
+  const int64_t ldx = op.words * 64, nq = op.words * 4;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint16_t* m = reinterpret_cast<const uint16_t*>(op.mask + r * op.words);
+    const T* v = vals + op.off[r];
+    for (int64_t t0 = 0; t0 < op.ntok; t0 += DECODE_NT) {
+      const float* x = op.x + t0 * ldx;
+      float* out = op.y + t0 * op.rows + r;
+      switch (std::min<int64_t>(DECODE_NT, op.ntok - t0)) {
+        case 1: row_avx512<T, 1>(m, v, x, ldx, nq, out, op.rows); break;
+        case 2: row_avx512<T, 2>(m, v, x, ldx, nq, out, op.rows); break;
+        case 3: row_avx512<T, 3>(m, v, x, ldx, nq, out, op.rows); break;
+        default: row_avx512<T, 4>(m, v, x, ldx, nq, out, op.rows); break;
       }
     }
   }
+}
+
+// The tiled kernel's inputs for AVX-512: groups of up to 8 tiles (128 tokens), each group stored column-major with
+// its G*16 tokens adjacent ([cpad][G*16] fp32, zero padded), so that one nonzero's inputs are G*64 contiguous bytes.
+
+// Columns per block: the block's inputs (KB x G*64 bytes) take 32 KiB, so they stay in L1 while 16 rows use them.
+#ifndef ATP_SLAB_BYTES
+#define ATP_SLAB_BYTES 32768
+#endif
+constexpr int64_t block_cols(int G) { return (ATP_SLAB_BYTES / (G * 64)) / 16 * 16 > 16 ? (ATP_SLAB_BYTES / (G * 64)) / 16 * 16 : 16; }
+
+template <typename T> inline __m512 bcast(const T* v);
+template <> inline __m512 bcast<float>(const float* v) { return _mm512_set1_ps(*v); }
+template <> inline __m512 bcast<at::BFloat16>(const at::BFloat16* v) {
+  uint16_t raw;
+  std::memcpy(&raw, v, 2);
+  return _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(raw) << 16)));
+}
+template <> inline __m512 bcast<at::Half>(const at::Half* v) {
+  uint16_t raw;
+  std::memcpy(&raw, v, 2);
+  return _mm512_cvtph_ps(_mm256_set1_epi16(static_cast<short>(raw)));
+}
+
+// One work item: rows [r0, r1) against one group of G tiles. Column block by column block, each row's nonzeros in
+// the block are decoded into byte offsets (compress of a column ramp by the 16 mask bits), then every nonzero costs
+// one broadcast and G FMAs whose inputs come from L1. Partial sums live in `part` between blocks.
+template <typename T, int G>
+void tiled_item_avx512(const Op& op, const float* xg, int64_t t0, int64_t r0, int64_t r1) {
+  constexpr int64_t KB = block_cols(G);
+  constexpr int W = G * TILE;  // floats per column in this group
+  const T* vals = static_cast<const T*>(op.vals);
+  const int64_t cpad = op.words * 64, nrows = r1 - r0;
+  alignas(64) float part[TILED_ROWS][W];
+  alignas(64) int32_t offs[KB + 16];
+  const T* cur[TILED_ROWS];
+  for (int64_t i = 0; i < nrows; ++i) {
+    cur[i] = vals + op.off[r0 + i];
+    for (int j = 0; j < W; ++j) part[i][j] = 0.f;
+  }
+  const __m512i step = _mm512_set1_epi32(16 * W * 4);
+  const __m512i ramp = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                          _mm512_set1_epi32(W * 4));
+  for (int64_t c0 = 0; c0 < cpad; c0 += KB) {
+    const int64_t nq = std::min(KB, cpad - c0) / 16;
+    const char* slab = reinterpret_cast<const char*>(xg + c0 * W);
+    for (int64_t i = 0; i < nrows; ++i) {
+      const uint16_t* m = reinterpret_cast<const uint16_t*>(op.mask + (r0 + i) * op.words) + c0 / 16;
+      int64_t n = 0;
+      __m512i col = ramp;
+      for (int64_t q = 0; q < nq; ++q) {
+        const unsigned k = m[q];
+        _mm512_storeu_si512(offs + n, _mm512_maskz_compress_epi32(static_cast<__mmask16>(k), col));
+        n += __builtin_popcount(k);
+        col = _mm512_add_epi32(col, step);
+      }
+      const T* v = cur[i];
+      cur[i] = v + n;
+      __m512 a[G];
+      for (int g = 0; g < G; ++g) a[g] = _mm512_load_ps(part[i] + 16 * g);
+      if (G >= 4) {
+        for (int64_t j = 0; j < n; ++j) {
+          const __m512 b = bcast<T>(v + j);
+          const float* xp = reinterpret_cast<const float*>(slab + offs[j]);
+          for (int g = 0; g < G; ++g) a[g] = _mm512_fmadd_ps(b, _mm512_loadu_ps(xp + 16 * g), a[g]);
+        }
+      } else {  // few tiles: two nonzeros per step, two sets of accumulators
+        __m512 c[G];
+        for (int g = 0; g < G; ++g) c[g] = _mm512_setzero_ps();
+        int64_t j = 0;
+        for (; j + 2 <= n; j += 2) {
+          const __m512 b0 = bcast<T>(v + j), b1 = bcast<T>(v + j + 1);
+          const float* x0 = reinterpret_cast<const float*>(slab + offs[j]);
+          const float* x1 = reinterpret_cast<const float*>(slab + offs[j + 1]);
+          for (int g = 0; g < G; ++g) {
+            a[g] = _mm512_fmadd_ps(b0, _mm512_loadu_ps(x0 + 16 * g), a[g]);
+            c[g] = _mm512_fmadd_ps(b1, _mm512_loadu_ps(x1 + 16 * g), c[g]);
+          }
+        }
+        if (j < n) {
+          const __m512 b0 = bcast<T>(v + j);
+          const float* x0 = reinterpret_cast<const float*>(slab + offs[j]);
+          for (int g = 0; g < G; ++g) a[g] = _mm512_fmadd_ps(b0, _mm512_loadu_ps(x0 + 16 * g), a[g]);
+        }
+        for (int g = 0; g < G; ++g) a[g] = _mm512_add_ps(a[g], c[g]);
+      }
+      for (int g = 0; g < G; ++g) _mm512_store_ps(part[i] + 16 * g, a[g]);
+    }
+  }
+  const int64_t cnt = std::min<int64_t>(W, op.ntok - t0);
+  for (int64_t j = 0; j < cnt; ++j) {
+    float* y = op.y + (t0 + j) * op.rows + r0;
+    for (int64_t i = 0; i < nrows; ++i) y[i] = part[i][j];
+  }
+}
+
+template <typename T>
+void tiled_item_avx512_g(const Op& op, const float* xg, int64_t G, int64_t t0, int64_t r0, int64_t r1) {
+  switch (G) {
+    case 1: tiled_item_avx512<T, 1>(op, xg, t0, r0, r1); break;
+    case 2: tiled_item_avx512<T, 2>(op, xg, t0, r0, r1); break;
+    case 3: tiled_item_avx512<T, 3>(op, xg, t0, r0, r1); break;
+    case 4: tiled_item_avx512<T, 4>(op, xg, t0, r0, r1); break;
+    case 5: tiled_item_avx512<T, 5>(op, xg, t0, r0, r1); break;
+    case 6: tiled_item_avx512<T, 6>(op, xg, t0, r0, r1); break;
+    case 7: tiled_item_avx512<T, 7>(op, xg, t0, r0, r1); break;
+    default: tiled_item_avx512<T, 8>(op, xg, t0, r0, r1); break;
+  }
+}
+
+template <typename T>
+void densify_rows_avx512(const Op& op, T* out, int64_t cols, int64_t r0, int64_t r1) {
+  const T* vals = static_cast<const T*>(op.vals);
+  const int64_t nq = (cols + 15) / 16;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint16_t* m = reinterpret_cast<const uint16_t*>(op.mask + r * op.words);
+    const T* v = vals + op.off[r];
+    T* o = out + r * cols;
+    for (int64_t q = 0; q < nq; ++q) {
+      const unsigned k = m[q];
+      const int64_t c = q * 16, left = cols - c;
+      const __mmask16 store = static_cast<__mmask16>(left >= 16 ? 0xFFFFu : (1u << left) - 1u);
+      if (std::is_same<T, float>::value) {
+        _mm512_mask_storeu_ps(reinterpret_cast<float*>(o) + c, store,
+                              _mm512_maskz_expandloadu_ps(static_cast<__mmask16>(k), v));
+      } else {
+        _mm256_mask_storeu_epi16(reinterpret_cast<uint16_t*>(o) + c, store,
+                                 _mm256_maskz_expandloadu_epi16(static_cast<__mmask16>(k), v));
+      }
+      v += __builtin_popcount(k);
+    }
+  }
+}
+
+ATP_TARGET_END
+#endif  // ATP_X86
+
+// ------------------------------------------------------------------------------------------ dispatch
+int64_t detect_isa() {
+#if ATP_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512vbmi2") && __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("avx2") &&
+      __builtin_cpu_supports("fma"))
+    return ISA_AVX512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("popcnt"))
+    return ISA_AVX2;
+#endif
+  return ISA_SCALAR;
+}
+
+const int64_t BEST_ISA = detect_isa();
+
+int64_t checked_isa(int64_t isa) {
+  TORCH_CHECK(isa >= ISA_SCALAR && isa <= ISA_AVX512, "isa must be 0 (C++), 1 (AVX2) or 2 (AVX-512)");
+  TORCH_CHECK(isa <= BEST_ISA, "this CPU does not support the requested instruction set (best: ", BEST_ISA, ")");
+  return isa;
+}
+
+template <typename T>
+void decode_run(const Op& op, int64_t isa) {
+  void (*fn)(const Op&, int64_t, int64_t) = decode_rows_scalar<T>;
+#if ATP_X86
+  if (isa == ISA_AVX512) fn = decode_rows_avx512<T>;
+  else if (isa == ISA_AVX2) fn = decode_rows_avx2<T>;
+#endif
+  const int64_t chunks = (op.rows + ROW_CHUNK - 1) / ROW_CHUNK;
+  const int nt = at::get_num_threads();
+#pragma omp parallel for schedule(dynamic, 2) num_threads(nt) if (op.rows * op.words * op.ntok >= 1024)
+  for (int64_t c = 0; c < chunks; ++c) fn(op, c * ROW_CHUNK, std::min(op.rows, (c + 1) * ROW_CHUNK));
+}
+
+template <typename T>
+void tiled_run(const Op& op, int64_t isa) {
+  const int64_t ntiles = (op.ntok + TILE - 1) / TILE, cpad = op.words * 64;
+  const int nt = at::get_num_threads();
+  const int64_t chunks = (op.rows + ROW_CHUNK - 1) / ROW_CHUNK;
+#if ATP_X86
+  if (isa == ISA_AVX512) {  // op.x: the grouped layout (group_inputs)
+    const int64_t groups = (ntiles + GROUP_TILES - 1) / GROUP_TILES, items = (op.rows + TILED_ROWS - 1) / TILED_ROWS;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+    for (int64_t i = 0; i < groups * items; ++i) {
+      const int64_t g = i / items, c = i % items;
+      const int64_t G = std::min<int64_t>(GROUP_TILES, ntiles - g * GROUP_TILES);
+      tiled_item_avx512_g<T>(op, op.x + g * GROUP_TILES * TILE * cpad, G, g * GROUP_TILES * TILE, c * TILED_ROWS,
+                             std::min(op.rows, (c + 1) * TILED_ROWS));
+    }
+    return;
+  }
+#endif
+  void (*fn)(const Op&, int64_t, int64_t, int64_t) = tiled_rows_scalar<T>;
+#if ATP_X86
+  if (isa == ISA_AVX2) fn = tiled_rows_avx2<T>;
+#endif
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+  for (int64_t i = 0; i < ntiles * chunks; ++i) {
+    const int64_t tile = i / chunks, c = i % chunks;
+    fn(op, tile, c * ROW_CHUNK, std::min(op.rows, (c + 1) * ROW_CHUNK));
+  }
+}
+
+template <typename T>
+void densify_run(const Op& op, T* out, int64_t cols, int64_t isa) {
+  void (*fn)(const Op&, T*, int64_t, int64_t, int64_t) = densify_rows_scalar<T>;
+#if ATP_X86
+  if (isa == ISA_AVX512) fn = densify_rows_avx512<T>;
+#endif
+  const int64_t chunks = (op.rows + ROW_CHUNK - 1) / ROW_CHUNK;
+  const int nt = at::get_num_threads();
+#pragma omp parallel for schedule(static) num_threads(nt)
+  for (int64_t c = 0; c < chunks; ++c) fn(op, out, cols, c * ROW_CHUNK, std::min(op.rows, (c + 1) * ROW_CHUNK));
 }
 
 void check(const torch::Tensor& mask, const torch::Tensor& vals, const torch::Tensor& off) {
   TORCH_CHECK(mask.dtype() == torch::kInt64 && mask.dim() == 2 && mask.is_contiguous(), "mask: int64 2-D contiguous");
   TORCH_CHECK(off.dtype() == torch::kInt64 && off.numel() == mask.size(0) + 1 && off.is_contiguous(), "row_offsets");
   TORCH_CHECK(vals.dim() == 1 && vals.is_contiguous(), "values: 1-D contiguous");
+  TORCH_CHECK(mask.device().is_cpu() && vals.device().is_cpu() && off.device().is_cpu(), "CPU tensors only");
 }
 
-#define DISPATCH(VALS, FN, ...)                                                               \
-  switch (VALS.scalar_type()) {                                                               \
-    case torch::kFloat: FN<float>(__VA_ARGS__, VALS.data_ptr<float>()); break;                \
-    case torch::kBFloat16: FN<at::BFloat16>(__VA_ARGS__, VALS.data_ptr<at::BFloat16>()); break; \
-    case torch::kHalf: FN<at::Half>(__VA_ARGS__, VALS.data_ptr<at::Half>()); break;            \
-    default: TORCH_CHECK(false, "values dtype must be float32, bfloat16 or float16");          \
+Op make_op(const torch::Tensor& mask, const torch::Tensor& vals, const torch::Tensor& off, const float* x, float* y,
+           int64_t ntok) {
+  return Op{mask.data_ptr<int64_t>(), vals.data_ptr(), off.data_ptr<int64_t>(), x, y, mask.size(0), mask.size(1),
+            ntok};
+}
+
+#define ATP_DISPATCH(VALS, FN, ...)                                                            \
+  switch (VALS.scalar_type()) {                                                                \
+    case torch::kFloat: FN<float>(__VA_ARGS__); break;                                         \
+    case torch::kBFloat16: FN<at::BFloat16>(__VA_ARGS__); break;                               \
+    case torch::kHalf: FN<at::Half>(__VA_ARGS__); break;                                       \
+    default: TORCH_CHECK(false, "values dtype must be float32, bfloat16 or float16");           \
   }
-
-template <typename T>
-void spmv_call(const torch::Tensor* a, const T* v) {
-  const auto& mask = a[0]; const auto& off = a[1]; const auto& x = a[2]; auto& y = const_cast<torch::Tensor&>(a[3]);
-  spmv_impl<T>(mask.data_ptr<int64_t>(), v, off.data_ptr<int64_t>(), x.data_ptr<float>(), y.data_ptr<float>(),
-               mask.size(0), mask.size(1), x.size(0));
-}
-template <typename T>
-void spmm_call(const torch::Tensor* a, int64_t ntok, const T* v) {
-  const auto& mask = a[0]; const auto& off = a[1]; const auto& xt = a[2]; auto& y = const_cast<torch::Tensor&>(a[3]);
-  spmm_impl<T>(mask.data_ptr<int64_t>(), v, off.data_ptr<int64_t>(), xt.data_ptr<float>(), y.data_ptr<float>(),
-               mask.size(0), mask.size(1), ntok);
-}
-template <typename T>
-void densify_call(const torch::Tensor* a, int64_t cols, const T* v) {
-  const auto& mask = a[0]; const auto& off = a[1]; auto& out = const_cast<torch::Tensor&>(a[2]);
-  densify_impl<T>(mask.data_ptr<int64_t>(), v, off.data_ptr<int64_t>(), out.data_ptr<T>(), mask.size(0),
-                  mask.size(1), cols);
-}
 
 }  // namespace
 
+int64_t best_isa() { return BEST_ISA; }
+
 // x: [ntok, words*64] fp32 contiguous, zero padded; returns y [ntok, rows] fp32
-torch::Tensor spmv(torch::Tensor mask, torch::Tensor values, torch::Tensor row_offsets, torch::Tensor x) {
+torch::Tensor spmv(torch::Tensor mask, torch::Tensor values, torch::Tensor row_offsets, torch::Tensor x,
+                   int64_t isa) {
   check(mask, values, row_offsets);
   TORCH_CHECK(x.dtype() == torch::kFloat && x.dim() == 2 && x.is_contiguous() && x.size(1) == mask.size(1) * 64,
               "x: fp32 [ntok, words*64] contiguous");
+  isa = checked_isa(isa);
   auto y = torch::empty({x.size(0), mask.size(0)}, x.options());
-  const torch::Tensor a[4] = {mask, row_offsets, x, y};
-  DISPATCH(values, spmv_call, a);
+  const Op op = make_op(mask, values, row_offsets, x.data_ptr<float>(), y.data_ptr<float>(), x.size(0));
+  ATP_DISPATCH(values, decode_run, op, isa);
   return y;
 }
 
-// xt: [ntiles, words*64, 16] fp32 contiguous, zero padded; returns y [ntok, rows] fp32
-torch::Tensor spmm(torch::Tensor mask, torch::Tensor values, torch::Tensor row_offsets, torch::Tensor xt,
-                   int64_t ntok) {
+namespace {
+// The tiled kernels' input layout, zero padded to whole tiles and to cpad columns: AVX-512 groups of up to 8 tiles,
+// each [cpad][G*16] (see tiled_item_avx512); the other paths [ntiles][cpad][16].
+torch::Tensor tile_inputs(const torch::Tensor& x2, int64_t cpad, int64_t isa) {
+  const int64_t n = x2.size(0), pad = cpad - x2.size(1), ntiles = (n + TILE - 1) / TILE;
+  if (isa != ISA_AVX512) {
+    return at::constant_pad_nd(x2, {0, pad, 0, ntiles * TILE - n}).view({ntiles, TILE, cpad}).transpose(1, 2)
+        .contiguous();
+  }
+  auto out = torch::empty({ntiles * TILE * cpad}, x2.options());
+  for (int64_t t0 = 0; t0 < n; t0 += GROUP_TILES * TILE) {
+    const int64_t w = std::min<int64_t>(GROUP_TILES, ntiles - t0 / TILE) * TILE, rows = std::min(w, n - t0);
+    auto part = at::constant_pad_nd(x2.narrow(0, t0, rows), {0, pad, 0, w - rows});
+    out.narrow(0, t0 * cpad, w * cpad).view({cpad, w}).copy_(part.t());
+  }
+  return out;
+}
+}  // namespace
+
+// x: [ntok, in_features] fp32 contiguous (in_features <= words*64); returns y [ntok, rows] fp32
+torch::Tensor spmm(torch::Tensor mask, torch::Tensor values, torch::Tensor row_offsets, torch::Tensor x,
+                   int64_t isa) {
   check(mask, values, row_offsets);
-  TORCH_CHECK(xt.dtype() == torch::kFloat && xt.dim() == 3 && xt.is_contiguous() && xt.size(1) == mask.size(1) * 64 &&
-                  xt.size(2) == TILE && xt.size(0) * TILE >= ntok,
-              "xt: fp32 [ntiles, words*64, 16] contiguous");
-  auto y = torch::empty({ntok, mask.size(0)}, xt.options());
-  const torch::Tensor a[4] = {mask, row_offsets, xt, y};
-  DISPATCH(values, spmm_call, a, ntok);
+  TORCH_CHECK(x.dtype() == torch::kFloat && x.dim() == 2 && x.size(1) <= mask.size(1) * 64,
+              "x: fp32 [ntok, in_features]");
+  isa = checked_isa(isa);
+  const int64_t ntok = x.size(0);
+  auto y = torch::empty({ntok, mask.size(0)}, x.options());
+  if (ntok == 0) return y;
+  auto xt = tile_inputs(x.contiguous(), mask.size(1) * 64, isa);
+  const Op op = make_op(mask, values, row_offsets, xt.data_ptr<float>(), y.data_ptr<float>(), ntok);
+  ATP_DISPATCH(values, tiled_run, op, isa);
   return y;
 }
 
-// The whole SparseLinear forward for the kernel paths in one call (the per-call Python glue it replaces cost
+// The whole SparseLinear forward on the kernel paths in one call (the per-call Python glue it replaces cost
 // ~25 us, as much as a small layer's matvec): x [..., in_features] of any float dtype -> [..., rows] in x's dtype.
-// Up to `spmv_max` tokens one streaming pass per token, more in 16-token tiles; fp32 accumulation, bias added in fp32.
+// Up to `decode_max` tokens the decode kernel, more the tiled one; fp32 accumulation, bias added in fp32.
 torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& mask, const torch::Tensor& values,
                      const torch::Tensor& row_offsets, const c10::optional<torch::Tensor>& bias, int64_t in_features,
-                     int64_t spmv_max) {
+                     int64_t decode_max, int64_t isa) {
   TORCH_CHECK(x.size(-1) == in_features, "x: last dimension must be in_features");
   const int64_t n = in_features ? x.numel() / in_features : 0, cpad = mask.size(1) * 64, pad = cpad - in_features;
   auto x2 = x.reshape({n, in_features});
   if (x2.scalar_type() != torch::kFloat) x2 = x2.to(torch::kFloat);
   torch::Tensor y;
-  if (n <= spmv_max) {
+  if (n <= decode_max) {
     x2 = pad ? at::constant_pad_nd(x2, {0, pad}) : x2.contiguous();
-    y = spmv(mask, values, row_offsets, x2);
+    y = spmv(mask, values, row_offsets, x2, isa);
   } else {
-    const int64_t tiles = (n + TILE - 1) / TILE;
-    auto xt = at::constant_pad_nd(x2, {0, pad, 0, tiles * TILE - n}).view({tiles, TILE, cpad}).transpose(1, 2);
-    y = spmm(mask, values, row_offsets, xt.contiguous(), n);
+    y = spmm(mask, values, row_offsets, x2, isa);
   }
   if (bias.has_value() && bias->defined()) y.add_(bias->to(torch::kFloat));
   if (x.scalar_type() != torch::kFloat) y = y.to(x.scalar_type());
@@ -272,28 +636,42 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& mask, const to
   return y.view(sizes);
 }
 
-torch::Tensor densify_into(torch::Tensor mask, torch::Tensor values, torch::Tensor row_offsets, torch::Tensor out) {
+torch::Tensor densify_into(torch::Tensor mask, torch::Tensor values, torch::Tensor row_offsets, torch::Tensor out,
+                           int64_t isa) {
   check(mask, values, row_offsets);
   TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.size(0) == mask.size(0) &&
                   out.size(1) <= mask.size(1) * 64 && out.scalar_type() == values.scalar_type(),
               "out: contiguous [rows, cols] of the values' dtype");
+  isa = checked_isa(isa);
   const int64_t cols = out.size(1);
-  const torch::Tensor a[3] = {mask, row_offsets, out};
-  DISPATCH(values, densify_call, a, cols);
+  const Op op = make_op(mask, values, row_offsets, nullptr, nullptr, 0);
+  switch (values.scalar_type()) {
+    case torch::kFloat: densify_run<float>(op, out.data_ptr<float>(), cols, isa); break;
+    case torch::kBFloat16: densify_run<at::BFloat16>(op, out.data_ptr<at::BFloat16>(), cols, isa); break;
+    case torch::kHalf: densify_run<at::Half>(op, out.data_ptr<at::Half>(), cols, isa); break;
+    default: TORCH_CHECK(false, "values dtype must be float32, bfloat16 or float16");
+  }
   return out;
 }
 
-torch::Tensor densify(torch::Tensor mask, torch::Tensor values, torch::Tensor row_offsets, int64_t cols) {
-  return densify_into(mask, values, row_offsets, torch::empty({mask.size(0), cols}, values.options()));
+torch::Tensor densify(torch::Tensor mask, torch::Tensor values, torch::Tensor row_offsets, int64_t cols,
+                      int64_t isa) {
+  return densify_into(mask, values, row_offsets, torch::empty({mask.size(0), cols}, values.options()), isa);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("spmv", &spmv, "bitmask sparse matrix x few vectors (fp32 accumulation)");
-  m.def("spmm", &spmm, "bitmask sparse matrix x 16-token tiles (fp32 accumulation)");
+  m.def("best_isa", &best_isa, "the best instruction set this CPU runs: 2 AVX-512, 1 AVX2, 0 portable C++");
+  m.def("spmv", &spmv, "bitmask sparse matrix x few vectors (fp32 accumulation)", py::arg("mask"),
+        py::arg("values"), py::arg("row_offsets"), py::arg("x"), py::arg("isa"));
+  m.def("spmm", &spmm, "bitmask sparse matrix x many vectors, tiled (fp32 accumulation)", py::arg("mask"),
+        py::arg("values"), py::arg("row_offsets"), py::arg("x"), py::arg("isa"));
   m.def("linear", &linear, "SparseLinear forward on the kernel paths (x of any float dtype)", py::arg("x"),
         py::arg("mask"), py::arg("values"), py::arg("row_offsets"), py::arg("bias"), py::arg("in_features"),
-        py::arg("spmv_max"));
-  m.def("densify", &densify, "dense weight of a bitmask-packed matrix");
-  m.def("densify_into", &densify_into, "dense weight of a bitmask-packed matrix, written into `out`");
+        py::arg("decode_max"), py::arg("isa"));
+  m.def("densify", &densify, "dense weight of a bitmask-packed matrix", py::arg("mask"), py::arg("values"),
+        py::arg("row_offsets"), py::arg("cols"), py::arg("isa"));
+  m.def("densify_into", &densify_into, "dense weight of a bitmask-packed matrix, written into `out`",
+        py::arg("mask"), py::arg("values"), py::arg("row_offsets"), py::arg("out"), py::arg("isa"));
   m.attr("TILE") = TILE;
+  m.attr("DECODE_NT") = DECODE_NT;
 }

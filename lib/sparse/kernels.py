@@ -1,54 +1,103 @@
-"""Loading the C++ kernels (kernel.cpp), built on first use with torch.utils.cpp_extension and cached in torch's
-extension directory (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions), so later processes only load them.
+"""Loading the C++ kernels (kernel.cpp) and choosing their instruction set at run time.
 
-Compiled with -O3 -march=native -fopenmp: AVX2+FMA code where the CPU has it, a scalar path otherwise. When the
-build cannot run (no compiler, a failing one, ATP_SPARSE_KERNEL=off) one line is printed on stderr and
-`get()` returns None: SparseLinear then uses its pure-PyTorch path (correct, but slow: it unpacks the weight on
-every call).
+The extension is built on first use with torch.utils.cpp_extension (about a minute) and cached in torch's extension
+directory (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions), so later processes only load it. It is compiled
+for the baseline x86-64 with -O3 -fopenmp, not -march=native: the SIMD code sits in functions compiled for their own
+instruction set, and the extension picks one at run time from what the CPU reports:
+
+* ``avx512``: AVX-512 F/BW/VL/DQ/VBMI2 + BMI2 (Intel Ice Lake and later, AMD Zen 4 and later): expand-loads;
+* ``avx2``: AVX2 + FMA (Intel Haswell and later, AMD Zen): byte-table permutes;
+* ``cpp``: portable C++ (any CPU the compiler targets);
+* ``torch``: no C++ at all, SparseLinear's pure-PyTorch path (correct, slow: it unpacks the weight every call).
+
+``ATP_SPARSE_ISA=avx512|avx2|cpp|torch`` (or :func:`set_isa`) forces one; asking for one the CPU lacks prints one line
+and uses the best it has. When the build cannot run (no compiler, a failing one, ATP_SPARSE_KERNEL=off) one line is
+printed on stderr and `get()` returns None: SparseLinear then uses its pure-PyTorch path.
 """
 from __future__ import annotations
 
 import os
+import platform
 import sys
 import threading
 
-KERNEL_NAME = "atp_sparse_bitmask_v3"
+KERNEL_NAME = "atp_sparse_bitmask_v4"
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernel.cpp")
+ISA_CODES = {"cpp": 0, "avx2": 1, "avx512": 2}
+ISA_NAMES = ("avx512", "avx2", "cpp", "torch")  # best first
+ISA_LABELS = {"avx512": "AVX-512", "avx2": "AVX2", "cpp": "portable C++", "torch": "pure PyTorch"}
 _UNSET = object()
 _module = _UNSET
 _reason: str | None = None
 _lock = threading.Lock()
+_isa = "torch"      # the instruction set in use (set when the module loads, or by set_isa)
+ISA_CODE = 0        # its code, read by SparseLinear.forward on every call
+_use_kernel = True  # False when the isa is "torch"
 
 
 def _build():
     from torch.utils.cpp_extension import load
 
-    flags = ["-O3", "-march=native", "-fopenmp"]
+    flags = ["-O3", "-fopenmp"]
     return load(name=KERNEL_NAME, sources=[_SOURCE], extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
 
 
+def _requested() -> str:
+    value = os.environ.get("ATP_SPARSE_ISA", "").strip().lower()
+    return value or "auto"
+
+
+def _choose(module, requested: str) -> str:
+    best = {2: "avx512", 1: "avx2", 0: "cpp"}[int(module.best_isa())] if module is not None else "torch"
+    if requested in ("", "auto"):
+        return best
+    if requested not in ISA_NAMES:
+        print(f"atp sparse: ATP_SPARSE_ISA={requested!r} is not one of auto, {', '.join(ISA_NAMES)}; using {best}",
+              file=sys.stderr, flush=True)
+        return best
+    if requested != "torch" and (module is None or ISA_NAMES.index(requested) < ISA_NAMES.index(best)):
+        print(f"atp sparse: this CPU cannot run the {requested} kernel; using {best}", file=sys.stderr, flush=True)
+        return best
+    return requested
+
+
+def _activate(name: str) -> None:
+    global _isa, ISA_CODE, _use_kernel
+    _isa = name
+    ISA_CODE = ISA_CODES.get(name, 0)
+    _use_kernel = name != "torch"
+
+
 def get():
-    """The compiled kernel module (linear, spmv, spmm, densify, TILE), or None when it cannot be built (said once)."""
-    global _module, _reason
+    """The compiled kernel module, or None when it cannot be built (said once) or the isa is 'torch'."""
     if _module is not _UNSET:
-        return _module
+        return _module if _use_kernel else None
     with _lock:
-        if _module is not _UNSET:
-            return _module
-        if os.environ.get("ATP_SPARSE_KERNEL", "").lower() in ("off", "0", "no", "false"):
-            _reason = "disabled by ATP_SPARSE_KERNEL"
+        if _module is _UNSET:
+            _load()
+    return _module if _use_kernel else None
+
+
+def _load() -> None:
+    global _module, _reason
+    requested = _requested()
+    if os.environ.get("ATP_SPARSE_KERNEL", "").lower() in ("off", "0", "no", "false"):
+        _reason = "disabled by ATP_SPARSE_KERNEL"
+        _module = None
+    elif requested == "torch":
+        _reason = "ATP_SPARSE_ISA=torch"
+        _module = None
+    else:
+        try:
+            _module = _build()
+        except Exception as error:  # a missing/failing compiler, ninja, headers: never fatal
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+            _reason = f"{type(error).__name__}: {lines[0] if lines else 'build failed'}"[:200]
             _module = None
-        else:
-            try:
-                _module = _build()
-            except Exception as error:  # a missing/failing compiler, ninja, headers: never fatal
-                lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-                _reason = f"{type(error).__name__}: {lines[0] if lines else 'build failed'}"[:200]
-                _module = None
-        if _module is None:
-            print(f"atp sparse: C++ kernel unavailable ({_reason}); using the pure-PyTorch path (slow)",
-                  file=sys.stderr, flush=True)
-        return _module
+    if _module is None and requested != "torch":
+        print(f"atp sparse: C++ kernel unavailable ({_reason}); using the pure-PyTorch path (slow)",
+              file=sys.stderr, flush=True)
+    _activate(_choose(_module, requested))
 
 
 def available() -> bool:
@@ -60,9 +109,57 @@ def reason() -> str | None:
     return _reason
 
 
+def isa() -> str:
+    """The instruction set SparseLinear uses: 'avx512', 'avx2', 'cpp' or 'torch' (loads the kernel if needed)."""
+    get()
+    return _isa
+
+
+def supported_isas() -> list[str]:
+    """Every instruction set this machine can run here, best first ('torch' always)."""
+    get()
+    if _module is None:
+        return ["torch"]
+    best = {2: "avx512", 1: "avx2", 0: "cpp"}[int(_module.best_isa())]
+    return list(ISA_NAMES[ISA_NAMES.index(best):])
+
+
+def set_isa(name: str) -> str:
+    """Use another instruction set from now on (tests, benchmarks); returns the previous one. ValueError when this
+    machine cannot run it."""
+    get()
+    if name not in supported_isas():
+        raise ValueError(f"instruction set {name!r} not available here (available: {', '.join(supported_isas())})")
+    previous = _isa
+    with _lock:
+        _activate(name)
+    return previous
+
+
+def describe() -> str:
+    """One line for summaries and benchmark records, e.g. 'C++ AVX-512 (OpenMP)'."""
+    name = isa()
+    if name == "torch":
+        return f"pure PyTorch ({_reason or 'forced'})"
+    return f"C++ {ISA_LABELS[name]} (OpenMP)"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def reset() -> None:
     """Forget the loaded/failed state (tests use it to retry the build under other conditions)."""
     global _module, _reason
     with _lock:
         _module = _UNSET
         _reason = None
+        _activate("torch")

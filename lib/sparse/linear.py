@@ -1,20 +1,29 @@
 """SparseLinear: an nn.Linear replacement holding its pruned weight bitmask-packed (format.py), never dense.
 
 forward(x) = x @ W^T + b for inputs (..., in_features), accumulated in fp32, returned in x's dtype. The kernel
-paths below are one C++ call (kernel.cpp `linear`: reshape, padding, kernel, bias, dtype), because the PyTorch glue
-around a decode matvec cost as much as the matvec of a small layer. Paths:
+paths are one C++ call each (kernel.cpp `linear`: reshape, padding, kernel, bias, dtype), because the PyTorch glue
+around a decode matvec cost as much as the matvec of a small layer. Paths, chosen per call:
 
-* kernel, few tokens (<= SPMV_MAX_TOKENS, i.e. decode): one streaming pass over the packed weight per token;
-* kernel, up to DENSE_ABOVE_TOKENS[dtype] tokens: the 16-token tiled kernel (each decoded nonzero reused 16
-  times);
-* more tokens than that (long fp32 prefill): the kernel unpacks the weight into a reusable dense workspace (one
-  per weight shape and dtype, shared by all layers: a transient the size of one dense Linear) and torch's dense
-  GEMM runs on it. Measured on a 2-core AVX2 CPU at 70% sparsity, fp32: the tiled kernel beats MKL's GEMM up to
-  ~128-256 tokens and is ~0.9x at 512, so fp32 switches above 256 tokens. bf16/fp16: torch's CPU GEMM without
-  native bf16 instructions is 3-6x slower than the tiled kernel at every batch size, so they never switch;
-* no kernel (no compiler): pure PyTorch, unpacking the weight on every call (correct, slow).
+* ``decode`` (up to DECODE_MAX_TOKENS tokens): one streaming pass over the packed weight, the expanded weights
+  reused for up to 4 tokens at a time. Always taken for 1 to 4 tokens: it reads a third of the dense bytes.
+* ``tiled``: the 16-token tiled kernel (each decoded nonzero reused for every token of a tile);
+* ``dense``: the kernel unpacks the weight into a reusable workspace (one per dtype, the size of the largest
+  converted Linear, shared by every layer: a transient, never a per-layer dense copy) and torch's dense GEMM runs
+  on it. What the layer costs then is the dense GEMM plus the unpacking.
+
+Above 4 tokens the fastest path is not the same on every CPU (AMX makes torch's bf16 GEMM several times faster
+than any AVX-512 code, for instance), so it is measured: the first call with a given (shape, dtype, token-count
+bucket, threads, instruction set) times each candidate path twice on its actual input and caches the fastest
+(``choices()`` lists them, ``clear_choices()`` forgets them). Buckets are powers of two (5-8, 9-16, ..., 1025-2048).
+``ATP_SPARSE_PATH=sparse|dense`` (or `set_policy`) forces the kernels or the dense GEMM instead of measuring.
+Without the C++ kernel: pure PyTorch, unpacking the weight on every call (correct, slow).
 """
 from __future__ import annotations
+
+import math
+import os
+import threading
+import time
 
 import torch
 import torch.nn.functional as F
@@ -23,18 +32,67 @@ from torch import nn
 from . import format as fmt
 from . import kernels
 
-SPMV_MAX_TOKENS = 4
-DENSE_ABOVE_TOKENS = {torch.float32: 256, torch.bfloat16: 1 << 62, torch.float16: 1 << 62}
-_workspaces: dict[tuple, torch.Tensor] = {}
+DECODE_MAX_TOKENS = 16   # the decode kernel is a candidate up to this many tokens (one pass per 4 tokens)
+ALWAYS_DECODE_TOKENS = 4  # up to this many, the decode kernel without measuring
+POLICIES = ("auto", "sparse", "dense")
+_policy = os.environ.get("ATP_SPARSE_PATH", "auto").strip().lower() or "auto"
+if _policy not in POLICIES:
+    _policy = "auto"
+_choices: dict[tuple, dict] = {}
+_workspaces: dict[torch.dtype, torch.Tensor] = {}
+_tune_lock = threading.Lock()
 
 
-def dense_above_tokens(dtype: torch.dtype) -> int:
-    return DENSE_ABOVE_TOKENS.get(dtype, 256)
+def set_policy(policy: str) -> str:
+    """'auto' (measure per shape and token bucket), 'sparse' (the kernels always) or 'dense' (unpack + dense GEMM
+    above 4 tokens). Returns the previous policy."""
+    global _policy
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    previous, _policy = _policy, policy
+    return previous
+
+
+def policy() -> str:
+    return _policy
+
+
+def choices() -> list[dict]:
+    """The measured choices so far: shape, dtype, token bucket, threads, isa, the chosen path and the timings."""
+    return [dict(entry) for entry in _choices.values()]
+
+
+def clear_choices() -> None:
+    _choices.clear()
 
 
 def clear_workspaces() -> None:
-    """Free the dense workspaces of the large-batch fallback."""
+    """Free the dense workspaces of the dense path."""
     _workspaces.clear()
+
+
+def token_bucket(n: int) -> int:
+    """The power of two at or above n: calls within a bucket share one measured choice."""
+    return 1 << max(0, math.ceil(math.log2(max(1, n))))
+
+
+def candidate_paths(n: int) -> tuple[str, ...]:
+    if n <= ALWAYS_DECODE_TOKENS:
+        return ("decode",)
+    if _policy == "sparse":
+        return ("decode",) if n <= DECODE_MAX_TOKENS else ("tiled",)
+    if _policy == "dense":
+        return ("dense",)
+    return ("decode", "tiled", "dense") if n <= DECODE_MAX_TOKENS else ("tiled", "dense")
+
+
+def _workspace(dtype: torch.dtype, rows: int, cols: int) -> torch.Tensor:
+    buf = _workspaces.get(dtype)
+    if buf is None or buf.numel() < rows * cols:
+        _workspaces.pop(dtype, None)
+        buf = torch.empty(rows * cols, dtype=dtype)
+        _workspaces[dtype] = buf
+    return buf[: rows * cols].view(rows, cols)
 
 
 class SparseLinear(nn.Module):
@@ -83,7 +141,7 @@ class SparseLinear(nn.Module):
         """The dense weight (for tests and the dense fallback; the module itself never keeps it)."""
         kern = kernels.get()
         if kern is not None:
-            return kern.densify(self.mask, self.values, self.row_offsets, self.in_features)
+            return kern.densify(self.mask, self.values, self.row_offsets, self.in_features, kernels.ISA_CODE)
         return fmt.unpack(self.mask, self.values, self.row_offsets, self.in_features)
 
     def extra_repr(self) -> str:
@@ -92,23 +150,65 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kern = kernels.get()
-        buffers = self._buffers  # direct: nn.Module attribute lookup is a measurable share of a decode step
-        values = buffers["values"]
-        if kern is not None and x.numel() <= dense_above_tokens(values.dtype) * self.in_features:
-            return kern.linear(x, buffers["mask"], values, buffers["row_offsets"], self.bias, self.in_features,
-                               SPMV_MAX_TOKENS)
-        return self._dense_forward(x, kern)
+        if kern is None:
+            return self._dense_forward(x, None)
+        n = x.numel() // self.in_features if self.in_features else 0
+        if n <= ALWAYS_DECODE_TOKENS:
+            buffers = self._buffers  # direct: nn.Module attribute lookup is a measurable share of a decode step
+            return kern.linear(x, buffers["mask"], buffers["values"], buffers["row_offsets"], self.bias,
+                               self.in_features, DECODE_MAX_TOKENS, kernels.ISA_CODE)
+        paths = candidate_paths(n)
+        if len(paths) == 1:
+            return self._run(paths[0], x, kern)
+        key = (self.out_features, self.in_features, self.values.dtype, token_bucket(n), torch.get_num_threads(),
+               kernels.ISA_CODE)
+        entry = _choices.get(key)
+        if entry is not None:
+            return self._run(entry["path"], x, kern)
+        return self._tune(key, paths, x, kern)
+
+    def _run(self, path: str, x: torch.Tensor, kern) -> torch.Tensor:
+        if path == "dense":
+            return self._dense_forward(x, kern)
+        return kern.linear(x, self.mask, self.values, self.row_offsets, self.bias, self.in_features,
+                           DECODE_MAX_TOKENS if path == "decode" else 0, kernels.ISA_CODE)
+
+    def _tune(self, key: tuple, paths: tuple[str, ...], x: torch.Tensor, kern) -> torch.Tensor:
+        """Time every candidate path twice on this input (interleaved; the first round also warms caches and
+        allocates the workspace), cache the fastest for this key and return its output."""
+        with _tune_lock:
+            times = {p: math.inf for p in paths}
+            outs = {}
+            for _ in range(2):
+                for p in paths:
+                    start = time.perf_counter()
+                    outs[p] = self._run(p, x, kern)
+                    times[p] = min(times[p], time.perf_counter() - start)
+            best = min(paths, key=lambda p: times[p])
+            _choices[key] = {"out_features": key[0], "in_features": key[1], "dtype": str(key[2]).replace("torch.", ""),
+                             "tokens_up_to": key[3], "threads": key[4], "isa": kernels.isa(), "path": best,
+                             "seconds": {p: times[p] for p in paths}}
+            return outs[best]
 
     def _dense_forward(self, x: torch.Tensor, kern) -> torch.Tensor:
-        """Many tokens (or no kernel): unpack into a shared workspace and let torch's dense GEMM run."""
+        """Unpack into the shared workspace (or, without the kernel, a fresh tensor) and let torch's GEMM run."""
         lead = x.shape[:-1]
         if kern is None:
             w = self.dense_weight()
         else:
-            key = (self.out_features, self.in_features, self.values.dtype)
-            if key not in _workspaces:
-                _workspaces[key] = torch.empty(self.out_features, self.in_features, dtype=self.values.dtype)
-            w = kern.densify_into(self.mask, self.values, self.row_offsets, _workspaces[key])
+            w = kern.densify_into(self.mask, self.values, self.row_offsets,
+                                  _workspace(self.values.dtype, self.out_features, self.in_features),
+                                  kernels.ISA_CODE)
         y = F.linear(x.reshape(-1, self.in_features).to(w.dtype), w,
                      None if self.bias is None else self.bias.to(w.dtype))
         return y.to(x.dtype).reshape(*lead, self.out_features)
+
+
+def path_summary() -> str:
+    """One line on how calls choose their path (for the conversion summary)."""
+    if _policy == "sparse":
+        return f"the sparse kernels at every token count (ATP_SPARSE_PATH=sparse), {kernels.describe()}"
+    if _policy == "dense":
+        return f"1-{ALWAYS_DECODE_TOKENS} tokens the sparse decode kernel, more: unpack + torch's dense GEMM"
+    return (f"1-{ALWAYS_DECODE_TOKENS} tokens the sparse decode kernel; more: the faster of the sparse kernels and "
+            "unpack + torch's dense GEMM, measured on first use per shape and token-count bucket")

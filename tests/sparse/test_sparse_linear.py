@@ -1,6 +1,8 @@
-"""SparseLinear against the dense matmul of the same pruned weight: kernel paths and the pure-PyTorch fallback."""
+"""SparseLinear against the dense matmul of the same pruned weight: every instruction set this machine runs
+(AVX-512, AVX2, portable C++, pure PyTorch), every path (decode, tiled, dense), and the paths against each other."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +17,9 @@ from lib.sparse import linear as sparse_linear
 from lib.sparse.linear import SparseLinear
 
 REPO = Path(__file__).resolve().parents[2]
-# fp32: the kernel sums in another order than the dense GEMM; bf16/fp16: one output rounding (8/11-bit mantissa)
+# fp32: the kernels sum in another order than the dense GEMM; bf16/fp16: one output rounding (8/11-bit mantissa)
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 def pruned_weight(rows, cols, sparsity, dtype, seed=0, empty_rows=(), dense_rows=()):
@@ -30,39 +33,48 @@ def pruned_weight(rows, cols, sparsity, dtype, seed=0, empty_rows=(), dense_rows
     return w.to(dtype)
 
 
-def check(w, bias, x, dtype, **kw):
+def check(w, bias, x, dtype):
     module = SparseLinear(w.shape[1], w.shape[0], **fmt.pack(w), bias=bias)
     y = module(x)
     assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], w.shape[0])
     ref = F.linear(x.float(), w.float(), None if bias is None else bias.float())
     scale = max(1.0, ref.abs().max().item())
     assert (y.float() - ref).abs().max().item() <= TOL[dtype] * scale
+    return y
 
 
-SHAPES = [(37, 53), (64, 64), (5, 130), (70, 1)]
-TOKENS = [(1,), (3,), (2, 9), (4, 25), (3, 70)]  # decode, few tokens, 3-D batches (tiled kernel)
+def isas():
+    return kernels.supported_isas() if kernels.get() is not None else ["torch"]
 
 
-@pytest.fixture(autouse=True, params=["tiled", "dense-above-8"])
-def large_batch_policy(request, monkeypatch):
-    """Every test runs twice: batches on the tiled kernel, and with the dense workspace fallback above 8 tokens."""
-    if request.param == "dense-above-8":
-        monkeypatch.setattr(sparse_linear, "DENSE_ABOVE_TOKENS", {d: 8 for d in fmt.SUPPORTED_DTYPES})
-    return request.param
+@pytest.fixture(params=["avx512", "avx2", "cpp", "torch"])
+def isa(request):
+    """Every test runs on each instruction set this machine has (the others are skipped, not faked)."""
+    if request.param not in isas():
+        pytest.skip(f"{request.param} not available on this machine")
+    previous = kernels.set_isa(request.param)
+    try:
+        yield request.param
+    finally:
+        kernels.set_isa(previous)
 
 
-@pytest.fixture(params=["kernel", "fallback"])
-def path(request, monkeypatch):
-    if request.param == "fallback":
-        monkeypatch.setattr(kernels, "get", lambda: None)
-    elif kernels.get() is None:
-        pytest.skip("no C++ kernel on this machine")
-    return request.param
+@pytest.fixture(params=["sparse", "dense"])
+def policy(request):
+    """The kernels at every token count, or unpack + dense GEMM above 4 tokens (no measuring: no timing in tests)."""
+    previous = sparse_linear.set_policy(request.param)
+    yield request.param
+    sparse_linear.set_policy(previous)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+SHAPES = [(37, 53), (5, 130), (70, 1), (64, 64), (40, 1100)]
+# decode (1-4 tokens, and 5-16 on the decode kernel), 3-D batches, the tiled kernel with one and several groups
+TOKENS = [(1,), (3,), (2, 3), (4, 3), (2, 9), (3, 13), (130,)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_matches_dense(path, dtype, shape):
+def test_matches_dense(isa, policy, dtype, shape):
     torch.manual_seed(1)
     w = pruned_weight(*shape, 0.7, dtype, empty_rows=(0,), dense_rows=(shape[0] - 1,))
     for with_bias in (False, True):
@@ -73,33 +85,91 @@ def test_matches_dense(path, dtype, shape):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("sparsity", [0.0, 1.0, 0.5])
-def test_all_zero_fully_dense_and_half(path, dtype, sparsity):
+def test_all_zero_fully_dense_and_half(isa, dtype, sparsity):
     w = pruned_weight(37, 53, sparsity, dtype)
     for lead in TOKENS:
         check(w, torch.randn(37).to(dtype), torch.randn(*lead, 53).to(dtype), dtype)
 
 
-def test_two_four_pattern(path):
+def test_no_tokens(isa):
+    w = pruned_weight(9, 70, 0.7, torch.float32)
+    module = SparseLinear(70, 9, **fmt.pack(w))
+    assert module(torch.randn(0, 70)).shape == (0, 9)
+    assert module(torch.randn(2, 0, 70)).shape == (2, 0, 9)
+
+
+def test_two_four_pattern(isa):
     from lib.pruning.masks import n_m_mask
     w = torch.randn(16, 64)
     w[n_m_mask(w.abs(), 2, 4)] = 0
     check(w, None, torch.randn(2, 5, 64), torch.float32)
+    check(w, None, torch.randn(40, 64), torch.float32)
 
 
-def test_paths_agree_with_each_other(monkeypatch):
-    """The tiled and dense-fallback thresholds do not change the result beyond rounding."""
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_instruction_sets_agree(dtype):
+    """AVX-512, AVX2, portable C++ and the pure-PyTorch path give the same result on every kernel path: within
+    fp32 rounding (they sum in different orders), and the densified weight bit for bit."""
     if kernels.get() is None:
         pytest.skip("no C++ kernel")
-    w = pruned_weight(40, 100, 0.6, torch.float32)
-    module = SparseLinear(100, 40, **fmt.pack(w))
-    x = torch.randn(30, 100)
-    outs = []
-    for spmv_max, dense_above in ((64, 64), (4, 64), (4, 0)):
-        monkeypatch.setattr(sparse_linear, "SPMV_MAX_TOKENS", spmv_max)
-        monkeypatch.setattr(sparse_linear, "DENSE_ABOVE_TOKENS", {torch.float32: dense_above})
-        outs.append(module(x))
-    for y in outs[1:]:
-        torch.testing.assert_close(y, outs[0], rtol=1e-5, atol=1e-5)
+    w = pruned_weight(67, 333, 0.65, dtype, seed=3, empty_rows=(5,), dense_rows=(6,))
+    module = SparseLinear(333, 67, **fmt.pack(w), bias=torch.randn(67).to(dtype))
+    xs = [torch.randn(n, 333, generator=torch.Generator().manual_seed(n)).to(dtype) for n in (1, 4, 7, 16, 29, 150)]
+    results = {}
+    previous = kernels.isa()
+    try:
+        for name in isas():
+            kernels.set_isa(name)
+            with_policy = sparse_linear.set_policy("sparse")
+            try:
+                results[name] = [module(x).float() for x in xs]
+            finally:
+                sparse_linear.set_policy(with_policy)
+            assert torch.equal(module.dense_weight(), w)
+    finally:
+        kernels.set_isa(previous)
+    reference = results["torch"]
+    for name, outs in results.items():
+        for y, ref in zip(outs, reference):
+            scale = max(1.0, ref.abs().max().item())
+            assert (y - ref).abs().max().item() <= TOL[dtype] * scale, name
+
+
+def test_measured_choice_is_cached_and_correct(monkeypatch):
+    """policy auto: the first call per (shape, dtype, token bucket) times the candidate paths and caches one; the
+    result is right whichever wins, and later calls in the bucket reuse the choice without measuring."""
+    if kernels.get() is None:
+        pytest.skip("no C++ kernel")
+    monkeypatch.setattr(sparse_linear, "_policy", "auto")
+    sparse_linear.clear_choices()
+    w = pruned_weight(48, 200, 0.7, torch.float32)
+    x = torch.randn(20, 200)
+    try:
+        check(w, None, x, torch.float32)
+        (entry,) = sparse_linear.choices()
+        assert entry["path"] in ("tiled", "dense") and entry["tokens_up_to"] == 32
+        assert set(entry["seconds"]) == {"tiled", "dense"} and entry["isa"] == kernels.isa()
+        monkeypatch.setattr(SparseLinear, "_tune", lambda *a: pytest.fail("measured twice"))
+        check(w, None, torch.randn(25, 200), torch.float32)  # same bucket (17-32 tokens)
+        check(w, None, torch.randn(3, 200), torch.float32)   # decode: never measured
+    finally:
+        sparse_linear.clear_choices()
+    assert sparse_linear.token_bucket(1) == 1 and sparse_linear.token_bucket(5) == 8
+    assert sparse_linear.token_bucket(2048) == 2048 and sparse_linear.token_bucket(2049) == 4096
+
+
+def test_dense_workspace_is_shared_and_bounded(policy):
+    """The dense path unpacks into one workspace per dtype (the largest Linear's size), never a copy per layer."""
+    if kernels.get() is None or policy != "dense":
+        pytest.skip("dense path of the kernel")
+    sparse_linear.clear_workspaces()
+    small = SparseLinear(30, 20, **fmt.pack(pruned_weight(20, 30, 0.7, torch.float32)))
+    big = SparseLinear(100, 50, **fmt.pack(pruned_weight(50, 100, 0.7, torch.float32)))
+    for module in (small, big, small):
+        module(torch.randn(8, module.in_features))
+    assert list(sparse_linear._workspaces) == [torch.float32]
+    assert sparse_linear._workspaces[torch.float32].numel() == 50 * 100
+    assert not any(k.startswith("_") or k == "weight" for k in dict(big.named_buffers()))
 
 
 def test_pack_roundtrip_and_bytes():
@@ -108,8 +178,6 @@ def test_pack_roundtrip_and_bytes():
     assert p["mask"].shape == (37, 1) and p["row_offsets"][-1] == int((w != 0).sum())
     assert torch.equal(fmt.unpack(p["mask"], p["values"], p["row_offsets"], 53), w)
     assert torch.equal(fmt.unpack_mask(p["mask"], 53), w != 0)
-    if kernels.get() is not None:
-        assert torch.equal(kernels.get().densify(p["mask"], p["values"], p["row_offsets"], 53), w)
     big = pruned_weight(256, 1024, 0.7, torch.float32)
     ratio = fmt.packed_nbytes(**fmt.pack(big)) / (big.numel() * 4)
     assert abs(ratio - fmt.bytes_per_weight(0.3, 4) / 4) < 0.01
@@ -120,6 +188,45 @@ def test_rejects_bad_input():
         fmt.pack(torch.zeros(3))
     with pytest.raises(ValueError):
         fmt.pack(torch.zeros(3, 3, dtype=torch.float64))
+    with pytest.raises(ValueError):
+        sparse_linear.set_policy("fastest")
+    if kernels.get() is not None:
+        with pytest.raises(ValueError):
+            kernels.set_isa("neon")
+
+
+def _run_python(code, **env):
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **env}
+    for key, value in env.items():
+        if value is None:
+            full_env.pop(key)
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=full_env, capture_output=True, text=True,
+                          timeout=180)
+
+
+def test_isa_forced_by_environment():
+    """ATP_SPARSE_ISA picks the kernel's instruction set (the way to run the AVX2 path on an AVX-512 machine); an
+    unknown name or one the CPU lacks gives one line on stderr and the best available."""
+    if kernels.get() is None:
+        pytest.skip("no C++ kernel")
+    code = ("from lib.sparse import kernels; import torch\n"
+            "from lib.sparse.linear import SparseLinear; from lib.sparse import format as fmt\n"
+            "w = torch.randn(8, 70); w[w.abs() < 1] = 0\n"
+            "assert torch.allclose(SparseLinear(70, 8, **fmt.pack(w))(torch.ones(2, 70)), torch.ones(2, 70) @ w.T, "
+            "atol=1e-4)\n"
+            "print(kernels.isa(), kernels.describe())\n")
+    best = kernels.supported_isas()[0]
+    for forced in ("avx2",):  # the others are covered in-process by set_isa
+        result = _run_python(code, ATP_SPARSE_ISA=forced)
+        assert result.returncode == 0, result.stderr
+        if forced in kernels.supported_isas():
+            assert result.stdout.split()[0] == forced and not result.stderr.strip()
+    result = _run_python(code, ATP_SPARSE_ISA="bogus")
+    assert result.returncode == 0 and result.stdout.split()[0] == best
+    assert len([line for line in result.stderr.splitlines() if line.strip()]) == 1
+    if best != "avx512":
+        result = _run_python(code, ATP_SPARSE_ISA="avx512")
+        assert result.returncode == 0 and result.stdout.split()[0] == best and "cannot run" in result.stderr
 
 
 def test_failed_build_prints_one_line_and_falls_back(tmp_path):
@@ -131,12 +238,9 @@ def test_failed_build_prints_one_line_and_falls_back(tmp_path):
         "w = torch.randn(7, 9); w[w.abs() < 0.8] = 0\n"
         "m = SparseLinear(9, 7, **fmt.pack(w)); x = torch.randn(2, 9)\n"
         "assert torch.allclose(m(x), F.linear(x, w), atol=1e-5)\n"
-        "assert kernels.get() is None and kernels.reason()\n"
+        "assert kernels.get() is None and kernels.reason() and kernels.isa() == 'torch'\n"
         "print('ok')\n")
-    env = {**__import__("os").environ, "CXX": str(tmp_path / "no-such-compiler"),
-           "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"), "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=120)
+    result = _run_python(code, CXX=str(tmp_path / "no-such-compiler"), TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -150,6 +254,7 @@ def test_disabled_by_env(monkeypatch, capsys):
     try:
         assert kernels.get() is None
         assert kernels.get() is None
+        assert kernels.isa() == "torch"
         err = capsys.readouterr().err
         assert err.count("atp sparse: C++ kernel unavailable") == 1
     finally:
