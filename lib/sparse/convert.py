@@ -19,7 +19,9 @@ from ..models.structure import find_decoder_blocks
 from . import format as fmt
 from . import kernels
 from . import linear as sparse_linear
+from . import semi_structured
 from .linear import SparseLinear
+from .semi_structured import SemiStructuredLinear
 
 DEFAULT_MIN_SPARSITY = 0.3
 
@@ -56,11 +58,16 @@ class ConversionSummary:
         for reason, names in reasons.items():
             shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
             lines.append(f"  dense ({reason}): {shown}")
-        if self.converted and self.kernel.startswith("C++"):
-            dtypes = sorted({c["dtype"] for c in self.converted})
+        on_cpu = [c for c in self.converted if c.get("format") != semi_structured.FORMAT]
+        on_gpu = len(self.converted) - len(on_cpu)
+        if on_gpu:
+            lines.append(f"  {on_gpu} CUDA Linear(s) as torch {semi_structured.FORMAT} tensors (half the values + "
+                         "2-bit indices, sparse tensor cores); other sparsity patterns stay dense on the GPU")
+        if on_cpu and self.kernel.startswith("C++"):
+            dtypes = sorted({c["dtype"] for c in on_cpu})
             for d in dtypes:
                 lines.append(f"  {d}: {sparse_linear.path_summary()}")
-        elif self.converted:
+        elif on_cpu:
             lines.append("  no C++ kernel: every call unpacks the weight (correct but slower than dense)")
         return "\n".join(lines)
 
@@ -69,7 +76,7 @@ def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
     """(qualified name, ModuleList) of the model's decoder blocks (lib.models.structure's finder, which also
     counts SparseLinear modules as layers), or None when none is found."""
     try:
-        blocks = find_decoder_blocks(model, layer_types=(nn.Linear, SparseLinear))
+        blocks = find_decoder_blocks(model, layer_types=(nn.Linear, SparseLinear, SemiStructuredLinear))
     except UserError:
         return None
     return next((name, m) for name, m in model.named_modules() if m is blocks)
@@ -114,13 +121,24 @@ def sparsify_model(model: nn.Module, min_sparsity: float = DEFAULT_MIN_SPARSITY,
     """
     if not 0.0 <= min_sparsity <= 1.0:
         raise ValueError(f"min_sparsity must be within [0, 1], got {min_sparsity}")
-    kern = kernels.get()
+    linears = [(name, m) for name, m in block_linears(model) if not isinstance(m, SparseLinear)]
+    on_cuda = [m.weight.device.type == "cuda" for _, m in linears]
+    kern = None if linears and all(on_cuda) else kernels.get()  # a CUDA model never builds the CPU kernel
     summary = ConversionSummary(kernel=kernels.describe() if kern is not None else
                                 f"none, pure-PyTorch fallback ({kernels.reason()})")
-    for name, module in block_linears(model):
-        if isinstance(module, SparseLinear):
-            continue
+    if any(on_cuda):
+        summary.kernel = semi_structured.kernel_label() if all(on_cuda) else \
+            f"{summary.kernel}; {semi_structured.kernel_label()}"
+    for name, module in linears:
         weight = module.weight
+        if weight.device.type == "cuda":  # torch's 2:4 semi-structured sparsity, or dense with the reason
+            new, record = semi_structured.convert_for_sparsify(module, min_sparsity)
+            if new is None:
+                summary.kept_dense.append({"name": name, **record})
+            else:
+                _set_module(model, name, new)
+                summary.converted.append({"name": name, **record})
+            continue
         if weight.device.type != "cpu":
             summary.kept_dense.append({"name": name, "reason": f"on {weight.device.type}, kernel is CPU-only"})
             continue
