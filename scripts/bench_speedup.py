@@ -7,11 +7,18 @@ speedups the median of the paired dense/sparse ratios):
     prefill tokens/s (--prefill_tokens), decoder Linear weight bytes, on-disk checkpoint bytes, and the bound a
     memory-bound decode can reach: dense bytes / sparse bytes of all weights read per token (lm_head included);
   * layer: the Linears of one random-init LLaMA-2-7B decoder block (q,k,v,o 4096x4096, gate/up 11008x4096,
-    down 4096x11008) at batch 1 (matvec) and at --prefill_tokens tokens.
+    down 4096x11008) at batch 1 (matvec) and at --prefill_tokens tokens, at every --sparsities level;
+  * curve: the same block at one sparsity (--curve_level, 70%) against tokens per call (--tokens, 1 to 2048):
+    speedup of the whole block and of each weight shape, the path each call took (decode, tiled, amx or dense:
+    SparseLinear measures it per shape and token bucket), and the bytes the sparse side holds (packed weights and
+    the transient dense workspace of the dense path).
 The demo prunes in-script (per-row magnitude, or N:M); the speed of the format depends only on the density and
-the pattern, not on which weights were kept. Output: results.json, results.md, speedup.png under --out.
+the pattern, not on which weights were kept. Every record names the CPU model and the kernel's instruction set
+(--isa forces one: avx2 runs the AVX2 kernel on an AVX-512 machine). Output: results.json, results.md, speedup.png
+under --out.
 
   python scripts/bench_speedup.py --demo real --dtype float32
+  python scripts/bench_speedup.py --skip_model --sparsities 0.7 --dtype bfloat16
   python scripts/bench_speedup.py --model out/pruned-70 --skip_layer
 """
 from __future__ import annotations
@@ -21,7 +28,6 @@ import copy
 import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -38,6 +44,7 @@ from torch import nn  # noqa: E402
 from lib.pruning.masks import lowest_per_row_mask, n_m_mask  # noqa: E402
 from lib.sparse import format as fmt  # noqa: E402
 from lib.sparse import kernels  # noqa: E402
+from lib.sparse import linear as sparse_linear  # noqa: E402
 from lib.sparse.convert import block_linears, sparsify_model, weight_sparsity  # noqa: E402
 from lib.sparse.linear import SparseLinear  # noqa: E402
 
@@ -69,6 +76,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--out", default=os.path.join("out", "speedup"))
+    p.add_argument("--tokens", default="1,2,4,8,16,32,64,128,256,512,1024,2048",
+                   help="tokens per call for the speedup-against-tokens curve of the 7B block")
+    p.add_argument("--curve_level", default="0.7", help="the curve's sparsity (a fraction or N:M)")
+    p.add_argument("--skip_curve", action="store_true", help="no curve (it takes minutes in fp32 at 2048 tokens)")
+    p.add_argument("--isa", choices=["auto", "avx512", "avx2", "cpp", "torch"], default="auto",
+                   help="the kernel's instruction set (auto: the best this CPU has)")
+    p.add_argument("--policy", choices=["auto", "sparse", "dense"], default="auto",
+                   help="SparseLinear's path above 4 tokens: measured (auto), the kernels, or unpack + dense GEMM")
     args = p.parse_args(argv)
     if args.model and args.demo:
         raise BenchError("give --model or --demo real, not both")
@@ -82,6 +97,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, flag) < 1:
             raise BenchError(f"--{flag} must be >= 1")
     args.levels = parse_levels(args.sparsities)
+    args.curve_levels = parse_levels(args.curve_level)
+    if len(args.curve_levels) != 1:
+        raise BenchError("--curve_level takes one sparsity")
+    try:
+        args.tokens = sorted({int(t) for t in args.tokens.split(",") if t.strip()})
+    except ValueError:
+        raise BenchError(f"--tokens: not a comma list of whole numbers: {args.tokens!r}") from None
+    if not args.tokens or args.tokens[0] < 1:
+        raise BenchError("--tokens needs whole numbers >= 1")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise BenchError(f"--out {args.out}: exists and is not a directory")
     return args
@@ -159,8 +183,9 @@ def bench_layer(args, dtype) -> list[dict]:
     rows = []
     gen = torch.Generator().manual_seed(0)
     dense_w = {name: (torch.randn(o, i, generator=gen) * 0.02).to(dtype) for name, o, i in LLAMA2_7B_BLOCK}
-    xs1 = {i: torch.randn(1, i, generator=gen).to(dtype) for i in (4096, 11008)}
-    xsp = {i: torch.randn(args.prefill_tokens, i, generator=gen).to(dtype) for i in (4096, 11008)}
+    widths = {i for _, _, i in LLAMA2_7B_BLOCK}
+    xs1 = {i: torch.randn(1, i, generator=gen).to(dtype) for i in widths}
+    xsp = {i: torch.randn(args.prefill_tokens, i, generator=gen).to(dtype) for i in widths}
     dense_bytes = sum(w.numel() * w.element_size() for w in dense_w.values())
     for level in args.levels:
         pruned = {}
@@ -197,6 +222,104 @@ def bench_layer(args, dtype) -> list[dict]:
               f"prefill {args.prefill_tokens} tok {row['prefill_speedup']:.2f}x, bytes {row['bytes_ratio']:.3f}x",
               file=sys.stderr, flush=True)
     return rows
+
+
+def pruned_block(level, dtype, seed):
+    """The 7B block's weights pruned to `level`: {name: dense weight}, {name: SparseLinear}."""
+    gen = torch.Generator().manual_seed(seed)
+    dense, sparse = {}, {}
+    for name, o, i in LLAMA2_7B_BLOCK:
+        w = (torch.randn(o, i, generator=gen) * 0.02).to(dtype)
+        prune_(w, level)
+        dense[name] = w
+        sparse[name] = SparseLinear(i, o, **fmt.pack(w))
+    return dense, sparse
+
+
+def workspace_bytes() -> int:
+    return sum(b.numel() * b.element_size() for b in sparse_linear._workspaces.values())
+
+
+def curve_repeats(args, tokens: int) -> int:
+    """Fewer pairs where one call takes seconds (fp32 above 512 tokens), never fewer than 3."""
+    return args.repeats if tokens <= 512 else max(3, args.repeats // 2)
+
+
+def bench_curve(args, dtype) -> dict:
+    """Speedup of the 7B block (and of each weight shape in it) against tokens per call, dense and sparse timed
+    layer by layer in the same repeats; the path SparseLinear chose for each shape."""
+    level = args.curve_levels[0]
+    sparse_linear.clear_choices()
+    sparse_linear.clear_workspaces()
+    dense_w, sparse = pruned_block(level, dtype, seed=1)
+    shape_of = {name: f"{w.shape[0]}x{w.shape[1]}" for name, w in dense_w.items()}
+    shapes = list(dict.fromkeys(shape_of.values()))
+    dense_bytes = sum(w.numel() * w.element_size() for w in dense_w.values())
+    sparse_bytes = sum(m.packed_nbytes() for m in sparse.values())
+    density = sum(m.nnz for m in sparse.values()) / sum(w.numel() for w in dense_w.values())
+    gen = torch.Generator().manual_seed(2)
+    rows, peak_workspace = [], 0
+
+    def run(kind, xs, times):
+        outs = []
+        for name, w in dense_w.items():
+            x = xs[w.shape[1]]
+            start = time.perf_counter()
+            outs.append(F.linear(x, w) if kind == "dense" else sparse[name](x))
+            times[shape_of[name]] = times.get(shape_of[name], 0.0) + time.perf_counter() - start
+        return outs
+
+    for tokens in args.tokens:
+        xs = {i: torch.randn(tokens, i, generator=gen).to(dtype) for i in {i for _, _, i in LLAMA2_7B_BLOCK}}
+        samples = {"dense": [], "sparse": []}
+        with torch.inference_mode():
+            ref, out = run("dense", xs, {}), run("sparse", xs, {})  # warm-up; SparseLinear measures its paths here
+            err = max(((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1.0)).item()
+                      for a, b in zip(out, ref))
+            del ref, out
+            for _ in range(curve_repeats(args, tokens)):
+                for kind in ("dense", "sparse"):
+                    times: dict[str, float] = {}
+                    run(kind, xs, times)
+                    samples[kind].append(times)
+        peak_workspace = max(peak_workspace, workspace_bytes())
+        pairs = list(zip(samples["dense"], samples["sparse"]))
+        bucket = sparse_linear.token_bucket(tokens)
+        chosen = {f"{c['out_features']}x{c['in_features']}": c["path"] for c in sparse_linear.choices()
+                  if c["tokens_up_to"] == bucket}
+        per_shape = {}
+        for shape in shapes:
+            per_shape[shape] = {
+                "dense_ms": statistics.median(d[shape] for d, _ in pairs) * 1e3,
+                "sparse_ms": statistics.median(s[shape] for _, s in pairs) * 1e3,
+                "speedup": statistics.median(d[shape] / s[shape] for d, s in pairs),
+                "path": ("torch" if kernels.get() is None else "decode"
+                         if tokens <= sparse_linear.ALWAYS_DECODE_TOKENS else chosen.get(shape, "?"))}
+        row = {"tokens": tokens, "repeats": len(pairs),
+               "dense_ms": statistics.median(sum(d.values()) for d, _ in pairs) * 1e3,
+               "sparse_ms": statistics.median(sum(s.values()) for _, s in pairs) * 1e3,
+               "speedup": statistics.median(sum(d.values()) / sum(s.values()) for d, s in pairs),
+               "per_shape": per_shape, "max_rel_diff": err}
+        rows.append(row)
+        print(f"curve {tokens:>5} tokens: block {row['speedup']:.2f}x ("
+              + ", ".join(f"{k} {v['speedup']:.2f}x {v['path']}" for k, v in per_shape.items()) + ")",
+              file=sys.stderr, flush=True)
+    worst = min(rows, key=lambda r: r["speedup"])
+    worst_shape = min(((r["tokens"], k, v["speedup"]) for r in rows for k, v in r["per_shape"].items()),
+                      key=lambda t: t[2])
+    result = {"level": level_name(level), "sparsity": 1 - density, "dtype": str(dtype).replace("torch.", ""),
+              "policy": sparse_linear.policy(), "dense_bytes": dense_bytes, "sparse_bytes": sparse_bytes,
+              "bytes_ratio": sparse_bytes / dense_bytes, "bound_decode": dense_bytes / sparse_bytes,
+              "peak_workspace_bytes": peak_workspace,
+              "sparse_with_workspace_ratio": (sparse_bytes + peak_workspace) / dense_bytes,
+              "rows": rows, "min_speedup": worst["speedup"], "min_at_tokens": worst["tokens"],
+              "min_shape_speedup": worst_shape[2], "min_shape": worst_shape[1], "min_shape_at_tokens": worst_shape[0],
+              "choices": sparse_linear.choices()}
+    print(f"curve minimum: block {worst['speedup']:.2f}x at {worst['tokens']} tokens; one shape "
+          f"{worst_shape[2]:.2f}x ({worst_shape[1]} at {worst_shape[0]} tokens); bytes held "
+          f"{result['bytes_ratio']:.3f}x packed, {result['sparse_with_workspace_ratio']:.3f}x with the workspace",
+          file=sys.stderr, flush=True)
+    return result
 
 
 # ---------------------------------------------------------------- whole model
@@ -378,7 +501,8 @@ def bench_model(args, dtype) -> list[dict]:
 def markdown(result: dict) -> str:
     env = result["environment"]
     lines = [f"Measured {env['date']} on {env['cpu']} ({env['threads']} thread(s), shared machine), "
-             f"dtype {result['dtype']}, torch {env['torch']}, kernel: {env['kernel']}.",
+             f"dtype {result['dtype']}, torch {env['torch']}, kernel: {env['kernel']}"
+             f"{' + AMX' if env.get('amx') else ''}, path policy: {env.get('policy', 'auto')}.",
              "Speedup = dense time / sparse time, dense and sparse run back to back, median of the ratios over "
              f"{result['repeats']} repeats (times: medians). Bound = dense bytes / sparse bytes read per decoded token (the gain of a memory-bound decode; a speedup above "
              "it means the dense side ran below the memory bandwidth); bound with rest "
@@ -411,6 +535,21 @@ def markdown(result: dict) -> str:
                          f"{r['prefill_dense_ms']:.0f} | {r['prefill_sparse_ms']:.0f} | {r['prefill_speedup']:.2f}x | "
                          f"{r['bytes_ratio']:.3f}x |")
         lines.append("")
+    curve = result.get("curve")
+    if curve:
+        shapes = list(curve["rows"][0]["per_shape"])
+        lines += [f"**Speedup against tokens per call**, 7B block at {curve['level']} ({curve['dtype']}; bound at "
+                  f"batch 1 {curve['bound_decode']:.2f}x; minimum {curve['min_speedup']:.2f}x at "
+                  f"{curve['min_at_tokens']} tokens, one shape {curve['min_shape_speedup']:.2f}x; sparse side holds "
+                  f"{curve['bytes_ratio']:.3f}x the dense bytes, {curve['sparse_with_workspace_ratio']:.3f}x with the "
+                  "dense path's transient workspace)", "",
+                  "| tokens | dense ms | sparse ms | block speedup | " + " | ".join(shapes) + " |",
+                  "|---|---|---|---|" + "---|" * len(shapes)]
+        for r in curve["rows"]:
+            cells = " | ".join(f"{r['per_shape'][s]['speedup']:.2f}x {r['per_shape'][s]['path']}" for s in shapes)
+            lines.append(f"| {r['tokens']} | {r['dense_ms']:.1f} | {r['sparse_ms']:.1f} | **{r['speedup']:.2f}x** | "
+                         f"{cells} |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -418,7 +557,31 @@ def plot(result: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    curve = result.get("curve")
+    sweep = bool(result.get("layer") or result.get("model"))
+    fig, axes = plt.subplots(1, int(sweep) + int(bool(curve)), figsize=(7 * (int(sweep) + int(bool(curve))), 4.5),
+                             squeeze=False)
+    if curve:
+        cx = axes[0][-1]
+        rows = curve["rows"]
+        cx.plot([r["tokens"] for r in rows], [r["speedup"] for r in rows], "o-", lw=2, label="7B block")
+        for shape in rows[0]["per_shape"]:
+            cx.plot([r["tokens"] for r in rows], [r["per_shape"][shape]["speedup"] for r in rows], ".--",
+                    label=shape)
+        cx.axhline(curve["bound_decode"], color="grey", ls=":", lw=0.8, label="bytes bound (batch 1)")
+        cx.axhline(1.0, color="grey", lw=0.8)
+        cx.set_xscale("log", base=2)
+        cx.set_xlabel("tokens per call")
+        cx.set_ylabel("speedup over dense (x)")
+        cx.set_title(f"7B block at {curve['level']}, {curve['dtype']}, {result['environment'].get('isa', '')}")
+        cx.legend(fontsize=8)
+        cx.grid(alpha=0.3)
+    if not sweep:
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return
+    ax = axes[0][0]
     series = []
     if result.get("layer"):
         series += [("7B block Linears, batch 1", result["layer"], "decode_speedup", "o-"),
@@ -733,7 +896,14 @@ def main(argv=None) -> int:
         return 2
     torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
-    kern = kernels.get()
+    kernels.get()
+    try:
+        if args.isa != "auto":
+            kernels.set_isa(args.isa)
+    except ValueError as error:
+        print(f"error: --isa: {error}", file=sys.stderr)
+        return 2
+    sparse_linear.set_policy(args.policy)
     result = {"dtype": args.dtype, "new_tokens": args.new_tokens, "prefill_tokens": args.prefill_tokens,
               "repeats": args.repeats, "format": "bitmask (1 bit/weight) + packed values + int64 row offsets",
               "bytes_per_weight": {level_name(lv): fmt.bytes_per_weight(1 - level_sparsity(lv),
@@ -743,20 +913,18 @@ def main(argv=None) -> int:
               "pruning_note": "pruned in-script by per-row magnitude (N:M by magnitude) unless --model: "
                               "the speed depends only on the density and the pattern",
               "environment": {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                              "cpu": platform.processor() or platform.machine(), "threads": args.threads,
+                              "cpu": kernels.cpu_model(), "threads": args.threads,
                               "cores": os.cpu_count(), "torch": torch.__version__,
-                              "kernel": "C++ AVX2/OpenMP" if kern is not None else
-                              f"pure PyTorch ({kernels.reason()})"}}
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        if names:
-            result["environment"]["cpu"] = names[0]
-    except OSError:
-        pass
+                              "isa": kernels.isa(), "amx": kernels.has_amx(), "kernel": kernels.describe(),
+                              "policy": sparse_linear.policy()}}
+    env = result["environment"]
+    print(f"kernel: {env['kernel']}{' + AMX (bf16)' if env['amx'] else ''} on {env['cpu']}, {args.threads} thread(s); "
+          f"path policy {env['policy']}", file=sys.stderr, flush=True)
     try:
         if not args.skip_layer:
             result["layer"] = bench_layer(args, dtype)
+            if not args.skip_curve:
+                result["curve"] = bench_curve(args, dtype)
         if not args.skip_model:
             result["model"] = bench_model(args, dtype)
     except BenchError as error:

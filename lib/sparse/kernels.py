@@ -124,6 +124,12 @@ def supported_isas() -> list[str]:
     return list(ISA_NAMES[ISA_NAMES.index(best):])
 
 
+def has_amx() -> bool:
+    """The CPU has AMX-BF16 and the OS granted this process the tile state (the bf16 `amx` path)."""
+    module = get()
+    return bool(module is not None and module.has_amx())
+
+
 def set_isa(name: str) -> str:
     """Use another instruction set from now on (tests, benchmarks); returns the previous one. ValueError when this
     machine cannot run it."""

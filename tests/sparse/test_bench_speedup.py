@@ -34,6 +34,10 @@ def run(*args, timeout=240):
     ["--model", "/nonexistent/dir"],
     ["--skip_model", "--skip_layer"],
     ["--demo", "fake"],
+    ["--skip_model", "--tokens", "1,x"],
+    ["--skip_model", "--tokens", "0"],
+    ["--skip_model", "--curve_level", "0.5,0.6"],
+    ["--skip_model", "--isa", "neon"],
 ])
 def test_bad_input_one_error_line_exit_2(args, capsys):
     assert bench_module().main(args) == 2
@@ -89,3 +93,37 @@ def test_speedup_is_the_median_of_paired_ratios(monkeypatch):
     timing = bench.interleaved({"dense": lambda: None, "sparse": lambda: None}, repeats=3)
     assert timing["dense"] == 10.0 and timing["sparse"] == 2.0
     assert timing.speedup == 1.0
+
+
+def test_curve_on_a_tiny_block(tmp_path, monkeypatch):
+    """The speedup-against-tokens curve (a tiny stand-in for the 7B block): every token count and shape recorded
+    with the path SparseLinear took, the CPU model and the instruction set in the JSON, both plot panels drawn.
+    No timing is checked."""
+    bench = bench_module()
+    from lib.sparse import kernels, linear as sparse_linear
+    monkeypatch.setattr(bench, "LLAMA2_7B_BLOCK", [("q", 48, 64), ("up", 80, 64), ("down", 64, 80)])
+    previous = sparse_linear.policy()
+    out = tmp_path / "out"
+    try:
+        assert bench.main(["--skip_model", "--sparsities", "0.7", "--tokens", "1,6,40", "--repeats", "1",
+                           "--prefill_tokens", "20", "--threads", "1", "--out", str(out)]) == 0
+    finally:
+        sparse_linear.set_policy(previous)
+        sparse_linear.clear_choices()
+        sparse_linear.clear_workspaces()
+    data = json.loads((out / "results.json").read_text())
+    env = data["environment"]
+    assert env["isa"] == kernels.isa() and env["cpu"] and "kernel" in env and "amx" in env
+    curve = data["curve"]
+    assert [r["tokens"] for r in curve["rows"]] == [1, 6, 40]
+    for row in curve["rows"]:
+        assert set(row["per_shape"]) == {"48x64", "80x64", "64x80"} and row["max_rel_diff"] < 1e-4
+        paths = {v["path"] for v in row["per_shape"].values()}
+        if kernels.get() is None:
+            assert paths == {"torch"}
+        else:
+            assert paths <= ({"decode"} if row["tokens"] == 1 else {"decode", "tiled", "amx", "dense"})
+    assert 0.2 < curve["bytes_ratio"] < 0.5 and curve["bound_decode"] > 2
+    assert curve["min_speedup"] == min(r["speedup"] for r in curve["rows"])
+    assert "Speedup against tokens per call" in (out / "results.md").read_text()
+    assert (out / "speedup.png").stat().st_size > 1000

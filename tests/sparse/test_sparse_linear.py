@@ -158,6 +158,24 @@ def test_measured_choice_is_cached_and_correct(monkeypatch):
     assert sparse_linear.token_bucket(2048) == 2048 and sparse_linear.token_bucket(2049) == 4096
 
 
+def test_amx_path_for_bf16_where_the_cpu_has_it(monkeypatch):
+    """bf16 weights and inputs take the AMX kernel where it exists (instead of the tiled one); its result is checked
+    against dense with the other paths in test_matches_dense."""
+    monkeypatch.setattr(sparse_linear, "_policy", "sparse")
+    amx = kernels.get() is not None and kernels.isa() == "avx512" and kernels.has_amx()
+    assert sparse_linear.candidate_paths(40, torch.bfloat16, torch.bfloat16) == (("amx",) if amx else ("tiled",))
+    assert sparse_linear.candidate_paths(40, torch.bfloat16, torch.float32) == ("tiled",)
+    assert sparse_linear.candidate_paths(40, torch.float16, torch.float16) == ("tiled",)
+    assert sparse_linear.candidate_paths(9, torch.bfloat16, torch.bfloat16) == ("decode",)
+    monkeypatch.setattr(sparse_linear, "_policy", "auto")
+    assert sparse_linear.candidate_paths(3) == ("decode",)
+    assert sparse_linear.candidate_paths(9) == ("decode", "tiled", "dense")
+    if amx:
+        w = pruned_weight(100, 300, 0.7, torch.bfloat16)
+        y = check(w, torch.randn(100).to(torch.bfloat16), torch.randn(3, 17, 300).to(torch.bfloat16), torch.bfloat16)
+        assert y.is_contiguous()
+
+
 def test_dense_workspace_is_shared_and_bounded(policy):
     """The dense path unpacks into one workspace per dtype (the largest Linear's size), never a copy per layer."""
     if kernels.get() is None or policy != "dense":
