@@ -10,17 +10,17 @@ import math
 import sys
 
 from .allocation.allocate import AllocationSpec
-from .allocation.rule import RULES
+from .allocation.rule import RULES, rule_searching, searchable_params
 from .config import (DEFAULT_NSAMPLES, HUB_CALIBRATION, HUB_EVALUATION, DataConfig, ModelConfig, OutputConfig,
                      PruneConfig, RunConfig, SearchConfig, ZeroShotConfig, check_given_settings)
-from .errors import IllegalAllocationError, UserError
+from .errors import UserError
 from .pruning.pruner import PRUNERS
 from .registry import declared_params
 
 EXIT_CODES = "exit codes: 0 success, 2 bad input or unusable environment, 3 illegal sparsity/beta, 130 interrupted"
 DEMO_DATA_DEFAULTS = {"tiny": {"nsamples": 16, "seqlen": 128, "max_eval_windows": 32},
                       "real": {"nsamples": 32, "seqlen": 512, "max_eval_windows": 32}}
-HAND_WRITTEN = {"beta"}  # plug-in parameters with a flag of their own below (beta also takes 'search')
+SEARCH = "search"  # the value that makes a searchable parameter's flag search it (--beta search)
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -45,6 +45,15 @@ def _int_or_auto(text: str) -> int | str:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a whole number or 'auto', got {text!r}") from None
+
+
+def _number_or_search(kind: type):
+    plain = _number(kind)
+
+    def parse(text: str):
+        return SEARCH if text == SEARCH else plain(text)
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def _number(kind: type):
@@ -83,15 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="; ".join(f"{x.name}: {x.help}" for x in PRUNERS).replace("%", "%%"))
     g.add_argument("--sparsity_ratio", type=_number(float), default=0.7, help="mean sparsity S over decoder blocks")
     g.add_argument("--sparsity_type", default="unstructured", help="unstructured, or N:M such as 2:4 or 4:8")
-    g.add_argument("--beta", default=None,
-                   help="ATP rate: block i gets S - beta*(L-1)/2 + i*beta; 'search' finds the best beta")
     g.add_argument("--allocation", default=None, choices=RULES.names(),
-                   help="layer-wise allocation rule (default: atp when --beta is given, else uniform); "
-                        + "; ".join(f"{r.name}: {r.help}" for r in RULES).replace("%", "%%"))
+                   help="layer-wise allocation rule (default: the rule whose parameter is given, e.g. atp for "
+                        "--beta, else uniform); " + "; ".join(f"{r.name}: {r.help}" for r in RULES).replace("%", "%%"))
+    searchable = searchable_params()
     for param in declared_params([*PRUNERS, *RULES]):
-        if param.name not in HAND_WRITTEN:
-            g.add_argument(f"--{param.name}", type=_number(param.type) if param.type in (int, float) else param.type,
-                           default=param.default, choices=param.choices, help=param.help.replace("%", "%%"))
+        numeric = _number_or_search if param.name in searchable else _number
+        g.add_argument(f"--{param.name}", type=numeric(param.type) if param.type in (int, float) else param.type,
+                       default=param.default, choices=param.choices,
+                       help=(param.help + ("" if param.name not in searchable or SEARCH in param.help
+                                           else "; 'search' tunes it")).replace("%", "%%"))
     g.add_argument("--absorption", type=_number(float), default=0.0,
                    help="strength of the absorption-aware correction applied on top of the allocation (0: off)")
     g.add_argument("--absorption_scale", type=_number(float), default=0.1,
@@ -112,20 +122,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval_dense", action="store_true",
                    help="also report the dense model's perplexity before pruning (on by default in demos)")
     g.add_argument("--max_eval_windows", type=_number(int), default=None, help="evaluate only the first N windows")
-    g = p.add_argument_group("beta search (--beta search)")
+    g = p.add_argument_group("search (--search PARAM, or --PARAM search, e.g. --beta search)")
+    g.add_argument("--search", default=None, choices=tuple(searchable),
+                   help="tune one parameter by perplexity: a rule's (" + ", ".join(
+                       f"{name} of {rule_searching(name)}" for name in searchable if rule_searching(name))
+                   + ") or the absorption correction's strength (any rule)")
     g.add_argument("--search_strategy", default="golden", choices=["golden", "grid"],
                    help="golden: coarse grid then golden-section refinement; grid: the reference sweep")
-    g.add_argument("--search_step", type=_number(float), default=0.002, help="grid step of beta")
+    g.add_argument("--search_step", type=_number(float), default=None,
+                   help="grid step of the searched value (default: the parameter's own, 0.002 for beta)")
     g.add_argument("--search_coarse", type=_number(int), default=3,
-                   help="golden: points of the first, even grid over [0, max beta] (more is safer, slower)")
+                   help="golden: points of the first, even grid over [0, the largest legal value] (more is safer, "
+                        "slower)")
     g.add_argument("--search_tol", type=_number(float), default=None,
                    help="golden stops at this bracket (default 1 step)")
     g.add_argument("--search_eval_windows", type=_number(int), default=None,
                    help="score trials on the first N eval windows; the winner is re-evaluated on all")
     g.add_argument("--search_refine", type=_number(int), default=2,
-                   help="with --search_eval_windows: re-score this many best betas on all windows (0: none)")
+                   help="with --search_eval_windows: re-score this many best values on all windows (0: none)")
     g.add_argument("--search_log", default=None, help="JSONL trial log; rerunning with it resumes")
-    g.add_argument("--search_plot", default=None, help="PNG of perplexity against beta (default: next to --results)")
+    g.add_argument("--search_plot", default=None,
+                   help="PNG of perplexity against the searched value (default: next to --results)")
     g = p.add_argument_group("zero-shot (lm-eval)")
     g.add_argument("--eval_zero_shot", action="store_true", help="run the lm-eval zero-shot suite")
     g.add_argument("--tasks", default=None, help="comma-separated lm-eval task names (default: the paper's 7)")
@@ -147,22 +164,41 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_beta(text: str | None) -> float | str | None:
-    if text is None or text == "search":
-        return text
-    try:
-        value = float(text)
-    except ValueError:
-        raise IllegalAllocationError(f"{text!r}: must be a number or 'search'", "beta") from None
-    if not math.isfinite(value):
-        raise IllegalAllocationError(f"{text!r}: must be a finite number", "beta")
-    return value
+def _chosen_rule(ns: argparse.Namespace, given: frozenset[str] | None) -> str:
+    """--allocation, or else the one rule whose own parameter was given (--beta 0.01 means atp, --owl_lambda search
+    means owl, --search dlp_alpha means dlp), or else uniform."""
+    if ns.allocation:
+        return ns.allocation
+    implied = set()
+    for rule in RULES:
+        for param in rule.params:
+            value = getattr(ns, param.name)
+            if (param.name in given) if given is not None else (value != param.default):
+                implied.add(rule.name)
+    if ns.search is not None and rule_searching(ns.search):
+        implied.add(rule_searching(ns.search))
+    if len(implied) > 1:
+        raise UserError(f"parameters of several rules given ({', '.join(sorted(implied))}); choose one with "
+                        f"--allocation", "allocation")
+    return implied.pop() if implied else "uniform"
 
 
-def config_from_flags(ns: argparse.Namespace) -> RunConfig:
-    """The typed, not yet validated config the flags describe (demo defaults and derived values resolved)."""
-    beta = parse_beta(ns.beta)
-    allocation = ns.allocation or ("atp" if beta is not None else "uniform")
+def _searched_param(ns: argparse.Namespace) -> str | None:
+    """The parameter to tune: --search PARAM, or the one parameter given the value 'search'."""
+    flagged = [name for name in searchable_params() if getattr(ns, name, None) == SEARCH]
+    if len(flagged) > 1 or (flagged and ns.search is not None and ns.search != flagged[0]):
+        raise UserError(f"one parameter at a time: {', '.join(sorted(set(flagged) | {ns.search} - {None}))} "
+                        f"all asked for a search", "search")
+    return ns.search or (flagged[0] if flagged else None)
+
+
+def config_from_flags(ns: argparse.Namespace, given: frozenset[str] | None = None) -> RunConfig:
+    """The typed, not yet validated config the flags describe (demo defaults and derived values resolved).
+    `given`: the settings typed explicitly, when known (it decides which rule a given parameter implies)."""
+    allocation = _chosen_rule(ns, given)
+    searched = _searched_param(ns)
+    if searched == "absorption":
+        ns.absorption = 0.0  # the searched strength; 0 is also the uncorrected allocation
     if ns.demo is not None:
         from .demo.models import CALIB_TEXT, EVAL_TEXT
         ns.calib_data = ns.calib_data or CALIB_TEXT
@@ -174,12 +210,10 @@ def config_from_flags(ns: argparse.Namespace) -> RunConfig:
     ns.calib_data = ns.calib_data or HUB_CALIBRATION
     ns.eval_data = ns.eval_data or HUB_EVALUATION
     ns.nsamples = DEFAULT_NSAMPLES if ns.nsamples is None else ns.nsamples
-    ns.allocation, ns.beta = allocation, beta
-    pruner_params = {p.name: getattr(ns, p.name) for x in PRUNERS for p in x.params if p.name not in HAND_WRITTEN}
-    rule_params = {p.name: getattr(ns, p.name) for p in RULES.get(allocation).params if p.name not in HAND_WRITTEN} \
-        if allocation in RULES else {}
-    if beta is not None:
-        rule_params["beta"] = None if beta == "search" else beta
+    ns.allocation = allocation
+    pruner_params = {p.name: getattr(ns, p.name) for x in PRUNERS for p in x.params}
+    rule_params = {p.name: (None if getattr(ns, p.name) == SEARCH else getattr(ns, p.name))
+                   for p in RULES.get(allocation).params} if allocation in RULES else {}
     sparsity = ns.sparsity_ratio
     try:
         from .pruning.masks import parse_sparsity_type
@@ -196,13 +230,15 @@ def config_from_flags(ns: argparse.Namespace) -> RunConfig:
     if tasks == []:
         raise UserError(f"{ns.tasks!r} names no task; give comma-separated lm-eval task names, or leave the flag out "
                         f"for the paper's seven", "tasks")
+    step = ns.search_step if ns.search_step is not None else (
+        searchable_params()[searched].step if searched in searchable_params() else 0.002)
     return RunConfig(
         model=ModelConfig(ns.model, ns.demo, ns.dtype, ns.device, ns.offload, ns.device_map),
         data=DataConfig(ns.calib_data, ns.eval_data, ns.nsamples, ns.seqlen, ns.seed, ns.calib_batch_size,
                         ns.eval_batch_size, ns.eval_dense, ns.max_eval_windows),
         prune=PruneConfig(ns.prune_method, ns.sparsity_type, pruner_params),
         allocation=AllocationSpec(allocation, sparsity, rule_params, ns.absorption, ns.absorption_scale),
-        search=SearchConfig(beta == "search", ns.search_strategy, ns.search_step, ns.search_coarse, ns.search_tol,
+        search=SearchConfig(searched, ns.search_strategy, step, ns.search_coarse, ns.search_tol,
                             ns.search_eval_windows, ns.search_refine, ns.search_log, ns.search_plot),
         zero_shot=ZeroShotConfig(ns.eval_zero_shot, tasks, ns.tasks_dir, ns.zs_batch_size, limit, ns.zs_source),
         outputs=OutputConfig(ns.save_model, ns.save_format, ns.results, ns.quiet),
@@ -232,7 +268,7 @@ def parse_config(argv: list[str] | None = None) -> RunConfig:
             raise UserError(f"{ns.sparsity_ratio:g} contradicts --sparsity_type {ns.sparsity_type}, which prunes "
                             f"exactly {n_m[0]}/{n_m[1]} = {n_m[0] / n_m[1]:g} of every block; drop one of them",
                             "sparsity_ratio")
-    config = config_from_flags(ns)
+    config = config_from_flags(ns, given)
     config.validate()
     check_given_settings(config, given)
     return config

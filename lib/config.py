@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .allocation.allocate import AllocationSpec, check_spec
-from .allocation.rule import RULES
+from .allocation.rule import ABSORPTION, RULES
 from .errors import IllegalAllocationError, UserError
 from .outputs import check_output_paths, check_writable_file, resolved
 from .pruning.masks import parse_sparsity_type
@@ -62,7 +62,7 @@ class PruneConfig:
 
 @dataclass
 class SearchConfig:
-    enabled: bool = False  # --beta search
+    param: str | None = None  # the parameter to tune (--search PARAM, or --PARAM search); None: no search
     strategy: str = "golden"
     step: float = 0.002
     coarse: int = 3
@@ -72,13 +72,25 @@ class SearchConfig:
     log: str | None = None
     plot: str | None = None
 
+    @property
+    def enabled(self) -> bool:
+        return self.param is not None
+
+    def start(self, spec: AllocationSpec) -> AllocationSpec:
+        """`spec` with the searched value at the low end of its range (what is checked before the search)."""
+        if not self.enabled:
+            return spec
+        if self.param == ABSORPTION.param:
+            return replace(spec, absorption=0.0)
+        return spec.with_params(**{self.param: 0.0})
+
 
 @dataclass
 class ZeroShotConfig:
     enabled: bool = False
     tasks: list[str] | None = None  # None: the paper's seven
     tasks_dir: str | None = None
-    batch_size: int | str = 1
+    batch_size: int | str = 8
     limit: int | float | None = None
     source: str = "auto"
 
@@ -144,7 +156,7 @@ def ignored_settings(config: RunConfig, given: frozenset[str]) -> dict[str, str]
                 ignored[setting] = f"applies only {condition}"
 
     only_with(ZERO_SHOT_SETTINGS, config.zero_shot.enabled, "with --eval_zero_shot")
-    only_with(SEARCH_SETTINGS, config.search.enabled, "with --beta search")
+    only_with(SEARCH_SETTINGS, config.search.enabled, "with a search (--search PARAM, or e.g. --beta search)")
     only_with(("save_format",), bool(config.outputs.save_model), "with --save_model")
     only_with(("absorption_scale",), config.allocation.absorption > 0, "with --absorption above 0")
     for kind, chosen, plugins in (("--prune_method", config.prune.method, PRUNERS),
@@ -152,7 +164,7 @@ def ignored_settings(config: RunConfig, given: frozenset[str]) -> dict[str, str]
         own = {p.name for p in plugins.get(chosen).params} if chosen in plugins else set()
         for plugin in plugins:
             for param in plugin.params:
-                if param.name in given and param.name not in own and param.name != "beta":
+                if param.name in given and param.name not in own:
                     ignored.setdefault(param.name, f"is a parameter of {kind} {plugin.name}, not of {kind} {chosen}")
     return ignored
 
@@ -192,9 +204,9 @@ def _check_prune(config: PruneConfig, allocation: AllocationSpec) -> None:
     except ValueError as exc:
         raise setting_error("sparsity_type", exc) from None
     _check_params(config.pruner.params, config.params)
-    if n_m is not None and allocation.rule != "uniform":
-        raise UserError(f"{config.sparsity_type} fixes every block's sparsity at N/M; a layer-wise --allocation "
-                        f"does not apply", "sparsity_type")
+    if n_m is not None and allocation.rule in RULES and not RULES.get(allocation.rule).supports_n_m:
+        raise UserError(f"{config.sparsity_type} fixes every block's sparsity at N/M; --allocation "
+                        f"{allocation.rule} does not apply", "sparsity_type")
 
 
 def _check_params(params, values: dict[str, Any]) -> None:
@@ -209,19 +221,20 @@ def _check_params(params, values: dict[str, Any]) -> None:
 def _check_allocation(spec: AllocationSpec, search: SearchConfig) -> None:
     if spec.rule not in RULES:
         raise UserError(f"{spec.rule}: unknown; choose from {', '.join(RULES.names())}", "allocation")
-    if search.enabled and spec.rule != "atp":
-        raise UserError("search applies to --allocation atp only", "beta")
-    if spec.rule != "atp" and spec.params.get("beta") not in (None, 0.0):
-        raise UserError(f"{spec.params['beta']}: beta is ATP's rate; it does not apply to --allocation {spec.rule}",
-                        "beta")
-    _check_params(RULES.get(spec.rule).params, spec.params)
+    rule = RULES.get(spec.rule)
+    if search.enabled and search.param != ABSORPTION.param and (
+            rule.searchable is None or rule.searchable.param != search.param):
+        own = f"its searchable parameter is {rule.searchable.param}" if rule.searchable else "it has none to search"
+        raise UserError(f"{search.param} is not a parameter --allocation {spec.rule} can tune ({own}; the "
+                        f"absorption strength can be searched for any rule)", "search")
+    _check_params(rule.params, search.start(spec).params)
     if not (math.isfinite(spec.absorption) and 0 <= spec.absorption <= 1):
         raise UserError(f"strength must lie in [0, 1] (sparsity units per standard deviation), got "
                         f"{spec.absorption}", "absorption")
     if not (math.isfinite(spec.absorption_scale) and 0 < spec.absorption_scale < 10):
         raise UserError(f"must lie in (0, 10), got {spec.absorption_scale}", "absorption_scale")
     try:
-        check_spec(spec if not search.enabled else spec.with_params(beta=0.0), None)
+        check_spec(search.start(spec), None)
     except ValueError as exc:
         raise setting_error("allocation", exc) from None
 
@@ -243,7 +256,7 @@ def _check_search(config: SearchConfig) -> None:
     if not config.enabled:
         return
     if not (math.isfinite(config.step) and 1e-6 <= config.step <= 1):
-        raise UserError(f"{config.step}: the grid step of beta must lie in [1e-6, 1]", "search_step")
+        raise UserError(f"{config.step}: the grid step of the searched value must lie in [1e-6, 1]", "search_step")
     _at_least("search_coarse", config.coarse, 2)
     if config.coarse > 1000:
         raise UserError(f"{config.coarse}: at most 1000 points", "search_coarse")

@@ -44,6 +44,16 @@ def non_negative(value) -> bool:
 
 T = TypeVar("T")
 
+# The settings the CLI defines itself (lib.cli; a test keeps this list equal to its flags). A plug-in parameter
+# is also a flag, so it may not take one of these names.
+BUILT_IN_SETTINGS = frozenset({
+    "help", "model", "demo", "dtype", "device", "offload", "device_map", "prune_method", "sparsity_ratio",
+    "sparsity_type", "allocation", "absorption", "absorption_scale", "calib_data", "eval_data", "nsamples", "seqlen",
+    "seed", "calib_batch_size", "eval_batch_size", "eval_dense", "max_eval_windows", "search", "search_strategy",
+    "search_step", "search_coarse", "search_tol", "search_eval_windows", "search_refine", "search_log",
+    "search_plot", "eval_zero_shot", "tasks", "tasks_dir", "zs_source", "zs_batch_size", "zs_limit", "save_model",
+    "save_format", "results", "quiet"})
+
 
 class Registry(Generic[T]):
     """Plug-ins of one kind by name, in registration order. `package` names the package whose modules hold the
@@ -58,6 +68,10 @@ class Registry(Generic[T]):
         name = getattr(item, "name")
         if name in self._items and self._items[name] is not item:
             raise ValueError(f"a {self.kind} named {name!r} is already registered")
+        clash = sorted(p.name for p in getattr(item, "params", ()) if p.name in BUILT_IN_SETTINGS)
+        if clash:
+            raise ValueError(f"{self.kind} {name!r}: parameter name(s) {', '.join(clash)} are taken by the CLI's own "
+                             f"flags (--{clash[0]}); give the parameter a name of its own, e.g. {name}_{clash[0]}")
         self._items[name] = item
         return item
 

@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 import torch
 
 from .allocation.allocate import AllocationSpec, check_spec, format_plan
-from .allocation.atp import max_beta
 from .config import RunConfig, setting_error
 from .errors import UserError
 from .models import loading
@@ -118,7 +117,7 @@ def check_n_m_widths(config: RunConfig, widths: set[int]) -> None:
 
 
 def check_allocation(config: RunConfig, num_blocks: int) -> None:
-    spec = config.allocation.with_params(beta=0.0) if config.search.enabled else config.allocation
+    spec = config.search.start(config.allocation)
     try:
         check_spec(spec, num_blocks)
     except ValueError as exc:
@@ -231,6 +230,21 @@ def check_calibration_memory(config: RunConfig, loaded: LoadedModel, seqlen: int
                         f"lower --nsamples or --seqlen", "nsamples")
 
 
+def describe_spec(spec: AllocationSpec) -> str:
+    """The rule and its numeric settings, e.g. 'atp, beta=0.01' or 'owl, owl_m=5, owl_lambda=0.08'."""
+    numbers = [f"{k}={v:g}" for k, v in spec.params.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if spec.absorption > 0:
+        numbers.append(f"absorption={spec.absorption:g}")
+    return ", ".join([spec.rule, *numbers])
+
+
+def rule_record(spec: AllocationSpec, num_blocks: int) -> dict:
+    """What the rule adds to the results' allocation record (e.g. ATP's largest legal beta)."""
+    from .allocation.rule import RULES
+    rule = RULES.get(spec.rule)
+    return rule.record(spec.sparsity, num_blocks, spec.params) if rule.record is not None else {}
+
+
 def prune_and_report(session: PruningSession, config: RunConfig, sparsities: list[float]) -> tuple[list[dict], float]:
     records = session.prune(sparsities, config.prune.pruner, config.prune.params, config.prune.n_m)
     zeros = sum(r["zeros"] for r in records)
@@ -338,14 +352,13 @@ def run_steps(config: RunConfig) -> dict:
     spec: AllocationSpec = config.allocation
     search_record = None
     if config.search.enabled:
-        from .search.beta import run_beta_search
-        search_record, best_beta = timings("search", run_beta_search, session, config)
-        spec = spec.with_params(beta=best_beta)
+        from .search.tune import run_search, with_value
+        search_record, best = timings("search", run_search, session, config)
+        spec = with_value(spec, config.search.param, best)
 
     allocation = timings("allocation", session.allocation, spec)
     sparsities = allocation.sparsities
-    beta = spec.params.get("beta")
-    _log(f"layer-wise sparsity plan ({spec.rule}{f', beta={beta:g}' if beta is not None else ''}):")
+    _log(f"layer-wise sparsity plan ({describe_spec(spec)}):")
     _log(format_plan(sparsities))
     _log(loaded.inventory.text())
 
@@ -358,7 +371,7 @@ def run_steps(config: RunConfig) -> dict:
                   "offload": loaded.offload_device is not None,
                   "parameters": sum(p.numel() for p in loaded.model.parameters())},
         "allocation": {**allocation.info, "sparsities": sparsities, "mean": sum(sparsities) / num_blocks,
-                       "max_beta": max_beta(spec.sparsity, num_blocks)},
+                       **rule_record(spec, num_blocks)},
         "structure": loaded.inventory.as_dict(),
         "blocks": records,
         "overall_sparsity": overall,

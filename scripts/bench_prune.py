@@ -334,12 +334,9 @@ def environment(device: torch.device) -> dict:
 
 
 def beta_search(args, session: PruningSession, device: torch.device) -> dict:
-    """The CLI's in-process beta search (lib.search.beta) on this model; its trial lines go to stderr."""
+    """The CLI's in-process beta search (lib.search.tune) on this model; its trial lines go to stderr."""
     from lib.cli import build_parser, config_from_flags
-    try:
-        from lib.search.tune import run_search
-    except ImportError:  # before the search was generalised to any declared parameter
-        from lib.search.beta import run_beta_search as run_search
+    from lib.search.tune import run_search
     flags = ["--model", f"bench:{args.shape}", "--prune_method", args.methods[0], "--sparsity_ratio", str(SPARSITY),
              "--beta", "search", "--search_step", str(args.search_step), "--search_eval_windows",
              str(args.search_eval_windows), "--search_refine", "1", "--nsamples", str(args.nsamples),

@@ -61,8 +61,11 @@ class Combination:
 
     def flags(self) -> list[str]:
         out = ["--prune_method", self.method, "--sparsity_ratio", repr(self.sparsity), "--allocation", self.base]
-        if self.base == "atp":
-            out += ["--beta", "search"]
+        searchable = RULES.get(self.base).searchable
+        needed = searchable is not None and next(p.default for p in RULES.get(self.base).params
+                                                 if p.name == searchable.param) is None
+        if needed:  # a parameter without a default (ATP's beta) is searched
+            out += ["--search", searchable.param]
         if self.absorption > 0:
             out += ["--absorption", repr(self.absorption)]
         return out

@@ -38,10 +38,14 @@ class AllocationSpec:
     def measures_model(self) -> bool:
         return RULES.get(self.rule).measures_model or self.absorption > 0
 
-    def key(self) -> str:
-        """Every setting that changes the allocation, as text (for search logs and caches)."""
-        params = ",".join(f"{k}={v}" for k, v in sorted(self.params.items()) if k != "beta")
-        absorption = f"|absorption={self.absorption},{self.absorption_scale}" if self.absorption > 0 else ""
+    def key(self, exclude: str | None = None) -> str:
+        """Every setting that changes the allocation, as text (for search logs and caches); `exclude` leaves out
+        the parameter a search varies."""
+        params = ",".join(f"{k}={v}" for k, v in sorted(self.params.items()) if k != exclude)
+        absorption = f"|absorption={self.absorption},{self.absorption_scale}" \
+            if self.absorption > 0 and exclude != "absorption" else ""
+        if exclude == "absorption":
+            absorption = f"|absorption=*,{self.absorption_scale}"
         return f"{self.rule}({params}){absorption}"
 
 

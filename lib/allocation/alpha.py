@@ -18,7 +18,7 @@ import torch
 from ..models.matrices import block_matrices
 from ..outputs import cached_json_entry
 from ..registry import Param
-from .rule import Allocation, AllocationRequest, AllocationRule, register_rule, rule_value_error
+from .rule import Allocation, AllocationRequest, AllocationRule, Searchable, register_rule, rule_value_error
 
 # Candidate (xmin, tail) pairs are evaluated as a [candidates, eigenvalues] grid; this bounds its size.
 _KS_GRID_ELEMENTS = 4_000_000
@@ -181,7 +181,9 @@ def _allocate(request: AllocationRequest) -> Allocation:
 DEFAULT_ALPHA_CACHE = "~/.cache/atp-sparsity/alphas.json"
 
 register_rule(AllocationRule(
-    "alpha", _allocate, measures_model=True,
+    "alpha", _allocate,
+    searchable=Searchable("alpha_eps", lambda sparsity, num_blocks: min(0.99, (1 - sparsity) / max(sparsity, 1e-9))),
+    measures_model=True,
     params=(Param("alpha_eps", float, 0.3, "AlphaPruning spread epsilon", lambda v: 0 <= v < 1,
                   "must lie in [0, 1)"),
             Param("alpha_cache", str, DEFAULT_ALPHA_CACHE,

@@ -3,7 +3,8 @@ s_i = S - beta*(L-1)/2 + i*beta, whose mean is S. Pure math plus the rule's regi
 from __future__ import annotations
 
 from ..errors import IllegalAllocationError
-from .rule import Allocation, AllocationRequest, AllocationRule, register_rule
+from ..registry import Param
+from .rule import Allocation, AllocationRequest, AllocationRule, Searchable, register_rule
 
 # Tolerance for comparing a user-given beta against its legal maximum (decimal flags like 0.002 are not exact).
 _BETA_SLACK = 1e-9
@@ -57,5 +58,10 @@ def _check(sparsity: float, params: dict, num_blocks: int | None) -> None:
         validate_beta(params["beta"], sparsity, num_blocks)
 
 
-register_rule(AllocationRule("atp", _allocate, check=_check,
-                             help="ATP: sparsity rising linearly with depth at rate --beta"))
+register_rule(AllocationRule(
+    "atp", _allocate, check=_check,
+    params=(Param("beta", float, None, "ATP rate: block i gets S - beta*(L-1)/2 + i*beta; 'search' finds the best "
+                  "beta"),),  # its range depends on S and L: _check says so, with exit code 3
+    searchable=Searchable("beta", max_beta, step=0.002),
+    record=lambda sparsity, num_blocks, params: {"max_beta": max_beta(sparsity, num_blocks)},
+    help="ATP: sparsity rising linearly with depth at rate --beta"))

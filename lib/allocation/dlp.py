@@ -60,7 +60,7 @@ import torch
 
 from ..registry import Param
 from .probe import ModelProbe
-from .rule import Allocation, AllocationRequest, AllocationRule, register_rule, rule_value_error
+from .rule import Allocation, AllocationRequest, AllocationRule, Searchable, register_rule, rule_value_error
 
 DLP_STATISTICS = ("median", "mean")
 
@@ -237,7 +237,9 @@ def _allocate(request: AllocationRequest) -> Allocation:
 
 
 register_rule(AllocationRule(
-    "dlp", _allocate, measures_model=True, requires_calibration_data=True,
+    "dlp", _allocate,
+    searchable=Searchable("dlp_alpha", lambda sparsity, num_blocks: min(0.5, sparsity, 1 - sparsity)),
+    measures_model=True, requires_calibration_data=True,
     params=(Param("dlp_alpha", float, 0.15,
                   "DLP spread: block sparsities span 2*alpha around S, the most important block lowest "
                   "(0.15: the authors' setting at 70%)", lambda v: 0 <= v <= 0.5, "must lie in [0, 0.5]"),

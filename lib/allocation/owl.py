@@ -12,7 +12,7 @@ import torch
 from ..pruning.masks import wanda_metric
 from ..registry import Param
 from .probe import ModelProbe
-from .rule import Allocation, AllocationRequest, AllocationRule, register_rule, rule_value_error
+from .rule import Allocation, AllocationRequest, AllocationRule, Searchable, register_rule, rule_value_error
 
 
 def outlier_ratio(scores: list[torch.Tensor], m: float) -> float:
@@ -77,6 +77,7 @@ def _allocate(request: AllocationRequest) -> Allocation:
 
 register_rule(AllocationRule(
     "owl", _allocate, measures_model=True, requires_calibration_data=True,
+    searchable=Searchable("owl_lambda", lambda sparsity, num_blocks: min(0.498, sparsity, 1 - sparsity)),
     params=(Param("owl_m", float, 5.0, "OWL outlier threshold M (times the mean score)", lambda v: 0 < v <= 1000,
                   "must lie in (0, 1000]"),
             Param("owl_lambda", float, 0.08, "OWL sparsity spread lambda", lambda v: 0 <= v < 0.5,

@@ -12,4 +12,4 @@ def uniform_allocation(sparsity: float, num_blocks: int) -> list[float]:
 
 
 register_rule(AllocationRule("uniform", lambda r: Allocation(uniform_allocation(r.sparsity, r.num_blocks)),
-                             help="every block at S"))
+                             supports_n_m=True, help="every block at S"))

@@ -62,14 +62,16 @@ def append_cache(path: str | None, record: dict) -> None:
 
 def run_table(session: PruningSession, rows: list[Row], methods: list[str], base: AllocationSpec,
               prune: Callable[[str, list[float]], None], perplexity: Callable[[], float],
-              zero_shot: Callable[[], dict | None], beta_for: Callable[[str], float],
+              zero_shot: Callable[[], dict | None],
+              settle: Callable[[str, AllocationSpec], tuple[AllocationSpec, dict]],
               cache_path: str | None, settings: str, log: Callable[[str], None] = print,
               absorbed: set[str] | None = None, rows_of: dict[str, set[str]] | None = None) -> list[dict]:
-    """Score every cell; returns one record per cell: {key, row, method, ppl, zero_shot, sparsities, ...}.
+    """Score every cell; returns one record per cell: {key, row, method, ppl, zero_shot, sparsities, tuned, ...}.
     Rows with the absorption correction are run for the pruners in `absorbed` (default: all); `rows_of` limits a
     pruner to the named rules (default: every row).
 
-    prune(method, sparsities) prunes the dense model in place; beta_for(method) gives ATP's beta for that pruner.
+    prune(method, sparsities) prunes the dense model in place. settle(method, spec) returns the spec a cell uses
+    and the values it chose for it ({param: value}, e.g. a searched beta), which the record keeps.
     """
     absorbed = set(methods) if absorbed is None else absorbed
     cached = load_cache(cache_path, settings)
@@ -89,14 +91,13 @@ def run_table(session: PruningSession, rows: list[Row], methods: list[str], base
         record: dict[str, Any] = {"key": key, "row": cell.row.label, "rule": cell.row.rule,
                                   "absorption": cell.row.absorption, "method": cell.method}
         if cell.row.rule != DENSE:
-            params = dict(base.params)
-            if cell.row.rule == "atp":
-                params["beta"] = beta_for(cell.method)
-            spec = AllocationSpec(cell.row.rule, base.sparsity, params, cell.row.absorption, base.absorption_scale)
+            spec = AllocationSpec(cell.row.rule, base.sparsity, dict(base.params), cell.row.absorption,
+                                  base.absorption_scale)
+            spec, tuned = settle(cell.method, spec)
+            session.restore_dense()  # a search leaves the model dense; this makes it explicit
             allocation = session.allocation(spec)
             prune(cell.method, allocation.sparsities)
-            record.update(sparsities=allocation.sparsities, beta=params.get("beta") if cell.row.rule == "atp"
-                          else None)
+            record.update(sparsities=allocation.sparsities, tuned=tuned)
         ppl = perplexity()
         record["ppl"] = ppl if math.isfinite(ppl) else None
         record["zero_shot"] = zero_shot()
@@ -117,7 +118,8 @@ def markdown(records: list[dict], tasks: list[str], title: str) -> str:
     for r in records:
         zs = r.get("zero_shot") or {}
         accs = [zs.get("tasks", {}).get(t, {}).get("acc") for t in tasks]
-        cells = [r["method"], r["row"] + (f" (β={r['beta']:g})" if r.get("beta") is not None else ""),
+        tuned = ", ".join(f"{k}={v:g}" for k, v in (r.get("tuned") or {}).items())
+        cells = [r["method"], r["row"] + (f" ({tuned})" if tuned else ""),
                  "-" if r["ppl"] is None else f"{r['ppl']:.2f}"]
         cells += ["-" if a is None else f"{a:.3f}" for a in accs]
         cells.append("-" if zs.get("mean_acc") is None else f"{zs['mean_acc']:.4f}")

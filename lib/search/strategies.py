@@ -156,7 +156,7 @@ def plotting_available() -> bool:
     return importlib.util.find_spec("matplotlib") is not None
 
 
-def plot_search(result: SearchResult, path: str, uniform_ppl: float | None = None) -> bool:
+def plot_search(result: SearchResult, path: str, uniform_ppl: float | None = None, param: str = "beta") -> bool:
     """Save a PNG of perplexity vs beta (best point and uniform beta=0 marked); False when matplotlib is missing.
 
     uniform_ppl: the beta=0 perplexity when it is known but not among the trials (e.g. the grid strategy).
@@ -176,13 +176,13 @@ def plot_search(result: SearchResult, path: str, uniform_ppl: float | None = Non
         ax.plot([b for b, _ in points], [p for _, p in points], "o-", color="tab:blue", ms=4, label="trials")
     if math.isfinite(result.best_ppl):
         ax.plot([result.best_beta], [result.best_ppl], "*", color="tab:red", ms=14,
-                label=f"best: beta={result.best_beta:g}, ppl={result.best_ppl:.3f}")
+                label=f"best: {param}={result.best_beta:g}, ppl={result.best_ppl:.3f}")
     if uniform_ppl is not None and math.isfinite(uniform_ppl):
         ax.axhline(uniform_ppl, color="gray", ls="--", lw=1)
-        ax.plot([0.0], [uniform_ppl], "s", color="gray", label=f"uniform (beta=0): ppl={uniform_ppl:.3f}")
-    ax.set_xlabel("beta")
+        ax.plot([0.0], [uniform_ppl], "s", color="gray", label=f"{param}=0: ppl={uniform_ppl:.3f}")
+    ax.set_xlabel(param)
     ax.set_ylabel("perplexity")
-    ax.set_title(f"beta search ({result.strategy}, {result.num_trials} trials)")
+    ax.set_title(f"{param} search ({result.strategy}, {result.num_trials} trials)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -95,3 +95,48 @@ def test_a_plug_in_rule_breaking_the_allocation_contract_is_one_error_line(cli, 
     lines = [line for line in err.splitlines() if line.strip()]
     assert exit_code == code and lines[-1].startswith("error: --allocation") and fragment in lines[-1], err
     assert "Traceback" not in err and "sparsity sanity check" not in out  # nothing was pruned
+
+
+def test_a_toy_rules_declared_parameter_is_searched_end_to_end_without_touching_lib(cli, model_dir, text_files,
+                                                                                    tmp_path):
+    from lib.allocation.rule import Searchable
+
+    def tilt(request):  # blocks tilted around S by +-width: width 0 is uniform
+        width, n = request.params["toy_width"], request.num_blocks
+        return Allocation([request.sparsity + width * (2 * i / (n - 1) - 1) for i in range(n)], {})
+
+    register_rule(AllocationRule("toy_tilt", tilt, help="toy: a tilt",
+                                 params=(Param("toy_width", float, 0.0, "toy tilt half-width",
+                                               lambda v: 0 <= v < 0.5, "must lie in [0, 0.5)"),),
+                                 searchable=Searchable("toy_width", lambda s, n: 0.2, step=0.05)))
+    try:
+        for flags in (["--search", "toy_width"], ["--toy_width", "search"]):
+            results = tmp_path / f"{flags[0]}.json"
+            code, out, err = cli("--model", model_dir("llama"), "--calib_data", text_files.calib, "--eval_data",
+                                 text_files.eval, "--nsamples", "4", "--seqlen", "32", "--max_eval_windows", "2",
+                                 "--quiet", *flags, "--sparsity_ratio", "0.5", "--search_strategy", "grid",
+                                 "--results", results)
+            assert code == 0, err
+            record = json.loads(results.read_text())
+            search = record["search"]
+            assert record["allocation"]["name"] == "toy_tilt" and search["param"] == "toy_width"
+            assert sorted(t["value"] for t in search["curve"]) == pytest.approx([0.0, 0.05, 0.1, 0.15, 0.2])
+            best = min(search["curve"], key=lambda t: t["ppl"])
+            assert search["best_toy_width"] == best["value"] == pytest.approx(
+                (record["allocation"]["sparsities"][-1] - 0.5))
+            assert f"when toy_width={best['value']:g}" in out
+    finally:
+        RULES.unregister("toy_tilt")
+
+
+def test_a_plug_in_parameter_named_like_a_built_in_flag_is_refused_at_registration():
+    with pytest.raises(ValueError, match=r"parameter name\(s\) seed are taken by the CLI's own flags \(--seed\)"):
+        register_rule(AllocationRule("toy_seeded", step_rule, params=(Param("seed", int, 0, "clashes"),)))
+    assert "toy_seeded" not in RULES
+
+
+def test_the_reserved_names_are_exactly_the_clis_own_flags():
+    from lib.registry import BUILT_IN_SETTINGS, declared_params
+    parser = build_parser()
+    own = {a.dest for a in parser._actions} - {p.name for p in declared_params([*PRUNERS, *RULES])}
+    assert own == set(BUILT_IN_SETTINGS)

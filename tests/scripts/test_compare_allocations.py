@@ -228,7 +228,7 @@ def test_each_allocation_works_with_each_pruner(cli, model_dir, local_flags, tmp
     (["--allocation", "owl", "--owl_lambda", "-1"], "--owl_lambda must lie in [0, 0.5)"),
     (["--allocation", "alpha", "--alpha_eps", "1.5"], "--alpha_eps must lie in [0, 1)"),
     (["--absorption", "-1"], "--absorption strength must lie in [0, 1]"),
-    (["--allocation", "owl", "--beta", "0.1"], "does not apply to --allocation owl"),
+    (["--allocation", "owl", "--beta", "0.1"], "--beta is a parameter of --allocation atp, not of --allocation owl"),
 ])
 def test_bad_allocation_flags_exit_with_one_error_line(cli, capsys, model_dir, local_flags, tmp_path, extra,
                                                        fragment):

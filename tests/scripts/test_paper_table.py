@@ -23,7 +23,7 @@ def test_table_rows_columns_and_resume(tmp_path, capsys):
     out = str(tmp_path / "t")
     argv = ["--demo", "--methods", "wanda,ria", "--absorption_methods", "wanda", "--rows", "dense,uniform,atp,dlp",
             "--method_rows", "wanda=uniform,dlp", "--method_rows", "ria=uniform,dlp",
-            "--atp_beta", "0.05", "--absorption", "0.02", "--out", out, *FAST]
+            "--set", "beta=0.05", "--absorption", "0.02", "--out", out, *FAST]
     assert table.main(argv) == 0
     first = capsys.readouterr().out
     data = json.loads((tmp_path / "t.json").read_text())
@@ -50,3 +50,19 @@ def test_unknown_row_is_one_error_line(tmp_path, capsys):
     assert load_script().main(["--demo", "--rows", "dense,best", "--out", str(tmp_path / "t")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --rows: unknown ['best']")
+
+
+def test_tune_all_searches_each_rows_own_parameter_and_the_absorption_strength(tmp_path, capsys):
+    table = load_script()
+    out = str(tmp_path / "tuned")
+    argv = ["--demo", "--methods", "wanda", "--rows", "dense,uniform,owl", "--absorption", "0.02", "--tune", "all",
+            "--no_zero_shot", "--out", out, "--", "--nsamples", "4", "--seqlen", "64", "--max_eval_windows", "2",
+            "--search_step", "0.05", "--search_coarse", "2"]
+    assert table.main(argv) == 0
+    cells = {c["row"]: c for c in json.loads((tmp_path / "tuned.json").read_text())["cells"]}
+    assert "owl_lambda" in cells["owl"]["tuned"] and cells["uniform"]["tuned"] == {}
+    assert set(cells["owl+absorption"]["tuned"]) == {"owl_lambda", "absorption"}
+    assert cells["owl+absorption"]["tuned"]["owl_lambda"] == cells["owl"]["tuned"]["owl_lambda"]
+    assert set(cells["uniform+absorption"]["tuned"]) == {"absorption"}
+    md = (tmp_path / "tuned.md").read_text()
+    assert f"owl (owl_lambda={cells['owl']['tuned']['owl_lambda']:g})" in md

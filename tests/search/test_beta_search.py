@@ -77,3 +77,24 @@ def test_every_search_trial_goes_through_the_allocation_route_with_absorption(cl
     # the log's settings key names the correction: a plain search does not reuse these trials
     plain, _ = _search(cli, tmp_path, "plain", "--search_log", log)
     assert plain["search"]["num_evaluated"] == plain["search"]["num_trials"]
+
+
+@pytest.mark.parametrize("flags, param", [(["--allocation", "owl", "--search", "owl_lambda"], "owl_lambda"),
+                                          (["--owl_lambda", "search"], "owl_lambda"),
+                                          (["--beta", "0.02", "--search", "absorption"], "absorption")])
+def test_any_declared_parameter_is_searched_with_the_same_strategies_and_log(cli, tmp_path, flags, param):
+    log, results = tmp_path / "log.jsonl", tmp_path / "run.json"
+    base = ["--demo", "--nsamples", "4", "--seqlen", "64", "--max_eval_windows", "2", "--quiet", "--search_step",
+            "0.02", "--search_coarse", "3", "--search_log", log, "--results", results]
+    code, out, err = cli(*base, *flags)
+    assert code == 0, err
+    record = json.loads(results.read_text())
+    search = record["search"]
+    assert search["param"] == param and search["best"] == search[f"best_{param}"]
+    best = min(search["curve"], key=lambda t: t["ppl"])
+    assert search["best"] == best["value"]
+    used = record["allocation"].get("absorption_strength", 0.0) if param == "absorption" else \
+        record["allocation"][param]
+    assert used == pytest.approx(search["best"])
+    code, out, err = cli(*base, *flags)  # the log resumes every trial
+    assert code == 0 and json.loads(results.read_text())["search"]["num_evaluated"] == 0
