@@ -3,7 +3,6 @@ and small local calibration / evaluation texts in every supported layout. Nothin
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,9 +13,7 @@ import torch
 # made each small matmul ~1000x slower than single-threaded.
 torch.set_num_threads(1)
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # tests import `lib` whichever directory pytest is started from
-    sys.path.insert(0, str(REPO))
+REPO = Path(__file__).resolve().parent.parent  # on sys.path through pytest.ini's `pythonpath`
 
 from lib.demo.tiny import build_tiny_model, train_tokenizer  # noqa: E402
 

@@ -177,13 +177,13 @@ NO_ROOM: list = []
 @pytest.fixture(autouse=True)
 def _disk_looks_full_when_asked(monkeypatch):
     NO_ROOM.clear()
-    import lib.outputs
-    real = lib.outputs.shutil.disk_usage
+    import lib.outputs.paths
+    real = lib.outputs.paths.shutil.disk_usage
 
     def usage(path):
         total, used, free = real(path)
         return type(real(path))(total, used, 1024 if NO_ROOM else free)
-    monkeypatch.setattr(lib.outputs.shutil, "disk_usage", usage)
+    monkeypatch.setattr(lib.outputs.paths.shutil, "disk_usage", usage)
 
 
 @pytest.mark.parametrize("case", list(CASES))

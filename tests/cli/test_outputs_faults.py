@@ -39,7 +39,7 @@ def test_a_full_disk_while_writing_is_one_line_and_leaves_nothing(cli, run_flags
         monkeypatch.setattr("safetensors.torch.save_file", disk_full)
         flags = ["--save_model", out / "m", "--save_format", "compressed"]
     else:
-        monkeypatch.setattr("lib.outputs.json.dump", disk_full)
+        monkeypatch.setattr("lib.outputs.atomic.json.dump", disk_full)
         flags = ["--results", out / "run.json"]
     code, stdout, err = cli(*run_flags, *flags)
     assert code == 2
