@@ -70,6 +70,39 @@ def unpack(mask: torch.Tensor, values: torch.Tensor, row_offsets: torch.Tensor, 
     return dense
 
 
+_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
+
+
+def validate_packed(mask: torch.Tensor, values: torch.Tensor, row_offsets: torch.Tensor, cols: int) -> None:
+    """Raise ValueError unless the three tensors are one consistent packed matrix of `cols` columns: offsets start
+    at 0 and never fall, each row's mask bits count exactly its values, no bit is set past `cols`, and the values
+    carry the padding a kernel reads. Checked when a SparseLinear is built, so the C++ kernel and the PyTorch path
+    accept exactly the same tensors (a corrupt file is one error, never different logits)."""
+    rows = mask.shape[0]
+    offsets = row_offsets.detach().cpu().to(torch.int64)
+    if offsets.numel() != rows + 1 or int(offsets[0]) != 0:
+        raise ValueError("row_offsets must have rows + 1 entries and start at 0")
+    counts = offsets[1:] - offsets[:-1]
+    bad = torch.nonzero(counts < 0)
+    if len(bad):
+        raise ValueError(f"row_offsets fall at row {int(bad[0])}")
+    mask_bytes = mask.detach().cpu().contiguous().view(torch.uint8).reshape(rows, -1)
+    bits = _POPCOUNT[mask_bytes.to(torch.int64)].sum(dim=1)
+    bad = torch.nonzero(bits != counts)
+    if len(bad):
+        row = int(bad[0])
+        raise ValueError(f"row {row}: its mask marks {int(bits[row])} nonzeros but row_offsets give it "
+                         f"{int(counts[row])} values ({len(bad)} row(s) disagree): the packed tensors are corrupt")
+    spare = mask_bytes.shape[1] * 8 - cols
+    if spare:
+        tail = unpack_mask(mask.detach().cpu(), mask_bytes.shape[1] * 8)[:, cols:]
+        if bool(tail.any()):
+            raise ValueError(f"mask bits are set past column {cols}: the packed tensors are corrupt")
+    if values.numel() < int(offsets[-1]) + VALUE_PAD:
+        raise ValueError(f"values hold {values.numel()} entries, fewer than the {int(offsets[-1])} nonzeros plus "
+                         f"{VALUE_PAD} of padding")
+
+
 def packed_nbytes(mask: torch.Tensor, values: torch.Tensor, row_offsets: torch.Tensor) -> int:
     """Bytes of the packed form as stored (mask + values incl. padding + offsets)."""
     return sum(t.numel() * t.element_size() for t in (mask, values, row_offsets))

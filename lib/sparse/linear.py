@@ -120,8 +120,8 @@ class SparseLinear(nn.Module):
             raise ValueError("row_offsets must have out_features + 1 entries")
         if values.dtype not in fmt.SUPPORTED_DTYPES:
             raise ValueError(f"unsupported values dtype {values.dtype}")
-        if values.numel() < int(row_offsets[-1]) + fmt.VALUE_PAD:
-            raise ValueError("values shorter than row_offsets[-1] + padding")
+        if mask.device.type != "meta":
+            fmt.validate_packed(mask, values, row_offsets, in_features)
         self.in_features = in_features
         self.out_features = out_features
         self.register_buffer("mask", mask.contiguous())

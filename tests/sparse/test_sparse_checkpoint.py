@@ -127,3 +127,51 @@ def test_refuses_non_empty_target(tmp_path, tok):
     with pytest.raises(FileExistsError):
         save_compressed(tiny_llama(), tok, str(tmp_path / "x"))
     assert os.listdir(tmp_path / "x") == ["keep.txt"]
+
+
+@pytest.mark.parametrize("corruption", ["mask bit flipped", "offsets shifted", "bit past the last column",
+                                        "values cut short"])
+@pytest.mark.parametrize("kernel", ["default", "off"])
+def test_a_corrupt_packed_matrix_is_one_clear_error_on_every_path(corruption, kernel, monkeypatch):
+    """The C++ kernel and the PyTorch path accept exactly the same tensors: validity is checked when the
+    SparseLinear is built, before any path runs."""
+    from lib.sparse import format as fmt
+    from lib.sparse.linear import SparseLinear
+    if kernel == "off":
+        monkeypatch.setenv("ATP_SPARSE_KERNEL", "off")
+    torch.manual_seed(0)
+    weight = torch.randn(6, 70)
+    weight[weight.abs() < 0.8] = 0
+    packed = {k: v.clone() for k, v in fmt.pack(weight).items()}
+    SparseLinear(70, 6, packed["mask"], packed["values"], packed["row_offsets"])  # intact: accepted
+    if corruption == "mask bit flipped":
+        packed["mask"][2, 0] ^= 1 << 5
+        message = "row 2: its mask marks"
+    elif corruption == "offsets shifted":
+        packed["row_offsets"][3] += 1
+        message = "its mask marks"
+    elif corruption == "bit past the last column":
+        packed["mask"][1, 1] |= 1 << 62  # column 126 of a 70-column matrix
+        message = "its mask marks"  # the count check sees it first
+    else:
+        packed["values"] = packed["values"][:int(packed["row_offsets"][-1])]
+        message = "fewer than the"
+    with pytest.raises(ValueError, match=message):
+        SparseLinear(70, 6, packed["mask"], packed["values"], packed["row_offsets"])
+
+
+def test_a_checkpoint_with_corrupted_mask_bytes_is_refused_on_load(tmp_path, tok):
+    """The reported case: mask bytes corrupted on disk used to run silently in the C++ kernel with other logits."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    model = tiny_llama()
+    save_compressed(model, tok, str(tmp_path / "c"))
+    weights = tmp_path / "c" / "model.safetensors"
+    with safe_open(str(weights), "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(weights))
+    name = next(k for k in tensors if k.endswith(".mask"))
+    tensors[name][0, 0] ^= 0b1011  # three bits of the first row flipped
+    save_file(tensors, str(weights), metadata=metadata)
+    with pytest.raises(ValueError, match="corrupt"):
+        load_compressed(str(tmp_path / "c"))
