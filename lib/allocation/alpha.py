@@ -182,7 +182,8 @@ DEFAULT_ALPHA_CACHE = "~/.cache/atp-sparsity/alphas.json"
 
 register_rule(AllocationRule(
     "alpha", _allocate,
-    searchable=Searchable("alpha_eps", lambda sparsity, num_blocks: min(0.99, (1 - sparsity) / max(sparsity, 1e-9))),
+    searchable=Searchable("alpha_eps", lambda sparsity, num_blocks: min(0.99, (1 - sparsity) / max(sparsity, 1e-9)),
+                          step=0.02),
     measures_model=True,
     params=(Param("alpha_eps", float, 0.3, "AlphaPruning spread epsilon", lambda v: 0 <= v < 1,
                   "must lie in [0, 1)"),

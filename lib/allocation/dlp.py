@@ -238,7 +238,7 @@ def _allocate(request: AllocationRequest) -> Allocation:
 
 register_rule(AllocationRule(
     "dlp", _allocate,
-    searchable=Searchable("dlp_alpha", lambda sparsity, num_blocks: min(0.5, sparsity, 1 - sparsity)),
+    searchable=Searchable("dlp_alpha", lambda sparsity, num_blocks: min(0.5, sparsity, 1 - sparsity), step=0.01),
     measures_model=True, requires_calibration_data=True,
     params=(Param("dlp_alpha", float, 0.15,
                   "DLP spread: block sparsities span 2*alpha around S, the most important block lowest "

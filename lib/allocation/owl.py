@@ -77,7 +77,7 @@ def _allocate(request: AllocationRequest) -> Allocation:
 
 register_rule(AllocationRule(
     "owl", _allocate, measures_model=True, requires_calibration_data=True,
-    searchable=Searchable("owl_lambda", lambda sparsity, num_blocks: min(0.498, sparsity, 1 - sparsity)),
+    searchable=Searchable("owl_lambda", lambda sparsity, num_blocks: min(0.498, sparsity, 1 - sparsity), step=0.01),
     params=(Param("owl_m", float, 5.0, "OWL outlier threshold M (times the mean score)", lambda v: 0 < v <= 1000,
                   "must lie in (0, 1000]"),
             Param("owl_lambda", float, 0.08, "OWL sparsity spread lambda", lambda v: 0 <= v < 0.5,

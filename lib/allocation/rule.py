@@ -71,7 +71,7 @@ def register_rule(rule: AllocationRule) -> AllocationRule:
 
 
 # The absorption correction's strength can be tuned on top of any rule (lib.allocation.absorption).
-ABSORPTION = Searchable("absorption", lambda sparsity, num_blocks: 0.1, step=0.002)
+ABSORPTION = Searchable("absorption", lambda sparsity, num_blocks: 0.1, step=0.005)
 
 
 def searchable_params() -> dict[str, Searchable]:
