@@ -199,6 +199,8 @@ class SparseLinear(nn.Module):
                     outs[p] = self._run(p, x, kern)
                     times[p] = min(times[p], time.perf_counter() - start)
             best = min(paths, key=lambda p: times[p])
+            if best != "dense" and not any(c["path"] == "dense" and k[2] == key[2] for k, c in _choices.items()):
+                _workspaces.pop(key[2], None)  # measured but not chosen: the memory saving holds without it
             _choices[key] = {"out_features": key[0], "in_features": key[1], "dtype": str(key[2]).replace("torch.", ""),
                              "tokens_up_to": key[4], "threads": key[5], "isa": kernels.isa(), "path": best,
                              "seconds": {p: times[p] for p in paths}}

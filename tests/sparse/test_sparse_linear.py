@@ -149,6 +149,8 @@ def test_measured_choice_is_cached_and_correct(monkeypatch):
         (entry,) = sparse_linear.choices()
         assert entry["path"] in ("tiled", "dense") and entry["tokens_up_to"] == 32
         assert set(entry["seconds"]) == {"tiled", "dense"} and entry["isa"] == kernels.isa()
+        if entry["path"] != "dense":  # the dense path's workspace was only measured: not kept
+            assert torch.float32 not in sparse_linear._workspaces
         monkeypatch.setattr(SparseLinear, "_tune", lambda *a: pytest.fail("measured twice"))
         check(w, None, torch.randn(25, 200), torch.float32)  # same bucket (17-32 tokens)
         check(w, None, torch.randn(3, 200), torch.float32)   # decode: never measured
