@@ -915,11 +915,14 @@ def main(argv=None) -> int:
               "environment": {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                               "cpu": kernels.cpu_model(), "threads": args.threads,
                               "cores": os.cpu_count(), "torch": torch.__version__,
-                              "isa": kernels.isa(), "amx": kernels.has_amx(), "kernel": kernels.describe(),
-                              "policy": sparse_linear.policy()}}
+                              "isa": kernels.isa(), "amx": kernels.has_amx() and kernels.isa() == "avx512",
+                              "kernel": kernels.describe(),
+                              "policy": sparse_linear.policy(),
+                              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+                              "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}}
     env = result["environment"]
     print(f"kernel: {env['kernel']}{' + AMX (bf16)' if env['amx'] else ''} on {env['cpu']}, {args.threads} thread(s); "
-          f"path policy {env['policy']}", file=sys.stderr, flush=True)
+          f"path policy {env['policy']}; load average {env['load_average']}", file=sys.stderr, flush=True)
     try:
         if not args.skip_layer:
             result["layer"] = bench_layer(args, dtype)

@@ -14,9 +14,10 @@ Why this layout. Bytes per weight = 1/8 (mask) + density * value bytes (+ 8 byte
 CSR with int16 column indices costs density * (2 + value bytes), more than the bitmask whenever density > 1/16;
 N:M index packing costs the same or more (2:4 keeps 2 two-bit indices per 4 weights = 1 bit/weight, exactly the
 bitmask's cost; 4:8 needs 1.5 bits), so N:M patterns use this same format, with no second code path. The layout
-is also what a CPU streams fastest: a kernel reads the mask one byte (8 columns) at a time, expands the next
-popcount(byte) packed values into an 8-lane vector with one table-driven permute, and does one 8-wide FMA
-against the matching 8 inputs: no per-nonzero index loads and work that is one pass over contiguous memory.
+is also what a CPU streams fastest: a kernel takes the mask 16 bits (16 columns) at a time and expands the next
+popcount packed values into a 16-lane vector with one expand-load (AVX-512; AVX2: 8 bits at a time and a
+table-driven permute), then does one FMA against the matching inputs: no per-nonzero index loads and work that
+is one pass over contiguous memory.
 Per-row offsets let rows run in parallel.
 """
 from __future__ import annotations
