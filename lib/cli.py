@@ -127,8 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tune one parameter by perplexity: a rule's (" + ", ".join(
                        f"{name} of {rule_searching(name)}" for name in searchable if rule_searching(name))
                    + ") or the absorption correction's strength (any rule)")
-    g.add_argument("--search_strategy", default="golden", choices=["golden", "grid"],
-                   help="golden: coarse grid then golden-section refinement; grid: the reference sweep")
+    g.add_argument("--search_strategy", default=None, choices=["golden", "grid", "parallel"],
+                   help="golden: coarse grid then golden-section refinement; grid: the reference sweep; parallel: "
+                        "k values per round (k-point refinement; the default with --search_workers above 1)")
     g.add_argument("--search_step", type=_number(float), default=None,
                    help="grid step of the searched value (default: the parameter's own, 0.002 for beta)")
     g.add_argument("--search_coarse", type=_number(int), default=3,
@@ -140,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score trials on the first N eval windows; the winner is re-evaluated on all")
     g.add_argument("--search_refine", type=_number(int), default=2,
                    help="with --search_eval_windows: re-score this many best values on all windows (0: none)")
+    g.add_argument("--search_workers", type=_number(int), default=1,
+                   help="score the trials on K worker processes on this machine (one per GPU, or a share of the "
+                        "CPU cores each), each loading the model once; needs submitit (pip install submitit)")
+    g.add_argument("--search_points", type=_number(int), default=None,
+                   help="parallel: values per round (default: --search_workers, or 4 without workers)")
     g.add_argument("--search_log", default=None, help="JSONL trial log; rerunning with it resumes")
     g.add_argument("--search_plot", default=None,
                    help="PNG of perplexity against the searched value (default: next to --results)")
@@ -238,8 +244,9 @@ def config_from_flags(ns: argparse.Namespace, given: frozenset[str] | None = Non
                         ns.eval_batch_size, ns.eval_dense, ns.max_eval_windows),
         prune=PruneConfig(ns.prune_method, ns.sparsity_type, pruner_params),
         allocation=AllocationSpec(allocation, sparsity, rule_params, ns.absorption, ns.absorption_scale),
-        search=SearchConfig(searched, ns.search_strategy, step, ns.search_coarse, ns.search_tol,
-                            ns.search_eval_windows, ns.search_refine, ns.search_log, ns.search_plot),
+        search=SearchConfig(searched, ns.search_strategy or ("parallel" if ns.search_workers > 1 else "golden"),
+                            step, ns.search_coarse, ns.search_tol, ns.search_eval_windows, ns.search_refine,
+                            ns.search_log, ns.search_plot, ns.search_workers, ns.search_points),
         zero_shot=ZeroShotConfig(ns.eval_zero_shot, tasks, ns.tasks_dir, ns.zs_batch_size, limit, ns.zs_source),
         outputs=OutputConfig(ns.save_model, ns.save_format, ns.results, ns.quiet),
         record=dict(vars(ns)))

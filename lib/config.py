@@ -71,6 +71,8 @@ class SearchConfig:
     refine: int = 2
     log: str | None = None
     plot: str | None = None
+    workers: int = 1  # processes scoring trials at once (lib.compare.workers)
+    points: int | None = None  # the parallel strategy's values per round (None: one per worker)
 
     @property
     def enabled(self) -> bool:
@@ -130,7 +132,7 @@ class RunConfig:
 
 ZERO_SHOT_SETTINGS = ("tasks", "tasks_dir", "zs_source", "zs_batch_size", "zs_limit")
 SEARCH_SETTINGS = ("search_strategy", "search_step", "search_coarse", "search_tol", "search_eval_windows",
-                   "search_refine", "search_log", "search_plot")
+                   "search_refine", "search_log", "search_plot", "search_workers", "search_points")
 
 
 def check_given_settings(config: RunConfig, given: frozenset[str]) -> None:
@@ -264,6 +266,16 @@ def _check_search(config: SearchConfig) -> None:
         raise UserError(f"{config.tol}: must lie in (0, 1]", "search_tol")
     _at_least("search_eval_windows", config.eval_windows, 2)
     _at_least("search_refine", config.refine, 0)
+    _at_least("search_workers", config.workers, 1)
+    _at_least("search_points", config.points, 2)
+    if config.points is not None and config.strategy != "parallel":
+        raise UserError(f"{config.points}: values per round are a setting of --search_strategy parallel, not of "
+                        f"{config.strategy}", "search_points")
+    if config.workers > 1:
+        import importlib.util
+        if importlib.util.find_spec("submitit") is None:
+            raise UserError(f"{config.workers}: worker processes are started with submitit, which is not "
+                            f"installed: pip install submitit", "search_workers")
 
 
 def _check_zero_shot(config: ZeroShotConfig) -> None:
@@ -290,7 +302,7 @@ def _check_outputs(config: OutputConfig, search: SearchConfig) -> None:
             if path:
                 check_writable_file(path, f"search_{setting}")
         if search.plot:
-            from .search.strategies import plotting_available
+            from .search.plot import plotting_available
             if not plotting_available():
                 raise UserError(f"{search.plot}: drawing the plot needs matplotlib (pip install matplotlib); "
                                 f"leave the flag out to run without it", "search_plot")

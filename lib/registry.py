@@ -51,8 +51,8 @@ BUILT_IN_SETTINGS = frozenset({
     "sparsity_type", "allocation", "absorption", "absorption_scale", "calib_data", "eval_data", "nsamples", "seqlen",
     "seed", "calib_batch_size", "eval_batch_size", "eval_dense", "max_eval_windows", "search", "search_strategy",
     "search_step", "search_coarse", "search_tol", "search_eval_windows", "search_refine", "search_log",
-    "search_plot", "eval_zero_shot", "tasks", "tasks_dir", "zs_source", "zs_batch_size", "zs_limit", "save_model",
-    "save_format", "results", "quiet"})
+    "search_plot", "search_workers", "search_points", "eval_zero_shot", "tasks", "tasks_dir", "zs_source",
+    "zs_batch_size", "zs_limit", "save_model", "save_format", "results", "quiet"})
 
 
 class Registry(Generic[T]):

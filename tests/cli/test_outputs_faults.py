@@ -151,7 +151,7 @@ def test_an_impossible_search_log_record_is_skipped_with_one_warning_and_run_aga
 
 def test_an_asked_for_plot_without_matplotlib_is_refused_before_the_work(cli, run_flags, tmp_path, monkeypatch,
                                                                        loads):
-    monkeypatch.setattr("lib.search.strategies.plotting_available", lambda: False)
+    monkeypatch.setattr("lib.search.plot.plotting_available", lambda: False)
     code, out, err = cli(*run_flags, "--beta", "search", "--search_plot", tmp_path / "p.png")
     assert code == 2 and "needs matplotlib" in one_error_line(err) and not loads
 

@@ -98,3 +98,32 @@ def test_any_declared_parameter_is_searched_with_the_same_strategies_and_log(cli
     assert used == pytest.approx(search["best"])
     code, out, err = cli(*base, *flags)  # the log resumes every trial
     assert code == 0 and json.loads(results.read_text())["search"]["num_evaluated"] == 0
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--search_strategy", "golden", "--search_points", "3"], "--search_points 3: values per round are a setting"),
+    (["--search_workers", "0"], "--search_workers 0: must be at least 1"),
+    (["--search_strategy", "parallel", "--search_points", "1"], "--search_points 1: must be at least 2"),
+])
+def test_bad_search_worker_settings_are_one_error_line(cli, extra, fragment):
+    code, out, err = cli(*FAST, *extra)
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {fragment}"), err
+
+
+def test_search_workers_without_submitit_is_one_error_line_before_any_work(cli, monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "submitit" else real(name, *a))
+    code, out, err = cli(*FAST, "--search_workers", "2")
+    assert code == 2 and out == ""
+    assert err.strip() == ("error: --search_workers 2: worker processes are started with submitit, which is not "
+                           "installed: pip install submitit")
+
+
+def test_the_parallel_strategy_in_one_process(cli, tmp_path):
+    record, out = _search(cli, tmp_path, "parallel", "--search_strategy", "parallel", "--search_points", "3")
+    search = record["search"]
+    assert search["strategy"] == "parallel" and search["points_per_round"] == 3 and search["workers"] == 1
+    assert search["best"] == min(search["curve"], key=lambda t: t["ppl"])["value"]
+    assert f"{search['num_trials']} trials in {search['rounds']} rounds, parallel" in out

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from lib.errors import UserError
-from lib.search.strategies import SearchResult, grid_betas, plot_search, refine_best, search_beta
+from lib.search.plot import plot_search
+from lib.search.strategies import SearchResult, grid_betas, refine_best, search_beta
 
 REPO = Path(__file__).resolve().parents[2]
 SEARCH_SH = REPO / "search.sh"
