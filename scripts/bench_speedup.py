@@ -553,8 +553,12 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(result: dict, path: str) -> None:
-    import matplotlib
+def plot(result: dict, path: str) -> bool:
+    """Draw the figures; False (and nothing drawn) when matplotlib, an optional extra, is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     curve = result.get("curve")
@@ -580,7 +584,7 @@ def plot(result: dict, path: str) -> None:
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         plt.close(fig)
-        return
+        return True
     ax = axes[0][0]
     series = []
     if result.get("layer"):
@@ -606,6 +610,7 @@ def plot(result: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return True
 
 
 # ---------------------------------------------------------------- GPU: torch's 2:4 semi-structured sparsity vs dense
@@ -939,7 +944,9 @@ def main(argv=None) -> int:
     md = markdown(result)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(md + "\n")
-    plot(result, os.path.join(args.out, "speedup.png"))
+    if not plot(result, os.path.join(args.out, "speedup.png")):
+        print("warning: matplotlib is not installed (pip install matplotlib): no speedup.png drawn; every number is "
+              f"in {os.path.join(args.out, 'results.json')}", file=sys.stderr)
     print(md)
     return 0
 

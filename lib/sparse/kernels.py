@@ -42,6 +42,16 @@ def _build():
     return load(name=KERNEL_NAME, sources=[_SOURCE], extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
 
 
+def _built_before() -> bool:
+    """Whether torch's extension cache already holds a build of the kernel (then loading takes a second)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+        folder = _get_build_directory(KERNEL_NAME, verbose=False)
+    except Exception:  # noqa: BLE001 - only decides whether to announce a slow build
+        return False
+    return any(name.endswith(".so") for name in os.listdir(folder)) if os.path.isdir(folder) else False
+
+
 def _requested() -> str:
     value = os.environ.get("ATP_SPARSE_ISA", "").strip().lower()
     return value or "auto"
@@ -89,6 +99,9 @@ def _load() -> None:
         _module = None
     else:
         try:
+            if not _built_before():
+                print("atp sparse: building the C++ kernel (first use on this machine, about a minute)...",
+                      file=sys.stderr, flush=True)
             _module = _build()
         except Exception as error:  # a missing/failing compiler, ninja, headers: never fatal
             lines = [line.strip() for line in str(error).splitlines() if line.strip()]

@@ -127,3 +127,32 @@ def test_curve_on_a_tiny_block(tmp_path, monkeypatch):
     assert curve["min_speedup"] == min(r["speedup"] for r in curve["rows"])
     assert "Speedup against tokens per call" in (out / "results.md").read_text()
     assert (out / "speedup.png").stat().st_size > 1000
+
+
+def test_without_matplotlib_the_measurements_land_and_one_warning_says_why_there_is_no_figure(tmp_path, monkeypatch,
+                                                                                              capsys):
+    import builtins
+    bench = bench_module()
+    from lib.sparse import linear as sparse_linear
+    monkeypatch.setattr(bench, "LLAMA2_7B_BLOCK", [("q", 48, 64)])
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    out = tmp_path / "out"
+    previous = sparse_linear.policy()
+    try:
+        assert bench.main(["--skip_model", "--skip_curve", "--sparsities", "0.7", "--repeats", "1",
+                           "--prefill_tokens", "8", "--threads", "1", "--out", str(out)]) == 0
+    finally:
+        sparse_linear.set_policy(previous)
+        sparse_linear.clear_choices()
+        sparse_linear.clear_workspaces()
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if "matplotlib" in line] == [
+        line for line in err.splitlines() if line.startswith("warning: matplotlib is not installed")]
+    assert "warning: matplotlib is not installed" in err and "Traceback" not in err
+    assert json.loads((out / "results.json").read_text())["layer"] and not (out / "speedup.png").exists()
