@@ -29,6 +29,8 @@ import uuid
 import warnings
 from typing import Any, Callable
 
+from ..outputs.claims import process_alive
+
 LEASE_S = 600.0  # a claim on another host whose heartbeat is older than this is stale
 HOLD_ENV = "ATP_STORE_HOLD"  # testing aid: "KEY_PART=MARKER": stop mid-write of that record (see put)
 
@@ -40,16 +42,6 @@ def _process_start(pid: int) -> str | None:
             return f.read().rsplit(")", 1)[1].split()[19]
     except (OSError, IndexError):
         return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
 
 
 class CellStore:
@@ -230,7 +222,8 @@ class CellStore:
             pid = holder["pid"]
             if pid == os.getpid():
                 return holder.get("token") not in {t for _, t in self._held.values()}
-            return not _alive(pid) or (holder.get("start") is not None and _process_start(pid) != holder["start"])
+            return not process_alive(pid) or (holder.get("start") is not None
+                                              and _process_start(pid) != holder["start"])
         try:
             age = time.time() - os.stat(path).st_mtime
         except FileNotFoundError:

@@ -16,7 +16,8 @@ def _lock_holder(lock: str) -> int | None:
         return None
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (one of another user counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -45,7 +46,7 @@ def claimed_outputs(outputs: dict[str, str | None]):
                     fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
                 except FileExistsError:
                     holder = _lock_holder(lock)
-                    if holder is not None and holder != os.getpid() and _alive(holder):
+                    if holder is not None and holder != os.getpid() and process_alive(holder):
                         raise UserError(f"{path}: another run (process {holder}) is writing it; wait for it to "
                                         f"finish or choose another path", setting) from None
                     with contextlib.suppress(OSError):
