@@ -331,6 +331,14 @@ def run(config: RunConfig) -> dict:
         return run_steps(config)
 
 
+def load_session(config: RunConfig) -> PruningSession:
+    """The model and data of `config` as a quiet session (what each search worker loads)."""
+    device, dtype = prepare(config)
+    loaded = load_model(config, device, dtype)
+    data, _ = load_data(config, loaded)
+    return PruningSession(loaded, data, progress=False)
+
+
 def run_steps(config: RunConfig) -> dict:
     from .outputs import versions
     started = time.perf_counter()
@@ -353,7 +361,7 @@ def run_steps(config: RunConfig) -> dict:
     search_record = None
     if config.search.enabled:
         from .search.tune import run_search, with_value
-        search_record, best = timings("search", run_search, session, config)
+        search_record, best = timings("search", run_search, session, config, load=load_session)
         spec = with_value(spec, config.search.param, best)
 
     allocation = timings("allocation", session.allocation, spec)

@@ -29,7 +29,7 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 from lib.allocation.rule import RULES  # noqa: E402
-from lib.compare.table import DENSE, TableArgs  # noqa: E402
+from lib.compare.table import DENSE, TableArgs, worker_steps as table_worker_steps  # noqa: E402
 from lib.errors import UserError  # noqa: E402
 from lib.pruning.pruner import PRUNERS  # noqa: E402
 
@@ -252,7 +252,7 @@ def with_workers(args: argparse.Namespace, targs: TableArgs) -> int:
     problems: list[str] = []
     manifest = store.get(key)
     if manifest is None or assemble(store, manifest)[1]:
-        jobs = workers.start(launch, workers.TableWorker(store.root, targs, args.threads))
+        jobs = workers.start(launch, workers.Worker(store.root, table_worker_steps, targs, args.threads))
         print(f"{len(jobs)} workers started ({launch.executor}; job {jobs[0].job_id}"
               f"{' ...' if len(jobs) > 1 else ''}); their logs: {launch.folder}", flush=True)
         shown: set[str] = set()

@@ -495,3 +495,11 @@ def write_outputs(args: TableArgs, manifest: dict, records: list[dict], out: str
                  else "their settings cannot be realised"), flush=True)
         return 1
     return 0
+
+
+def worker_steps(args, store) -> list:
+    """A table worker's setup (lib.compare.workers.Worker): load the model once, then the table's steps."""
+    table = Table(args, store)
+    table.load()
+    table.write_manifest()
+    return table.steps()

@@ -150,10 +150,16 @@ def cancel(jobs: list, executor: str) -> str:
 
 
 class Worker(Checkpointable):
-    """A worker: set up once (load the model), then step through the work until it is all done."""
+    """A worker: set up once (load the model), then step through the work until it is all done.
 
-    def __init__(self, store_root: str, threads: int | None = None):
+    `setup(payload, store)` loads what the work needs and returns its steps (each returns DONE, PROGRESS or
+    BLOCKED). It is a module-level function of the code that owns the work (the table, the search), passed in
+    rather than imported here, so this module knows nothing of what the workers compute."""
+
+    def __init__(self, store_root: str, setup: Callable[[Any, CellStore], list[Callable[[], str]]], payload: Any,
+                 threads: int | None = None):
         self.store_root = store_root
+        self.setup_work, self.payload = setup, payload
         self.threads = threads
         self._store: CellStore | None = None
 
@@ -163,10 +169,6 @@ class Worker(Checkpointable):
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._store = None
-
-    def setup(self, store: CellStore) -> list[Callable[[], str]]:
-        """Load what the work needs; the steps (each returns DONE, PROGRESS or BLOCKED)."""
-        raise NotImplementedError
 
     def __call__(self, index: int) -> dict:
         threads = self.threads or int(os.environ.get("SLURM_CPUS_PER_TASK", "0") or 0) or None
@@ -178,7 +180,7 @@ class Worker(Checkpointable):
         print(f"worker {index}: pid {os.getpid()}, {threads or 'default'} threads, CUDA_VISIBLE_DEVICES="
               f"{os.environ.get('CUDA_VISIBLE_DEVICES', '')!r}", flush=True)
         with store.heartbeating():
-            steps = self.setup(store)
+            steps = self.setup_work(self.payload, store)
             work_through(steps, store)
         return {"index": index, "seconds": time.perf_counter() - started}
 
@@ -190,39 +192,8 @@ class Worker(Checkpointable):
         return super().checkpoint(*args, **kwargs)
 
 
-class TableWorker(Worker):
-    def __init__(self, store_root: str, args, threads: int | None = None):
-        super().__init__(store_root, threads)
-        self.args = args
-
-    def setup(self, store: CellStore) -> list[Callable[[], str]]:
-        from .table import Table
-        table = Table(self.args, store)
-        table.load()
-        table.write_manifest()
-        return table.steps()
-
-
-class SearchWorker(Worker):
-    def __init__(self, store_root: str, config, threads: int | None = None):
-        super().__init__(store_root, threads)
-        self.config = config
-
-    def setup(self, store: CellStore) -> list[Callable[[], str]]:
-        from .. import run as steps
-        from ..search.tune import Tuner
-        from ..session import PruningSession
-        config = self.config
-        device, dtype = steps.prepare(config)
-        loaded = steps.load_model(config, device, dtype)
-        data, _ = steps.load_data(config, loaded)
-        session = PruningSession(loaded, data, progress=False)
-        session.keep_dense_copy()
-        return [Tuner(session, config, store).step]
-
-
 @contextlib.contextmanager
-def search_with_workers(config):
+def search_with_workers(config, setup: Callable[[Any, CellStore], list[Callable[[], str]]], load: Callable):
     """Run config's search on --search_workers local workers; yields the store holding every trial they scored.
 
     The store lies next to --search_log (`<log>.trials/`, kept: a rerun resumes from it) or in a temporary
@@ -237,7 +208,7 @@ def search_with_workers(config):
     launch = Launch(workers=search.workers, folder=os.path.join(root, "workers"))
     per_round = f", {search.points or search.workers} values per round" if search.strategy == "parallel" else ""
     print(f"search: {search.workers} workers ({search.strategy}{per_round}); their logs: {launch.folder}", flush=True)
-    jobs = start(launch, SearchWorker(store.root, worker_config))
+    jobs = start(launch, Worker(store.root, setup, (worker_config, load)))
     try:
         problems = wait(jobs)
     except KeyboardInterrupt:

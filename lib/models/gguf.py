@@ -98,7 +98,7 @@ def load_gguf_model(path: str, dtype: torch.dtype = torch.float32, progress: boo
             struct.error) as error:  # what a truncated, corrupt or unsupported file raises
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UserError(f"cannot load GGUF file {path}: {reason}") from error
-    from .loading import check_loading_info
+    from .load_report import check_loading_info
     check_loading_info(path, info)
     _drop_quantization_tags(model)
     model.eval()

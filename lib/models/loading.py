@@ -9,6 +9,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..hub import hub_reachable
+from .load_report import check_loading_info
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -90,20 +91,6 @@ def auto_model_class(config):
             return auto
     raise UserError(f"{type(config).__name__.removesuffix('Config')} is neither a causal language model nor a "
                     f"vision-language model that transformers can build", "model")
-
-
-def check_loading_info(name: str, info: dict) -> None:
-    """Refuse a checkpoint whose weights do not match its model: transformers would initialise a missing weight
-    at random (and drop an unexpected one), and the run would report a plausible but meaningless perplexity."""
-    problems = []
-    for kind in ("missing", "unexpected", "mismatched"):
-        keys = sorted(str(k if isinstance(k, str) else k[0]) for k in info.get(f"{kind}_keys") or ())
-        if keys:
-            shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
-            problems.append(f"{len(keys)} {kind} weight(s) ({shown})")
-    if problems:
-        raise UserError(f"{name}: the checkpoint does not match its model: {'; '.join(problems)}. Refusing to run "
-                        f"with weights transformers would initialise at random", "model")
 
 
 def skeleton_from_config(name: str) -> nn.Module | None:

@@ -21,6 +21,7 @@ import time
 import warnings
 
 from dataclasses import replace
+from typing import Callable
 
 from ..allocation.allocate import AllocationSpec
 from ..allocation.rule import ABSORPTION, RULES, Searchable
@@ -219,14 +220,27 @@ class Tuner:
         return BLOCKED
 
 
-def run_search(session: PruningSession, config: RunConfig, store=None) -> tuple[dict, float]:
+def worker_steps(payload, store) -> list:
+    """A search worker's setup: load the session with the loader the caller passed (lib.run.load_session), then
+    score trials from the shared store until the search is done."""
+    config, load = payload
+    session = load(config)
+    session.keep_dense_copy()
+    return [Tuner(session, config, store).step]
+
+
+def run_search(session: PruningSession, config: RunConfig, store=None,
+               load: Callable[[RunConfig], PruningSession] | None = None) -> tuple[dict, float]:
     """(record for the results JSON, best value of the searched parameter). Leaves the model dense.
 
-    With --search_workers K (and no store given) K workers score the trials first; the search is then replayed
-    here from what they stored (any trial they left is scored here)."""
+    With --search_workers K (and no store given) K workers score the trials first, each loading the model with
+    `load`; the search is then replayed here from what they stored (any trial they left is scored here)."""
     if config.search.workers > 1 and store is None:
+        if load is None:
+            raise UserError("--search_workers needs a caller that can load the model in each worker (main.py)",
+                            "search_workers")
         from ..compare.workers import search_with_workers
-        with search_with_workers(config) as filled:
+        with search_with_workers(config, worker_steps, load) as filled:
             return run_search(session, config, filled)
     search = config.search
     param = search.param

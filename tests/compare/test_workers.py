@@ -111,7 +111,8 @@ def test_slurm_submission_is_one_job_array_with_the_users_settings(tmp_path, mon
     launch = workers.Launch(workers=8, folder=str(tmp_path / "jobs"), executor="slurm", gpus_per_worker=2,
                             time_limit_min=240, partition="gpu", cpus_per_worker=16, slurm_options={"account": "p"})
     args = TableArgs(None, "tiny", ["wanda"], ["dense"], [0.7])
-    jobs = workers.start(launch, workers.TableWorker(str(tmp_path / "cells"), args))
+    from lib.compare.table import worker_steps
+    jobs = workers.start(launch, workers.Worker(str(tmp_path / "cells"), worker_steps, args))
     assert [job.job_id for job in jobs] == [f"4242_{i}" for i in range(8)]
     text = script.read_text()
     for line in ("#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=2", "#SBATCH --time=240",
