@@ -58,6 +58,9 @@ enum Isa : int64_t { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
 #define ATP_PREFETCH_L2 32768
 #endif
 
+#ifndef DECODE1_PREFETCH_L1  // batch-1 AVX-512 decode: how far ahead in each row's values, into L1
+#define DECODE1_PREFETCH_L1 1024
+#endif
 constexpr int TILE = 16;       // tokens per tile of the tiled kernels
 constexpr int DECODE_NT = 4;   // tokens per pass of the decode kernels
 constexpr int64_t ROW_CHUNK = 16;
@@ -325,11 +328,53 @@ inline void row_avx512(const uint16_t* m, const T* v, const float* x, int64_t ld
   }
 }
 
+// Batch-1 decode, four consecutive rows at a time: four value streams instead of one and each input vector loaded
+// once for the four rows. One stream per thread left the prefetchers short of misses in flight (every software
+// prefetch holds an L1 fill buffer until its line arrives); four streams keep the hardware L2 streamer busy, and each
+// stream is also prefetched into L2 one group (four rows) ahead, at the same position in its row. Measured on the 7B
+// block at 70% (Xeon, 2 threads, fp32): one row at a time 1.88-2.0x dense, four rows 2.3-2.4x (eight rows no better).
+template <typename T>
+inline void rows4_avx512(const uint64_t* m, int64_t words, const T* const* vstart, const float* x, float* out) {
+  constexpr int R = 4;
+  __m512 acc[R];
+  const T* v[R];
+  for (int j = 0; j < R; ++j) { acc[j] = _mm512_setzero_ps(); v[j] = vstart[j]; }
+  // bytes from a value to the same position one group of rows on: the group's mean row length, times R
+  const int64_t next_group = (vstart[R - 1] - vstart[0]) * static_cast<int64_t>(sizeof(T)) * R / (R - 1);
+  for (int64_t w = 0; w < words; ++w) {
+    uint64_t k[R];
+    for (int j = 0; j < R; ++j) {
+      k[j] = m[j * words + w];
+      const char* at = reinterpret_cast<const char*>(v[j]);
+      _mm_prefetch(at + DECODE1_PREFETCH_L1, _MM_HINT_T0);
+      _mm_prefetch(at + next_group, _MM_HINT_T1);
+    }
+    const float* xw = x + 64 * w;
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) {
+      const __m512 xv = _mm512_loadu_ps(xw + 16 * i);
+#pragma GCC unroll 4
+      for (int j = 0; j < R; ++j) {
+        const unsigned bits = (k[j] >> (16 * i)) & 0xFFFFu;
+        acc[j] = _mm512_fmadd_ps(expand16<T>(static_cast<__mmask16>(bits), v[j]), xv, acc[j]);
+        v[j] += __builtin_popcount(bits);
+      }
+    }
+  }
+  for (int j = 0; j < R; ++j) out[j] = _mm512_reduce_add_ps(acc[j]);
+}
+
 template <typename T>
 void decode_rows_avx512(const Op& op, int64_t r0, int64_t r1) {
   const T* vals = static_cast<const T*>(op.vals);
   const int64_t ldx = op.words * 64, nq = op.words * 4;
-  for (int64_t r = r0; r < r1; ++r) {
+  int64_t r = r0;
+  if (op.ntok == 1)
+    for (; r + 4 <= r1; r += 4) {
+      const T* starts[4] = {vals + op.off[r], vals + op.off[r + 1], vals + op.off[r + 2], vals + op.off[r + 3]};
+      rows4_avx512<T>(reinterpret_cast<const uint64_t*>(op.mask + r * op.words), op.words, starts, op.x, op.y + r);
+    }
+  for (; r < r1; ++r) {
     const uint16_t* m = reinterpret_cast<const uint16_t*>(op.mask + r * op.words);
     const T* v = vals + op.off[r];
     for (int64_t t0 = 0; t0 < op.ntok; t0 += DECODE_NT) {
@@ -612,7 +657,8 @@ void decode_run(const Op& op, int64_t isa) {
 #endif
   const int64_t chunks = (op.rows + ROW_CHUNK - 1) / ROW_CHUNK;
   const int nt = at::get_num_threads();
-#pragma omp parallel for schedule(dynamic, 2) num_threads(nt) if (op.rows * op.words * op.ntok >= 1024)
+  // static: each thread one contiguous share of the rows (sequential streams for the prefetchers)
+#pragma omp parallel for schedule(static) num_threads(nt) if (op.rows * op.words * op.ntok >= 1024)
   for (int64_t c = 0; c < chunks; ++c) fn(op, c * ROW_CHUNK, std::min(op.rows, (c + 1) * ROW_CHUNK));
 }
 
