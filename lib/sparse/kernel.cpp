@@ -58,7 +58,7 @@ enum Isa : int64_t { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
 #define ATP_PREFETCH_L2 32768
 #endif
 
-#ifndef DECODE1_PREFETCH_L1  // batch-1 AVX-512 decode: how far ahead in each row's values, into L1
+#ifndef DECODE1_PREFETCH_L1  // batch-1 decode (rows4_*): how far ahead in each row's values, into L1
 #define DECODE1_PREFETCH_L1 1024
 #endif
 constexpr int TILE = 16;       // tokens per tile of the tiled kernels
@@ -224,11 +224,54 @@ inline void row_avx2(const uint8_t* m, const T* v, const float* x, int64_t ldx, 
   }
 }
 
+// Batch-1 decode, four consecutive rows at a time (as rows4_avx512, which says why).
+template <typename T>
+inline void rows4_avx2(const uint64_t* m, int64_t words, const T* const* vstart, const float* x, float* out) {
+  constexpr int R = 4;
+  __m256 acc[R];
+  const T* v[R];
+  for (int j = 0; j < R; ++j) { acc[j] = _mm256_setzero_ps(); v[j] = vstart[j]; }
+  __m256 zero = _mm256_setzero_ps();
+#ifdef __GNUC__
+  asm("" : "+x"(zero));  // as in row_avx2
+#endif
+  const int64_t next_group = (vstart[R - 1] - vstart[0]) * static_cast<int64_t>(sizeof(T)) * R / (R - 1);
+  for (int64_t w = 0; w < words; ++w) {
+    uint64_t k[R];
+    for (int j = 0; j < R; ++j) {
+      k[j] = m[j * words + w];
+      const char* at = reinterpret_cast<const char*>(v[j]);
+      _mm_prefetch(at + DECODE1_PREFETCH_L1, _MM_HINT_T0);
+      _mm_prefetch(at + next_group, _MM_HINT_T1);
+    }
+    const float* xw = x + 64 * w;
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) {
+      const __m256 xv = _mm256_loadu_ps(xw + 8 * i);
+#pragma GCC unroll 4
+      for (int j = 0; j < R; ++j) {
+        const unsigned b = (k[j] >> (8 * i)) & 0xFFu;
+        const __m256i idx = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(SELECT.idx[b])));
+        const __m256 wv = _mm256_blendv_ps(_mm256_permutevar8x32_ps(load8(v[j]), idx), zero, _mm256_castsi256_ps(idx));
+        acc[j] = _mm256_fmadd_ps(wv, xv, acc[j]);
+        v[j] += __builtin_popcount(b);
+      }
+    }
+  }
+  for (int j = 0; j < R; ++j) out[j] = hsum8(acc[j]);
+}
+
 template <typename T>
 void decode_rows_avx2(const Op& op, int64_t r0, int64_t r1) {
   const T* vals = static_cast<const T*>(op.vals);
   const int64_t ldx = op.words * 64, nbytes = op.words * 8;
-  for (int64_t r = r0; r < r1; ++r) {
+  int64_t r = r0;
+  if (op.ntok == 1)
+    for (; r + 4 <= r1; r += 4) {
+      const T* starts[4] = {vals + op.off[r], vals + op.off[r + 1], vals + op.off[r + 2], vals + op.off[r + 3]};
+      rows4_avx2<T>(reinterpret_cast<const uint64_t*>(op.mask + r * op.words), op.words, starts, op.x, op.y + r);
+    }
+  for (; r < r1; ++r) {
     const uint8_t* m = reinterpret_cast<const uint8_t*>(op.mask + r * op.words);
     const T* v = vals + op.off[r];
     for (int64_t t0 = 0; t0 < op.ntok; t0 += DECODE_NT) {
