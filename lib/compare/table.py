@@ -106,8 +106,9 @@ def main_config(args: TableArgs, sparsity: float):
     """main.py's RunConfig for the table at one mean sparsity (validated; no model loaded)."""
     from ..cli import build_parser as main_parser, config_from_flags
     model_flags = ["--model", args.model] if args.model else ["--demo", args.demo]
-    # --allocation owl: a rule that needs calibration data, so the data is loaded for every row
-    ns = main_parser().parse_args(model_flags + ["--sparsity_ratio", repr(sparsity), "--allocation", "owl",
+    # any rule that measures activations, so that the calibration data is loaded once and shared by every row
+    needs_data = next(rule.name for rule in RULES if rule.requires_calibration_data)
+    ns = main_parser().parse_args(model_flags + ["--sparsity_ratio", repr(sparsity), "--allocation", needs_data,
                                                  "--quiet"] + list(args.passthrough))
     if args.zero_shot:
         ns.eval_zero_shot = True
