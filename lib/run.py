@@ -163,26 +163,30 @@ def needs_calibration(config: RunConfig) -> bool:
     return config.prune.pruner.requires_calibration_data or config.allocation.requires_calibration_data
 
 
-def read_texts(config: RunConfig) -> Texts:
-    """The calibration and evaluation documents, read and checked before any model is loaded."""
+def read_texts(config: RunConfig, calibrate: bool | None = None) -> Texts:
+    """The calibration and evaluation documents, read and checked before any model is loaded. `calibrate`: None
+    reads the calibration documents when the pruner or the rule needs them, True always (a table whose rows use
+    different rules)."""
     from .data import calibration_documents, check_calibration_size, evaluation_documents
     calibration = None
-    if needs_calibration(config):
+    if needs_calibration(config) if calibrate is None else calibrate:
         calibration = calibration_documents(config.data.calib_data)
         if config.data.seqlen is not None:
             check_calibration_size(config.data.calib_data, calibration[0], config.data.nsamples, config.data.seqlen)
     return Texts(calibration, evaluation_documents(config.data.eval_data))
 
 
-def load_data(config: RunConfig, loaded: LoadedModel, texts: Texts | None = None) -> tuple[SessionData, dict]:
-    """Calibration windows (when the pruner or the rule needs them) and evaluation tokens, and what to record."""
+def load_data(config: RunConfig, loaded: LoadedModel, texts: Texts | None = None,
+              calibrate: bool | None = None) -> tuple[SessionData, dict]:
+    """Calibration windows (when the pruner or the rule needs them, or always with `calibrate=True`) and evaluation
+    tokens, and what to record."""
     from .data import calibration_windows, evaluation_tokens
-    texts = texts or read_texts(config)
+    texts = texts or read_texts(config, calibrate)
     max_pos = loading.model_max_positions(loaded.model)
     seqlen = config.data.seqlen or min(2048, max_pos or 2048)
     if max_pos is not None and seqlen > max_pos:
         raise UserError(f"{seqlen} exceeds the model's {max_pos} positions", "seqlen")
-    needs_calib = needs_calibration(config)
+    needs_calib = needs_calibration(config) if calibrate is None else calibrate
     calib_ids, calib_layout = None, None
     if needs_calib:
         check_calibration_memory(config, loaded, seqlen)

@@ -106,10 +106,8 @@ def main_config(args: TableArgs, sparsity: float):
     """main.py's RunConfig for the table at one mean sparsity (validated; no model loaded)."""
     from ..cli import build_parser as main_parser, config_from_flags
     model_flags = ["--model", args.model] if args.model else ["--demo", args.demo]
-    # any rule that measures activations, so that the calibration data is loaded once and shared by every row
-    needs_data = next(rule.name for rule in RULES if rule.requires_calibration_data)
-    ns = main_parser().parse_args(model_flags + ["--sparsity_ratio", repr(sparsity), "--allocation", needs_data,
-                                                 "--quiet"] + list(args.passthrough))
+    ns = main_parser().parse_args(model_flags + ["--sparsity_ratio", repr(sparsity), "--quiet"]
+                                  + list(args.passthrough))
     if args.zero_shot:
         ns.eval_zero_shot = True
         if args.zs_limit is not None:
@@ -151,7 +149,8 @@ class Table:
         self.prepare()
         config = self.config
         self.loaded = steps.load_model(config, self.device, self.dtype)
-        data, self.data_records = steps.load_data(config, self.loaded)
+        # calibration data always: rows differ in rule, and it is loaded once for all of them
+        data, self.data_records = steps.load_data(config, self.loaded, calibrate=True)
         self.session = PruningSession(self.loaded, data, progress=False)
         self.session.keep_dense_copy()
         if self.source:
