@@ -303,6 +303,59 @@ void decode_rows_avx2(const Op& op, int64_t r0, int64_t r1) {
   }
 }
 
+// pshufb controls for 16-bit values, one row per mask byte: lane i <- packed value number popcount(b & ((1 << i) - 1))
+// when bit i is set, else zero (0x80 in both bytes).
+struct SelectTable16 {
+  uint8_t ctl[256][16];
+  SelectTable16() {
+    for (int b = 0; b < 256; ++b) {
+      int k = 0;
+      for (int i = 0; i < 8; ++i) {
+        const bool set = (b >> i) & 1;
+        ctl[b][2 * i] = set ? static_cast<uint8_t>(2 * k) : 0x80;
+        ctl[b][2 * i + 1] = set ? static_cast<uint8_t>(2 * k + 1) : 0x80;
+        k += set;
+      }
+    }
+  }
+};
+const SelectTable16 SELECT16;
+
+// The next popcount(b) packed values placed into the 8 lanes mask byte b selects (zeros elsewhere), in T's bits.
+template <typename T> inline void expand8_store(uint8_t b, const T* v, T* out);
+template <> inline void expand8_store<float>(uint8_t b, const float* v, float* out) {
+  const __m256i idx = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(SELECT.idx[b])));
+  const __m256 w = _mm256_permutevar8x32_ps(_mm256_loadu_ps(v), idx);
+  _mm256_storeu_ps(out, _mm256_blendv_ps(w, _mm256_setzero_ps(), _mm256_castsi256_ps(idx)));
+}
+template <typename T> inline void expand8_store(uint8_t b, const T* v, T* out) {  // bf16, fp16: 16-bit lanes
+  const __m128i ctl = _mm_loadu_si128(reinterpret_cast<const __m128i*>(SELECT16.ctl[b]));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out),
+                   _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v)), ctl));
+}
+
+// The dense rows [r0, r1) (the dense path's unpacking), 8 columns per mask byte; a partial last group goes through
+// a small buffer so nothing is written past the row.
+template <typename T>
+void densify_rows_avx2(const Op& op, T* out, int64_t cols, int64_t r0, int64_t r1) {
+  const T* vals = static_cast<const T*>(op.vals);
+  const int64_t full = cols / 8, groups = (cols + 7) / 8;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* m = reinterpret_cast<const uint8_t*>(op.mask + r * op.words);
+    const T* v = vals + op.off[r];
+    T* o = out + r * cols;
+    for (int64_t g = 0; g < full; ++g) {
+      expand8_store<T>(m[g], v, o + 8 * g);
+      v += __builtin_popcount(m[g]);
+    }
+    if (groups > full) {
+      T tail[8];
+      expand8_store<T>(m[full], v, tail);
+      std::memcpy(static_cast<void*>(o + 8 * full), tail, sizeof(T) * (cols - 8 * full));
+    }
+  }
+}
+
 template <typename T>
 void tiled_rows_avx2(const Op& op, int64_t tile, int64_t r0, int64_t r1) {
   const T* vals = static_cast<const T*>(op.vals);
@@ -760,6 +813,7 @@ void densify_run(const Op& op, T* out, int64_t cols, int64_t isa) {
   void (*fn)(const Op&, T*, int64_t, int64_t, int64_t) = densify_rows_scalar<T>;
 #if ATP_X86
   if (isa == ISA_AVX512) fn = densify_rows_avx512<T>;
+  else if (isa == ISA_AVX2) fn = densify_rows_avx2<T>;
 #endif
   const int64_t chunks = (op.rows + ROW_CHUNK - 1) / ROW_CHUNK;
   const int nt = at::get_num_threads();
