@@ -2,6 +2,8 @@
 and small local calibration / evaluation texts in every supported layout. Nothing here touches the network."""
 from __future__ import annotations
 
+import builtins
+import importlib.util
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,6 +20,26 @@ REPO = Path(__file__).resolve().parent.parent  # on sys.path through pytest.ini'
 from lib.demo.tiny import build_tiny_model, train_tokenizer  # noqa: E402
 
 DATA = REPO / "data"
+
+
+def load_script(name: str):
+    """scripts/<name>.py as a fresh module: the scripts are entry points, not a package."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def no_matplotlib(monkeypatch):
+    """Importing matplotlib fails for the rest of the test, as on a machine without it."""
+    real_import = builtins.__import__
+
+    def refuse(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", refuse)
 FAMILIES = ("llama", "mistral", "qwen2", "opt")
 NUM_BLOCKS = 4
 HIDDEN = 64

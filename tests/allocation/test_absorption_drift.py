@@ -1,23 +1,15 @@
 """scripts/absorption_drift.py on the tiny demo: one curve per scale, one value per block, the ratios are the drift
 divided by the injected size, and a small and a large perturbation give different curves."""
-import importlib.util
 import json
 
 import pytest
 
-from conftest import REPO
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("absorption_drift", REPO / "scripts" / "absorption_drift.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_script
 
 
 def test_drift_curves_for_two_scales_are_written_printed_and_drawn(tmp_path, capsys):
     out = tmp_path / "drift"
-    script = load_script()
+    script = load_script("absorption_drift")
     assert script.main(["--demo", "--scales", "0.05,0.5", "--batches", "1", "--out", str(out), "--",
                         "--nsamples", "4", "--seqlen", "32"]) == 0
     result = json.loads((tmp_path / "drift.json").read_text())
@@ -33,6 +25,6 @@ def test_drift_curves_for_two_scales_are_written_printed_and_drawn(tmp_path, cap
 
 
 def test_a_bad_scale_is_one_error_line(tmp_path, capsys):
-    assert load_script().main(["--demo", "--scales", "0,abc", "--out", str(tmp_path / "d")]) == 2
+    assert load_script("absorption_drift").main(["--demo", "--scales", "0,abc", "--out", str(tmp_path / "d")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --scales")

@@ -156,15 +156,7 @@ def test_an_asked_for_plot_without_matplotlib_is_refused_before_the_work(cli, ru
     assert code == 2 and "needs matplotlib" in one_error_line(err) and not loads
 
 
-def test_the_default_plot_without_matplotlib_is_one_warning_and_the_results_land(cli, tmp_path, monkeypatch):
-    import builtins
-    real_import = builtins.__import__
-
-    def no_matplotlib(name, *args, **kwargs):
-        if name.startswith("matplotlib"):
-            raise ImportError("No module named 'matplotlib'")
-        return real_import(name, *args, **kwargs)
-    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+def test_the_default_plot_without_matplotlib_is_one_warning_and_the_results_land(cli, tmp_path, no_matplotlib):
     code, out, err = cli("--demo", "--nsamples", "4", "--seqlen", "64", "--max_eval_windows", "2", "--quiet",
                          "--beta", "search", "--search_step", "0.05", "--search_coarse", "2", "--results",
                          tmp_path / "run.json")

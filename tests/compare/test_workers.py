@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, load_script
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("submitit") is None,
                                 reason="submitit is not installed (pip install submitit)")
@@ -22,13 +22,6 @@ FAST = ["--", "--nsamples", "4", "--seqlen", "64", "--max_eval_windows", "2", "-
 HOLD = "|wanda|owl|0.0"  # the cell the killed worker is writing
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("paper_table", REPO / "scripts" / "paper_table.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def cells(path):
     """What must not depend on the workers: every cell's key, perplexity, plan and tuned values."""
     data = json.loads(path.read_text())
@@ -38,20 +31,20 @@ def cells(path):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("one") / "t"
-    assert load_script().main([*TABLE, "--out", str(out), *FAST]) == 0
+    assert load_script("paper_table").main([*TABLE, "--out", str(out), *FAST]) == 0
     return out
 
 
 def test_two_workers_give_the_table_of_one_process(reference, tmp_path, capsys):
     out = tmp_path / "t"
-    assert load_script().main([*TABLE, "--workers", "2", "--out", str(out), *FAST]) == 0
+    assert load_script("paper_table").main([*TABLE, "--workers", "2", "--out", str(out), *FAST]) == 0
     printed = capsys.readouterr().out
     assert "2 workers started (local" in printed and "cells finished: 4/4" in printed
     assert cells(out.with_suffix(".json")) == cells(reference.with_suffix(".json"))
     assert (tmp_path / "t.md").read_text() == reference.with_suffix(".md").read_text()
     by = {c["by"]["pid"] for c in json.loads(out.with_suffix(".json").read_text())["cells"]}
     assert os.getpid() not in by  # computed by the workers, not here
-    assert load_script().main([*TABLE, "--workers", "2", "--out", str(out), *FAST]) == 0
+    assert load_script("paper_table").main([*TABLE, "--workers", "2", "--out", str(out), *FAST]) == 0
     assert "workers started" not in capsys.readouterr().out  # complete: a rerun only assembles
 
 
@@ -69,7 +62,7 @@ def test_a_worker_killed_mid_cell_is_recovered(reference, tmp_path, monkeypatch,
 
     killer = threading.Thread(target=kill_the_holder, daemon=True)
     killer.start()
-    assert load_script().main([*TABLE, "--workers", "2", "--out", str(out), *FAST]) == 0
+    assert load_script("paper_table").main([*TABLE, "--workers", "2", "--out", str(out), *FAST]) == 0
     killer.join(timeout=60)
     printed = capsys.readouterr().out
     assert killed["partial"]  # it died with half a record in tmp/, which never counted

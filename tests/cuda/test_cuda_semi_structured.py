@@ -2,15 +2,15 @@
 branch, the CLI's 2:4 pruning followed by conversion, and bench_speedup.py's GPU section on small shapes."""
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from cuda_helpers import (CUDA_ONLY, REPO, block_zero_masks, perplexity_of, prune_2_4_, prune_unstructured_,
+from cuda_helpers import (CUDA_ONLY, block_zero_masks, perplexity_of, prune_2_4_, prune_unstructured_,
                           relative_error, write_texts)
+from conftest import load_script
 from lib.sparse import semi_structured as ss
 from lib.sparse.semi_structured import SemiStructuredLinear
 
@@ -153,9 +153,7 @@ def test_cli_2_4_prune_then_convert_keeps_the_perplexity(cli, model_dir, tmp_pat
 
 
 def test_bench_speedup_gpu_section_on_small_shapes(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_speedup_gpu", REPO / "scripts" / "bench_speedup.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench_speedup")
     code = bench.main(["--gpu", "--shapes", "small", "--tokens", "1,64", "--iters", "2", "--repeats", "2",
                        "--out", str(tmp_path), "--json_name", "gpu.json"])
     assert code == 0

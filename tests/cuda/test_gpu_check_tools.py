@@ -2,7 +2,6 @@
 stand-in reference package, and with the real checkout when one is present), and scripts/gpu_check.sh's usage."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from cuda_helpers import REPO
 REFERENCE_DIR = os.environ.get("ATP_REFERENCE_DIR", str(REPO / ".reference" / "ATP"))
 
 # A stand-in with the reference's calling conventions (lib/prune.py, lib/eval.py, `from .data import get_loaders`,
+from conftest import load_script
 # model.hf_device_map, model.seqlen, decoder layers called with position_ids only), recording what it saw.
 FAKE_PRUNE = '''
 import torch
@@ -60,13 +60,6 @@ def eval_ppl(args, model, tokenizer, device=torch.device("cuda:0")):
 '''
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_prune_for_gpu_check", REPO / "scripts" / "bench_prune.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def fake_reference(root):
     lib = root / "ATP" / "lib"
     lib.mkdir(parents=True)
@@ -78,7 +71,7 @@ def fake_reference(root):
 
 
 def test_adapter_feeds_our_data_and_what_the_reference_expects(tmp_path):
-    bench = load_bench()
+    bench = load_script("bench_prune")
     model = bench.build_model("tiny", 16, torch.float32, torch.device("cpu"), torch.device("cpu"), 0, num_layers=3)
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -103,7 +96,7 @@ def test_adapter_feeds_our_data_and_what_the_reference_expects(tmp_path):
 
 
 def test_a_missing_reference_is_recorded_not_fatal(tmp_path):
-    bench = load_bench()
+    bench = load_script("bench_prune")
     args = bench.parse_args(["--shape", "tiny", "--device", "cpu", "--methods", "wanda", "--nsamples", "4",
                              "--seqlen", "32", "--eval_windows", "2", "--reference", str(tmp_path / "nowhere")])
     result = bench.run(args)
@@ -113,7 +106,7 @@ def test_a_missing_reference_is_recorded_not_fatal(tmp_path):
 
 
 def test_beta_search_record_on_the_tiny_shape():
-    bench = load_bench()
+    bench = load_script("bench_prune")
     args = bench.parse_args(["--shape", "tiny", "--device", "cpu", "--methods", "wanda", "--nsamples", "4",
                              "--seqlen", "32", "--eval_windows", "3", "--beta_search", "--search_only",
                              "--search_step", "0.1", "--search_eval_windows", "2"])
@@ -126,7 +119,7 @@ def test_beta_search_record_on_the_tiny_shape():
 
 
 def test_reference_needs_its_fixed_buffer(tmp_path, capsys):
-    bench = load_bench()
+    bench = load_script("bench_prune")
     with pytest.raises(SystemExit):
         bench.parse_args(["--reference", str(tmp_path), "--nsamples", "129"])
     assert "at most 128" in capsys.readouterr().err
@@ -137,7 +130,7 @@ def test_reference_needs_its_fixed_buffer(tmp_path, capsys):
 def test_real_reference_side_by_side_on_the_tiny_shape():
     """The reference's own Wanda and SparseGPT on the same tiny model and data: Wanda's masks are ours exactly
     (fp32, the same per-row rule); SparseGPT's nearly (the same OBS updates, summed in another order)."""
-    bench = load_bench()
+    bench = load_script("bench_prune")
     args = bench.parse_args(["--shape", "tiny", "--device", "cpu", "--methods", "wanda,sparsegpt", "--nsamples", "6",
                              "--seqlen", "64", "--eval_windows", "3", "--calib_batch_size", "3",
                              "--reference", REFERENCE_DIR])

@@ -1,7 +1,6 @@
 """scripts/bench_prune.py: one JSON line with the fields the H100 comparison needs (no timing assertions)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -11,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from conftest import REPO, load_script
+
 SCRIPT = REPO / "scripts" / "bench_prune.py"
 
 
@@ -68,15 +68,8 @@ def test_unknown_method_is_a_usage_error(tmp_path):
     assert proc.returncode == 2 and "obs" in proc.stderr and proc.stdout == ""
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("bench_prune", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_reference_ratios_for_llama2_7b_on_cuda():
-    bench = _load_script()
+    bench = load_script("bench_prune")
     record = {"shape": "llama2-7b", "device": "cuda:0", "dtype": "float16", "offload": False,
               "nsamples": 128, "seqlen": 2048, "eval_windows": 166,
               "methods": {"wanda": {"prune_seconds": 9.8, "eval_seconds": 5.35},

@@ -5,21 +5,14 @@ import json
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, load_script
 
 FAST = ["--", "--nsamples", "4", "--seqlen", "64", "--max_eval_windows", "2", "--tasks", "tiny_mc", "--tasks_dir",
         str(REPO / "tasks"), "--zs_limit", "8", "--alpha_cache", ""]
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("paper_table", REPO / "scripts" / "paper_table.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_table_rows_columns_and_resume(tmp_path, capsys):
-    table = load_script()
+    table = load_script("paper_table")
     out = str(tmp_path / "t")
     argv = ["--demo", "--methods", "wanda,ria", "--absorption_methods", "wanda", "--rows", "dense,uniform,atp,dlp",
             "--method_rows", "wanda=uniform,dlp", "--method_rows", "ria=uniform,dlp",
@@ -47,13 +40,13 @@ def test_table_rows_columns_and_resume(tmp_path, capsys):
 
 
 def test_unknown_row_is_one_error_line(tmp_path, capsys):
-    assert load_script().main(["--demo", "--rows", "dense,best", "--out", str(tmp_path / "t")]) == 2
+    assert load_script("paper_table").main(["--demo", "--rows", "dense,best", "--out", str(tmp_path / "t")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --rows: unknown ['best']")
 
 
 def test_tune_all_searches_each_rows_own_parameter_and_the_absorption_strength(tmp_path, capsys):
-    table = load_script()
+    table = load_script("paper_table")
     out = str(tmp_path / "tuned")
     argv = ["--demo", "--methods", "wanda", "--rows", "dense,uniform,owl", "--absorption", "0.02", "--tune", "all",
             "--no_zero_shot", "--out", out, "--", "--nsamples", "4", "--seqlen", "64", "--max_eval_windows", "2",
@@ -77,7 +70,7 @@ def test_sparsities_profiles_and_the_plans_of_each_row(tmp_path, capsys, monkeyp
     argv = ["--demo", "--methods", "wanda", "--rows", "uniform,atp,owl,alpha", "--sparsities", "0.5,0.6",
             "--set", "beta=0.05", "--no_zero_shot", "--out", str(out), "--", "--nsamples", "4", "--seqlen", "64",
             "--max_eval_windows", "2", "--alpha_cache", ""]
-    assert load_script().main(argv) == 0
+    assert load_script("paper_table").main(argv) == 0
     cells = json.loads(out.with_suffix(".json").read_text())["cells"]
     plans = {(c["sparsity"], c["row"]): c["sparsities"] for c in cells}
     assert len(plans) == 16
@@ -105,13 +98,13 @@ def test_a_cell_that_cannot_be_realised_shows_its_error_and_the_others_survive(m
             "--absorption", "0", "--no_zero_shot", "--out", str(out), "--", "--calib_data", str(text_files.calib),
             "--eval_data", str(text_files.eval), "--nsamples", "4", "--seqlen", "32", "--max_eval_windows", "4",
             "--alpha_cache", ""]
-    assert load_script().main(argv) == 1
+    assert load_script("paper_table").main(argv) == 1
     printed = capsys.readouterr().out
     assert "error: 1 of 2 cells failed" in printed
     cells = {c["row"]: c for c in json.loads(out.with_suffix(".json").read_text())["cells"]}
     assert cells["uniform"]["ppl"] > 1 and cells["alpha"]["error"].startswith("--alpha_eps 0.3 gives a sparsity of")
     assert "| wanda | alpha | error: --alpha_eps 0.3 gives a sparsity of" in out.with_suffix(".md").read_text()
-    assert load_script().main(argv) == 1 and ": cached" in capsys.readouterr().out  # a setting error is kept
+    assert load_script("paper_table").main(argv) == 1 and ": cached" in capsys.readouterr().out  # a setting error is kept
 
 
 def test_markdown_bolds_the_best_of_each_pruner_and_shows_errors():
@@ -139,7 +132,7 @@ def test_markdown_bolds_the_best_of_each_pruner_and_shows_errors():
     (["--methods", "wanda,wanda"], "repeats a name"),
 ])
 def test_bad_table_flags_are_one_error_line(tmp_path, capsys, argv, fragment):
-    assert load_script().main(["--demo", "--out", str(tmp_path / "t"), *argv]) == 2
+    assert load_script("paper_table").main(["--demo", "--out", str(tmp_path / "t"), *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and fragment in err[0], err
 
@@ -147,6 +140,6 @@ def test_bad_table_flags_are_one_error_line(tmp_path, capsys, argv, fragment):
 def test_asking_for_workers_without_submitit_is_one_error_line(tmp_path, monkeypatch, capsys):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "submitit" else real(name, *a))
-    assert load_script().main(["--demo", "--workers", "2", "--out", str(tmp_path / "t")]) == 2
+    assert load_script("paper_table").main(["--demo", "--workers", "2", "--out", str(tmp_path / "t")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --workers 2:") and "pip install submitit" in err[0]

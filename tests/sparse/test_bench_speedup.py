@@ -8,16 +8,9 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from conftest import REPO, load_script
+
 SCRIPT = REPO / "scripts" / "bench_speedup.py"
-
-
-def bench_module():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("bench_speedup", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def run(*args, timeout=240):
@@ -40,7 +33,7 @@ def run(*args, timeout=240):
     ["--skip_model", "--isa", "neon"],
 ])
 def test_bad_input_one_error_line_exit_2(args, capsys):
-    assert bench_module().main(args) == 2
+    assert load_script("bench_speedup").main(args) == 2
     captured = capsys.readouterr()
     lines = [line for line in captured.err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
@@ -76,7 +69,7 @@ def test_tiny_pruned_checkpoint(tmp_path):
 
 
 def test_bound_with_the_rest_of_the_step():
-    bound = bench_module().amdahl_bound
+    bound = load_script("bench_speedup").amdahl_bound
     assert bound(0.0, 0.33) == 1.0
     assert bound(1.0, 0.25) == pytest.approx(4.0)
     # half the step in Linears that shrink to a third: 1 / (0.5 + 0.5/3) = 1.5
@@ -86,7 +79,7 @@ def test_bound_with_the_rest_of_the_step():
 def test_speedup_is_the_median_of_paired_ratios(monkeypatch):
     """A slow spell that hits one repeat's pair moves both of its times, not the ratio: the speedup is the median
     of dense/sparse within each repeat, not the ratio of the two medians."""
-    bench = bench_module()
+    bench = load_script("bench_speedup")
     # repeats (dense, sparse): (1, 1), (10, 2), (20, 20): paired ratios 1, 5, 1; medians 10 and 2 (ratio 5)
     durations = iter([1.0, 1.0, 10.0, 2.0, 20.0, 20.0])
     monkeypatch.setattr(bench, "timed", lambda fn: (next(durations), None))
@@ -99,7 +92,7 @@ def test_curve_on_a_tiny_block(tmp_path, monkeypatch):
     """The speedup-against-tokens curve (a tiny stand-in for the 7B block): every token count and shape recorded
     with the path SparseLinear took, the CPU model and the instruction set in the JSON, both plot panels drawn.
     No timing is checked."""
-    bench = bench_module()
+    bench = load_script("bench_speedup")
     from lib.sparse import kernels, linear as sparse_linear
     monkeypatch.setattr(bench, "LLAMA2_7B_BLOCK", [("q", 48, 64), ("up", 80, 64), ("down", 64, 80)])
     previous = sparse_linear.policy()
@@ -130,18 +123,10 @@ def test_curve_on_a_tiny_block(tmp_path, monkeypatch):
 
 
 def test_without_matplotlib_the_measurements_land_and_one_warning_says_why_there_is_no_figure(tmp_path, monkeypatch,
-                                                                                              capsys):
-    import builtins
-    bench = bench_module()
+                                                                                              capsys, no_matplotlib):
+    bench = load_script("bench_speedup")
     from lib.sparse import linear as sparse_linear
     monkeypatch.setattr(bench, "LLAMA2_7B_BLOCK", [("q", 48, 64)])
-    real_import = builtins.__import__
-
-    def no_matplotlib(name, *args, **kwargs):
-        if name.startswith("matplotlib"):
-            raise ImportError("No module named 'matplotlib'")
-        return real_import(name, *args, **kwargs)
-    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     out = tmp_path / "out"
     previous = sparse_linear.policy()
     try:
