@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from typing import Callable
 
 from .allocation.allocate import AllocationSpec
 from .allocation.rule import RULES, rule_searching, searchable_params
@@ -289,22 +290,30 @@ def _plain_warning(message, category, filename, lineno, file=None, line=None):
     print(f"warning: {message}", file=sys.stderr if file is None else file, flush=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    import warnings
-    from .outputs import termination_as_interrupt
+def run_command(body: Callable[[], int], interrupted: str = "interrupted") -> int:
+    """A command's exit code (main.py's and the scripts'): body()'s own, or for a UserError its one `error:` line and
+    its code, or for Ctrl-C (SIGTERM arrives as one) `error: <interrupted>` and 130."""
     try:
+        return body()
+    except UserError as exc:
+        print(error_line(exc), file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"{_end_of_open_bar()}error: {interrupted}", file=sys.stderr)
+        return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    def body() -> int:
+        import warnings
+        from .outputs import termination_as_interrupt
         with termination_as_interrupt(), warnings.catch_warnings():
             warnings.showwarning = _plain_warning  # our own warnings as one plain line, not a source location
             config = parse_config(argv)
             from .run import run
             run(config)
         return 0
-    except UserError as exc:
-        print(error_line(exc), file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print(f"{_end_of_open_bar()}error: interrupted", file=sys.stderr)
-        return 130
+    return run_command(body)
 
 
 def _end_of_open_bar() -> str:

@@ -17,7 +17,6 @@ absorbed it. Flags after `--` go to main.py's parser (data, sizes, device, dtype
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -138,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     own, passthrough = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     args = build_parser().parse_args(own)
-    try:
+
+    def body() -> int:
         from lib.outputs import check_writable_file, write_json_atomic
         for suffix in (".json", ".png"):
             check_writable_file(args.out + suffix, "out")
@@ -151,13 +151,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{args.out}.json", file=sys.stderr)
         print(f"written to {args.out}.json{' and .png' if drawn else ''}")
         return 0
-    except UserError as exc:
-        from lib.cli import error_line
-        print(error_line(exc), file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    from lib.cli import run_command
+    return run_command(body)
 
 
 if __name__ == "__main__":

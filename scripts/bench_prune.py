@@ -524,15 +524,14 @@ def ratios_over_reference(method: str, ours: dict, theirs: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from lib.errors import UserError
-    try:
+
+    def body() -> int:
         result = run(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    _write_json(args.json_out, result)
-    print(json.dumps(result), flush=True)
-    return 0
+        _write_json(args.json_out, result)
+        print(json.dumps(result), flush=True)
+        return 0
+    from lib.cli import run_command
+    return run_command(body)
 
 
 if __name__ == "__main__":

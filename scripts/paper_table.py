@@ -189,19 +189,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     own, passthrough = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     args = build_parser().parse_args(own)
-    try:
+
+    def body() -> int:
         check_worker_flags(args)
         targs = table_args(args, passthrough)
-        if args.workers is None:
-            return in_process(args, targs)
-        return with_workers(args, targs)
-    except UserError as exc:
-        from lib.cli import error_line
-        print(error_line(exc), file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("error: interrupted (finished cells are cached; rerun the same command to resume)", file=sys.stderr)
-        return 130
+        return in_process(args, targs) if args.workers is None else with_workers(args, targs)
+    from lib.cli import run_command
+    return run_command(body, "interrupted (finished cells are cached; rerun the same command to resume)")
 
 
 def open_store(out: str):

@@ -177,3 +177,23 @@ def test_an_interruption_under_an_open_progress_bar_starts_its_own_line():
     finally:
         bar.close()
     assert _end_of_open_bar() == ""
+
+
+def test_every_command_ends_the_same_way_on_bad_input_and_on_ctrl_c(capsys):
+    """main.py and the scripts share run_command: a UserError is one `error:` line and its own exit code, Ctrl-C is
+    `error: <what the command says>` and 130, anything else passes through untouched."""
+    from lib.cli import run_command
+    from lib.errors import IllegalAllocationError, UserError
+
+    def raising(exc):
+        def body():
+            raise exc
+        return body
+    assert run_command(lambda: 0) == 0
+    assert run_command(raising(UserError("at least 1", "seed"))) == 2
+    assert run_command(raising(IllegalAllocationError("block 3 above 1"))) == 3
+    assert run_command(raising(KeyboardInterrupt()), "interrupted (rerun to resume)") == 130
+    assert capsys.readouterr().err.splitlines() == ["error: --seed at least 1", "error: block 3 above 1",
+                                                    "error: interrupted (rerun to resume)"]
+    with pytest.raises(ZeroDivisionError):
+        run_command(raising(ZeroDivisionError()))
