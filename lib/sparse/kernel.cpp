@@ -166,13 +166,19 @@ struct RowGroup {
     for (int j = 0; j < R; ++j) v[j] = vals + op.off[r + j];
     next_group = (v[R - 1] - v[0]) * static_cast<int64_t>(sizeof(T)) * R / (R - 1);
   }
-  // Mask word w (64 columns) of each row into k; prefetch each stream into L1 a little ahead and into L2 one group on.
+  // Mask word w (64 columns) of each row into k, and the prefetches that keep the eight streams (four of values,
+  // four of masks) ahead: each row's values into L1 a little ahead and into L2 one group on (two lines, since a
+  // word's values span 1.2 lines on average at 70%), and once per line of mask words the next group's mask line
+  // into L1. The mask prefetch mattered most: without it the loop waited on the mask streams, which the hardware
+  // prefetchers left short (7B block at 70%, fp32, 2 threads: 2.35x dense without, 2.6-2.8x with both).
   inline void next_word(int64_t w, uint64_t* k) const {
     for (int j = 0; j < R; ++j) {
       k[j] = mask[j * words + w];
       const char* at = reinterpret_cast<const char*>(v[j]);
       _mm_prefetch(at + DECODE1_PREFETCH_L1, _MM_HINT_T0);
       _mm_prefetch(at + next_group, _MM_HINT_T1);
+      _mm_prefetch(at + next_group + 64, _MM_HINT_T1);
+      if ((w & 7) == 0) _mm_prefetch(reinterpret_cast<const char*>(mask + (j + R) * words + w), _MM_HINT_T0);
     }
   }
 };
