@@ -14,8 +14,9 @@ speedups the median of the paired dense/sparse ratios):
     the transient dense workspace of the dense path).
 The demo prunes in-script (per-row magnitude, or N:M); the speed of the format depends only on the density and
 the pattern, not on which weights were kept. Every record names the CPU model and the kernel's instruction set
-(--isa forces one: avx2 runs the AVX2 kernel on an AVX-512 machine). Output: results.json, results.md, speedup.png
-under --out.
+(--isa forces one: avx2 runs the AVX2 kernel on an AVX-512 machine, and then caps torch's own kernels, the dense
+side, at AVX2 too, so that both sides run as on an AVX2-only CPU; --dense_isa native leaves them). Output:
+results.json, results.md, speedup.png under --out.
 
   python scripts/bench_speedup.py --demo real --dtype float32
   python scripts/bench_speedup.py --skip_model --sparsities 0.7 --dtype bfloat16
@@ -82,6 +83,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip_curve", action="store_true", help="no curve (it takes minutes in fp32 at 2048 tokens)")
     p.add_argument("--isa", choices=["auto", "avx512", "avx2", "cpp", "torch"], default="auto",
                    help="the kernel's instruction set (auto: the best this CPU has)")
+    p.add_argument("--dense_isa", choices=["match", "native"], default="match",
+                   help="with --isa avx2: cap torch's MKL, oneDNN and ATen kernels at AVX2 too (match: both sides as "
+                        "on an AVX2-only CPU) or leave them at the CPU's best (native)")
     p.add_argument("--policy", choices=["auto", "sparse", "dense"], default="auto",
                    help="SparseLinear's path above 4 tokens: measured (auto), the kernels, or unpack + dense GEMM")
     args = p.parse_args(argv)
@@ -498,11 +502,20 @@ def bench_model(args, dtype) -> list[dict]:
 
 # ---------------------------------------------------------------- output
 
+def dense_side(env: dict) -> str:
+    """How torch's dense kernels ran: at the CPU's best, or capped at AVX2 (an AVX2-only CPU emulated)."""
+    dense = env.get("dense_isa") or {}
+    if dense.get("capped_at"):
+        return f"torch capped at {dense['capped_at']} (MKL, oneDNN, ATen)"
+    return f"torch at {dense.get('aten_capability', 'its default')}"
+
+
 def markdown(result: dict) -> str:
     env = result["environment"]
     lines = [f"Measured {env['date']} on {env['cpu']} ({env['threads']} thread(s), shared machine), "
              f"dtype {result['dtype']}, torch {env['torch']}, kernel: {env['kernel']}"
-             f"{' + AMX' if env.get('amx') else ''}, path policy: {env.get('policy', 'auto')}.",
+             f"{' + AMX' if env.get('amx') else ''}, dense side: {dense_side(env)}, "
+             f"path policy: {env.get('policy', 'auto')}.",
              "Speedup = dense time / sparse time, dense and sparse run back to back, median of the ratios over "
              f"{result['repeats']} repeats (times: medians). Bound = dense bytes / sparse bytes read per decoded token (the gain of a memory-bound decode; a speedup above "
              "it means the dense side ran below the memory bandwidth); bound with rest "
@@ -890,6 +903,26 @@ def gpu_main(argv) -> int:
     return 0
 
 
+# What makes torch's dense kernels stop at AVX2: MKL (fp32 GEMM/GEMV), oneDNN (bf16, some fp32) and ATen's own
+# vectorised kernels each read one variable, once, at their first use in the process.
+AVX2_CAP_ENV = {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+
+
+def cap_dense_isa_at_avx2() -> dict:
+    """Cap torch's kernels at AVX2 for the rest of the process (before its first op; a variable the user set
+    already is kept). Returns what the dense side runs with: the variables and ATen's capability, which says
+    whether the cap came in time; when it did not, the variables are taken back out."""
+    added = {name: value for name, value in AVX2_CAP_ENV.items() if name not in os.environ}
+    os.environ.update(added)
+    aten = torch.backends.cpu.get_cpu_capability()
+    applied = aten.upper() == "AVX2"
+    if not applied:
+        for name in added:
+            os.environ.pop(name, None)
+    return {"capped_at": "AVX2", "aten_capability": aten, "applied": applied,
+            "variables": {name: os.environ.get(name) for name in AVX2_CAP_ENV}}
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--gpu" in argv:  # the GPU benchmark (section above): its own flags and JSON
@@ -899,6 +932,14 @@ def main(argv=None) -> int:
     except BenchError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    dense_isa = None
+    if args.isa == "avx2" and args.dense_isa == "match" and torch.cpu._is_avx2_supported():
+        dense_isa = cap_dense_isa_at_avx2()
+        if not dense_isa["applied"]:
+            print(f"error: --isa avx2: torch's kernels already run at {dense_isa['aten_capability']} in this "
+                  "process, so the dense side cannot be capped at AVX2; run the benchmark in a fresh process "
+                  "(or pass --dense_isa native)", file=sys.stderr)
+            return 2
     torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
     kernels.get()
@@ -921,13 +962,16 @@ def main(argv=None) -> int:
                               "cpu": kernels.cpu_model(), "threads": args.threads,
                               "cores": os.cpu_count(), "torch": torch.__version__,
                               "isa": kernels.isa(), "amx": kernels.has_amx() and kernels.isa() == "avx512",
+                              "dense_isa": dense_isa or {"aten_capability": torch.backends.cpu.get_cpu_capability(),
+                                                         "capped_at": None},
                               "kernel": kernels.describe(),
                               "policy": sparse_linear.policy(),
                               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
                               "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}}
     env = result["environment"]
     print(f"kernel: {env['kernel']}{' + AMX (bf16)' if env['amx'] else ''} on {env['cpu']}, {args.threads} thread(s); "
-          f"path policy {env['policy']}; load average {env['load_average']}", file=sys.stderr, flush=True)
+          f"dense: {dense_side(env)}; path policy {env['policy']}; load average {env['load_average']}",
+          file=sys.stderr, flush=True)
     try:
         if not args.skip_layer:
             result["layer"] = bench_layer(args, dtype)

@@ -141,3 +141,53 @@ def test_without_matplotlib_the_measurements_land_and_one_warning_says_why_there
         line for line in err.splitlines() if line.startswith("warning: matplotlib is not installed")]
     assert "warning: matplotlib is not installed" in err and "Traceback" not in err
     assert json.loads((out / "results.json").read_text())["layer"] and not (out / "speedup.png").exists()
+
+
+CAPPED_RUN = """
+import json, sys
+sys.path.insert(0, {tests!r})
+from conftest import load_script
+bench = load_script("bench_speedup")
+bench.LLAMA2_7B_BLOCK = [("q", 48, 64), ("down", 64, 80)]
+code = bench.main(["--skip_model", "--skip_curve", "--sparsities", "0.7", "--repeats", "1", "--prefill_tokens", "8",
+                   "--threads", "1", "--isa", "avx2", "--out", {out!r}])
+print(json.dumps({{"code": code}}))
+"""
+
+
+def test_isa_avx2_caps_the_dense_side_in_a_fresh_process(tmp_path):
+    """--isa avx2 on any AVX2 machine: torch's kernels (the dense side) run at AVX2 as well, recorded in the JSON
+    and the table, so that both sides run as on an AVX2-only CPU."""
+    import torch
+    from lib.sparse import kernels
+    if "avx2" not in kernels.supported_isas():
+        pytest.skip("this machine cannot run the AVX2 kernel")
+    out = tmp_path / "out"
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("MKL_ENABLE_INSTRUCTIONS",
+                                                                         "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")}
+    result = subprocess.run([sys.executable, "-c", CAPPED_RUN.format(tests=str(REPO / "tests"), out=str(out))],
+                            cwd=REPO, capture_output=True, text=True, timeout=240, env=env)
+    assert result.returncode == 0 and json.loads(result.stdout.splitlines()[-1]) == {"code": 0}, result.stderr
+    environment = json.loads((out / "results.json").read_text())["environment"]
+    assert environment["isa"] == "avx2"
+    assert environment["dense_isa"]["applied"] is True and environment["dense_isa"]["aten_capability"] == "AVX2"
+    assert environment["dense_isa"]["variables"]["MKL_ENABLE_INSTRUCTIONS"] == "AVX2"
+    assert "torch capped at AVX2" in (out / "results.md").read_text()
+    assert torch.backends.cpu.get_cpu_capability()  # this process is untouched: it picked its own before
+
+
+def test_isa_avx2_after_torch_picked_a_wider_isa_is_one_error_and_leaves_the_environment(monkeypatch, capsys):
+    """In a process where torch already chose AVX-512, the dense side cannot be capped any more: one error line,
+    exit 2, and none of the variables left behind for later subprocesses."""
+    import os
+    import torch
+    from lib.sparse import kernels
+    if "avx2" not in kernels.supported_isas() or torch.backends.cpu.get_cpu_capability() == "AVX2":
+        pytest.skip("needs a CPU where torch runs wider than AVX2")
+    for name in ("MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY"):
+        monkeypatch.delenv(name, raising=False)
+    assert load_script("bench_speedup").main(["--skip_model", "--isa", "avx2", "--sparsities", "0.7"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: --isa avx2: torch's kernels already run at")
+    assert not any(name in os.environ for name in ("MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA",
+                                                   "ATEN_CPU_CAPABILITY"))
