@@ -64,14 +64,26 @@ enum Isa : int64_t { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
 constexpr int TILE = 16;       // tokens per tile of the tiled kernels
 constexpr int DECODE_NT = 4;   // tokens per pass of the decode kernels
 constexpr int64_t ROW_CHUNK = 16;
-constexpr int GROUP_TILES = 8;      // AVX-512 tiled kernel: tiles per group (128 tokens)
-#ifndef ATP_TILED_ROWS  // AVX-512 tiled kernel: rows per work item, and the L1 bytes its partial sums and
-#define ATP_TILED_ROWS 96   // one block of inputs share (see tiled_block_cols)
+constexpr int GROUP_TILES = 8;       // AVX-512 tiled kernel: tiles per group (128 tokens)
+constexpr int GROUP_TILES_AVX2 = 4;  // AVX2: 4 tiles (64 tokens) are 8 accumulators of its 16 vector registers
+#ifndef ATP_TILED_ROWS  // tiled kernels (AVX-512, AVX2): rows per work item, and the L1 bytes its partial sums
+#define ATP_TILED_ROWS 96   // and one block of inputs share (see tiled_block_cols)
 #endif
 #ifndef ATP_TILED_L1
 #define ATP_TILED_L1 65536
 #endif
 constexpr int64_t TILED_ROWS = ATP_TILED_ROWS;
+inline int64_t group_tiles(int64_t isa) { return isa == ISA_AVX512 ? GROUP_TILES : GROUP_TILES_AVX2; }
+
+// Columns per block of the tiled kernels. Each work item streams its group's inputs once, block by block, so more
+// rows per item mean less input traffic (128 tokens x 11008 columns are 5.6 MB, more than L2): measured on 2048
+// rows at 512-1024 tokens (1 thread, fp32, 70%, AVX-512), 16 rows per item ran at 0.71-0.97x dense, 48 rows
+// 1.0-1.2x, 96 rows with 32-column blocks (48 KiB of partial sums + 16 KiB of inputs for 128 tokens) 1.06-1.7x.
+// Fewer tokens: wider blocks.
+inline int64_t tiled_block_cols(int G) {
+  const int64_t slab = ATP_TILED_L1 - TILED_ROWS * G * 64;
+  return std::min<int64_t>(2048, std::max<int64_t>(16, slab / (G * 64) / 16 * 16));
+}
 
 // What one call works on. Pointers are raw; the kernels below never allocate (except per-thread scratch).
 struct Op {
@@ -362,39 +374,114 @@ void densify_rows_avx2(const Op& op, T* out, int64_t cols, int64_t r0, int64_t r
   }
 }
 
-template <typename T>
-void tiled_rows_avx2(const Op& op, int64_t tile, int64_t r0, int64_t r1) {
-  const T* vals = static_cast<const T*>(op.vals);
-  const int64_t cpad = op.words * 64;
-  const float* xb = op.x + tile * cpad * TILE;
-  for (int64_t r = r0; r < r1; ++r) {
-    const T* v = vals + op.off[r];
-    const int64_t* m = op.mask + r * op.words;
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), c0 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps();
-    for (int64_t w = 0; w < op.words; ++w) {
-      uint64_t bits = static_cast<uint64_t>(m[w]);
-      const float* xw = xb + w * 64 * TILE;
-      while (bits) {
-        int j = __builtin_ctzll(bits);
-        bits &= bits - 1;
-        __m256 vb = _mm256_set1_ps(to_f(*v++));
-        const float* xp = xw + j * TILE;
-        a0 = _mm256_fmadd_ps(vb, _mm256_loadu_ps(xp), a0);
-        a1 = _mm256_fmadd_ps(vb, _mm256_loadu_ps(xp + 8), a1);
-        if (!bits) break;
-        j = __builtin_ctzll(bits);
-        bits &= bits - 1;
-        vb = _mm256_set1_ps(to_f(*v++));
-        xp = xw + j * TILE;
-        c0 = _mm256_fmadd_ps(vb, _mm256_loadu_ps(xp), c0);
-        c1 = _mm256_fmadd_ps(vb, _mm256_loadu_ps(xp + 8), c1);
-      }
+// Positions of the set bits of each mask byte, in order (the rest 0): the AVX2 tiled kernel's column offsets,
+// eight per byte, stored whole and advanced by popcount (AVX2 has no compress).
+struct BitPositions {
+  int8_t pos[256][8];
+  BitPositions() {
+    for (int b = 0; b < 256; ++b) {
+      int k = 0;
+      for (int i = 0; i < 8; ++i) pos[b][i] = 0;
+      for (int i = 0; i < 8; ++i)
+        if ((b >> i) & 1) pos[b][k++] = static_cast<int8_t>(i);
     }
-    alignas(32) float acc[TILE];
-    _mm256_store_ps(acc, _mm256_add_ps(a0, c0));
-    _mm256_store_ps(acc + 8, _mm256_add_ps(a1, c1));
-    const int64_t t0 = tile * TILE;
-    for (int i = 0; i < TILE && t0 + i < op.ntok; ++i) op.y[(t0 + i) * op.rows + r] = acc[i];
+  }
+};
+const BitPositions BIT_POSITIONS;
+
+template <typename T> inline __m256 bcast8(const T* v);
+template <> inline __m256 bcast8<float>(const float* v) { return _mm256_broadcast_ss(v); }
+template <> inline __m256 bcast8<at::BFloat16>(const at::BFloat16* v) {
+  uint16_t raw;
+  std::memcpy(&raw, v, 2);
+  return _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(raw) << 16)));
+}
+template <> inline __m256 bcast8<at::Half>(const at::Half* v) {
+  uint16_t raw;
+  std::memcpy(&raw, v, 2);
+  return _mm256_cvtph_ps(_mm_set1_epi16(static_cast<short>(raw)));
+}
+
+// The AVX-512 tiled kernel's structure (tiled_item_avx512 says why) in AVX2: rows [r0, r1) against a group of G
+// tiles, column block by column block; each row's nonzeros in the block are decoded into column indices (a table
+// row of bit positions per mask byte, no branches), then every nonzero costs one broadcast and 2G FMAs whose
+// inputs come from L1. The earlier AVX2 kernel walked the set bits with a data-dependent loop per 64 columns and
+// one tile of inputs per pass (from L2): 0.9-1.0x an AVX2-only dense GEMM from 128 tokens.
+template <typename T, int G>
+void tiled_item_avx2(const Op& op, const float* xg, int64_t t0, int64_t r0, int64_t r1, int64_t KB) {
+  constexpr int W = G * TILE;  // floats per column in this group
+  constexpr int V = 2 * G;     // 8-float vectors per column
+  const T* vals = static_cast<const T*>(op.vals);
+  const int64_t cpad = op.words * 64, nrows = r1 - r0;
+  alignas(32) float part[TILED_ROWS][W];
+  alignas(32) int32_t cols[2048 + 8];
+  const T* cur[TILED_ROWS];
+  for (int64_t i = 0; i < nrows; ++i) {
+    cur[i] = vals + op.off[r0 + i];
+    for (int j = 0; j < W; ++j) part[i][j] = 0.f;
+  }
+  const __m256i eight = _mm256_set1_epi32(8);
+  for (int64_t c0 = 0; c0 < cpad; c0 += KB) {
+    const int64_t nbytes = std::min(KB, cpad - c0) / 8;
+    const float* slab = xg + c0 * W;
+    for (int64_t i = 0; i < nrows; ++i) {
+      const uint8_t* m = reinterpret_cast<const uint8_t*>(op.mask + (r0 + i) * op.words) + c0 / 8;
+      int64_t n = 0;
+      __m256i base = _mm256_setzero_si256();
+      for (int64_t q = 0; q < nbytes; ++q) {
+        const unsigned b = m[q];
+        const __m256i pos = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(BIT_POSITIONS.pos[b])));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(cols + n), _mm256_add_epi32(pos, base));
+        n += __builtin_popcount(b);
+        base = _mm256_add_epi32(base, eight);
+      }
+      const T* v = cur[i];
+      cur[i] = v + n;
+      __m256 a[V];
+      for (int k = 0; k < V; ++k) a[k] = _mm256_load_ps(part[i] + 8 * k);
+      if (G >= 3) {
+        for (int64_t j = 0; j < n; ++j) {
+          const __m256 wv = bcast8<T>(v + j);
+          const float* xp = slab + static_cast<int64_t>(cols[j]) * W;
+          for (int k = 0; k < V; ++k) a[k] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xp + 8 * k), a[k]);
+        }
+      } else {  // few tiles: two nonzeros per step, two sets of accumulators
+        __m256 c[V];
+        for (int k = 0; k < V; ++k) c[k] = _mm256_setzero_ps();
+        int64_t j = 0;
+        for (; j + 2 <= n; j += 2) {
+          const __m256 w0 = bcast8<T>(v + j), w1 = bcast8<T>(v + j + 1);
+          const float* x0 = slab + static_cast<int64_t>(cols[j]) * W;
+          const float* x1 = slab + static_cast<int64_t>(cols[j + 1]) * W;
+          for (int k = 0; k < V; ++k) {
+            a[k] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x0 + 8 * k), a[k]);
+            c[k] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x1 + 8 * k), c[k]);
+          }
+        }
+        if (j < n) {
+          const __m256 w0 = bcast8<T>(v + j);
+          const float* x0 = slab + static_cast<int64_t>(cols[j]) * W;
+          for (int k = 0; k < V; ++k) a[k] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x0 + 8 * k), a[k]);
+        }
+        for (int k = 0; k < V; ++k) a[k] = _mm256_add_ps(a[k], c[k]);
+      }
+      for (int k = 0; k < V; ++k) _mm256_store_ps(part[i] + 8 * k, a[k]);
+    }
+  }
+  const int64_t cnt = std::min<int64_t>(W, op.ntok - t0);
+  for (int64_t j = 0; j < cnt; ++j) {
+    float* y = op.y + (t0 + j) * op.rows + r0;
+    for (int64_t i = 0; i < nrows; ++i) y[i] = part[i][j];
+  }
+}
+
+template <typename T>
+void tiled_item_avx2_g(const Op& op, const float* xg, int64_t G, int64_t t0, int64_t r0, int64_t r1, int64_t kb) {
+  switch (G) {
+    case 1: tiled_item_avx2<T, 1>(op, xg, t0, r0, r1, kb); break;
+    case 2: tiled_item_avx2<T, 2>(op, xg, t0, r0, r1, kb); break;
+    case 3: tiled_item_avx2<T, 3>(op, xg, t0, r0, r1, kb); break;
+    default: tiled_item_avx2<T, 4>(op, xg, t0, r0, r1, kb); break;
   }
 }
 
@@ -514,15 +601,6 @@ void decode_rows_avx512(const Op& op, int64_t r0, int64_t r1) {
 
 // The tiled kernel's inputs for AVX-512: groups of up to 8 tiles (128 tokens), each group stored column-major with
 // its G*16 tokens adjacent ([cpad][G*16] fp32, zero padded), so that one nonzero's inputs are G*64 contiguous bytes.
-
-// Columns per block. Each work item streams its group's inputs once, block by block, so more rows per item mean
-// less input traffic (128 tokens x 11008 columns are 5.6 MB, more than L2): measured on 2048 rows at 512-1024
-// tokens (1 thread, fp32, 70%), 16 rows per item ran at 0.71-0.97x dense, 48 rows 1.0-1.2x, 96 rows with 32-column
-// blocks (48 KiB of partial sums + 16 KiB of inputs for 128 tokens) 1.06-1.7x. Fewer tokens: wider blocks.
-inline int64_t tiled_block_cols(int G) {
-  const int64_t slab = ATP_TILED_L1 - TILED_ROWS * G * 64;
-  return std::min<int64_t>(2048, std::max<int64_t>(16, slab / (G * 64) / 16 * 16));
-}
 
 template <typename T> inline __m512 bcast(const T* v);
 template <> inline __m512 bcast<float>(const float* v) { return _mm512_set1_ps(*v); }
@@ -790,27 +868,26 @@ void tiled_run(const Op& op, int64_t isa) {
   const int nt = at::get_num_threads();
   const int64_t chunks = (op.rows + ROW_CHUNK - 1) / ROW_CHUNK;
 #if ATP_X86
-  if (isa == ISA_AVX512) {  // op.x: the grouped layout (group_inputs)
-    const int64_t groups = (ntiles + GROUP_TILES - 1) / GROUP_TILES;
+  if (isa == ISA_AVX512 || isa == ISA_AVX2) {  // op.x: the grouped layout (tile_inputs)
+    const int64_t per = group_tiles(isa), groups = (ntiles + per - 1) / per;
     const int64_t R = TILED_ROWS, items = (op.rows + R - 1) / R;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
     for (int64_t i = 0; i < groups * items; ++i) {
       const int64_t g = i / items, c = i % items;
-      const int64_t G = std::min<int64_t>(GROUP_TILES, ntiles - g * GROUP_TILES);
-      tiled_item_avx512_g<T>(op, op.x + g * GROUP_TILES * TILE * cpad, G, g * GROUP_TILES * TILE, c * R,
-                             std::min(op.rows, (c + 1) * R), tiled_block_cols(static_cast<int>(G)));
+      const int64_t G = std::min<int64_t>(per, ntiles - g * per);
+      const float* xg = op.x + g * per * TILE * cpad;
+      const int64_t t0 = g * per * TILE, r0 = c * R, r1 = std::min(op.rows, (c + 1) * R);
+      const int64_t kb = tiled_block_cols(static_cast<int>(G));
+      if (isa == ISA_AVX512) tiled_item_avx512_g<T>(op, xg, G, t0, r0, r1, kb);
+      else tiled_item_avx2_g<T>(op, xg, G, t0, r0, r1, kb);
     }
     return;
   }
 #endif
-  void (*fn)(const Op&, int64_t, int64_t, int64_t) = tiled_rows_scalar<T>;
-#if ATP_X86
-  if (isa == ISA_AVX2) fn = tiled_rows_avx2<T>;
-#endif
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
   for (int64_t i = 0; i < ntiles * chunks; ++i) {
     const int64_t tile = i / chunks, c = i % chunks;
-    fn(op, tile, c * ROW_CHUNK, std::min(op.rows, (c + 1) * ROW_CHUNK));
+    tiled_rows_scalar<T>(op, tile, c * ROW_CHUNK, std::min(op.rows, (c + 1) * ROW_CHUNK));
   }
 }
 
@@ -866,17 +943,18 @@ torch::Tensor spmv(torch::Tensor mask, torch::Tensor values, torch::Tensor row_o
 }
 
 namespace {
-// The tiled kernels' input layout, zero padded to whole tiles and to cpad columns: AVX-512 groups of up to 8 tiles,
-// each [cpad][G*16] (see tiled_item_avx512); the other paths [ntiles][cpad][16].
+// The tiled kernels' input layout, zero padded to whole tiles and to cpad columns: for the SIMD kernels groups of
+// up to group_tiles(isa) tiles, each [cpad][G*16] (see tiled_item_avx512); the portable path [ntiles][cpad][16].
 torch::Tensor tile_inputs(const torch::Tensor& x2, int64_t cpad, int64_t isa) {
   const int64_t n = x2.size(0), pad = cpad - x2.size(1), ntiles = (n + TILE - 1) / TILE;
-  if (isa != ISA_AVX512) {
+  if (isa != ISA_AVX512 && isa != ISA_AVX2) {
     return at::constant_pad_nd(x2, {0, pad, 0, ntiles * TILE - n}).view({ntiles, TILE, cpad}).transpose(1, 2)
         .contiguous();
   }
+  const int64_t per = group_tiles(isa);
   auto out = torch::empty({ntiles * TILE * cpad}, x2.options());
-  for (int64_t t0 = 0; t0 < n; t0 += GROUP_TILES * TILE) {
-    const int64_t w = std::min<int64_t>(GROUP_TILES, ntiles - t0 / TILE) * TILE, rows = std::min(w, n - t0);
+  for (int64_t t0 = 0; t0 < n; t0 += per * TILE) {
+    const int64_t w = std::min<int64_t>(per, ntiles - t0 / TILE) * TILE, rows = std::min(w, n - t0);
     auto part = at::constant_pad_nd(x2.narrow(0, t0, rows), {0, pad, 0, w - rows});
     out.narrow(0, t0 * cpad, w * cpad).view({cpad, w}).copy_(part.t());
   }
