@@ -96,6 +96,21 @@ struct Op {
 };
 
 template <typename T> inline float to_f(T v) { return static_cast<float>(v); }
+// The bits of a 16-bit value (bf16, fp16), for the broadcasts.
+inline short raw16(const void* v) {
+  short raw;
+  std::memcpy(&raw, v, 2);
+  return raw;
+}
+
+// A tiled work item's sums, part[row][token] (W tokens per row), into y[token][row] for the tokens that exist.
+inline void store_tiled_sums(const Op& op, const float* part, int64_t W, int64_t t0, int64_t r0, int64_t nrows) {
+  const int64_t cnt = std::min<int64_t>(W, op.ntok - t0);
+  for (int64_t j = 0; j < cnt; ++j) {
+    float* y = op.y + (t0 + j) * op.rows + r0;
+    for (int64_t i = 0; i < nrows; ++i) y[i] = part[i * W + j];
+  }
+}
 
 // ------------------------------------------------------------------------------------------ portable C++
 template <typename T>
@@ -392,15 +407,9 @@ const BitPositions BIT_POSITIONS;
 template <typename T> inline __m256 bcast8(const T* v);
 template <> inline __m256 bcast8<float>(const float* v) { return _mm256_broadcast_ss(v); }
 template <> inline __m256 bcast8<at::BFloat16>(const at::BFloat16* v) {
-  uint16_t raw;
-  std::memcpy(&raw, v, 2);
-  return _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(raw) << 16)));
+  return _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(raw16(v)) << 16)));
 }
-template <> inline __m256 bcast8<at::Half>(const at::Half* v) {
-  uint16_t raw;
-  std::memcpy(&raw, v, 2);
-  return _mm256_cvtph_ps(_mm_set1_epi16(static_cast<short>(raw)));
-}
+template <> inline __m256 bcast8<at::Half>(const at::Half* v) { return _mm256_cvtph_ps(_mm_set1_epi16(raw16(v))); }
 
 // One tile (16 tokens, a group of G = 1), rows [r0, r1): each row walks its set bits and reads its inputs from
 // the whole tile (L2). With a single tile this beats the blocked item below (8-16 tokens on the 7B shapes: 9.7
@@ -501,11 +510,7 @@ void tiled_item_avx2(const Op& op, const float* xg, int64_t t0, int64_t r0, int6
       for (int k = 0; k < V; ++k) _mm256_store_ps(part[i] + 8 * k, a[0][k]);
     }
   }
-  const int64_t cnt = std::min<int64_t>(W, op.ntok - t0);
-  for (int64_t j = 0; j < cnt; ++j) {
-    float* y = op.y + (t0 + j) * op.rows + r0;
-    for (int64_t i = 0; i < nrows; ++i) y[i] = part[i][j];
-  }
+  store_tiled_sums(op, &part[0][0], W, t0, r0, nrows);
 }
 
 template <typename T>
@@ -638,15 +643,9 @@ void decode_rows_avx512(const Op& op, int64_t r0, int64_t r1) {
 template <typename T> inline __m512 bcast(const T* v);
 template <> inline __m512 bcast<float>(const float* v) { return _mm512_set1_ps(*v); }
 template <> inline __m512 bcast<at::BFloat16>(const at::BFloat16* v) {
-  uint16_t raw;
-  std::memcpy(&raw, v, 2);
-  return _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(raw) << 16)));
+  return _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(raw16(v)) << 16)));
 }
-template <> inline __m512 bcast<at::Half>(const at::Half* v) {
-  uint16_t raw;
-  std::memcpy(&raw, v, 2);
-  return _mm512_cvtph_ps(_mm256_set1_epi16(static_cast<short>(raw)));
-}
+template <> inline __m512 bcast<at::Half>(const at::Half* v) { return _mm512_cvtph_ps(_mm256_set1_epi16(raw16(v))); }
 
 // One work item: rows [r0, r1) against one group of G tiles. Column block by column block, each row's nonzeros in
 // the block are decoded into byte offsets (compress of a column ramp by the 16 mask bits), then every nonzero costs
@@ -712,11 +711,7 @@ void tiled_item_avx512(const Op& op, const float* xg, int64_t t0, int64_t r0, in
       for (int g = 0; g < G; ++g) _mm512_store_ps(part[i] + 16 * g, a[g]);
     }
   }
-  const int64_t cnt = std::min<int64_t>(W, op.ntok - t0);
-  for (int64_t j = 0; j < cnt; ++j) {
-    float* y = op.y + (t0 + j) * op.rows + r0;
-    for (int64_t i = 0; i < nrows; ++i) y[i] = part[i][j];
-  }
+  store_tiled_sums(op, &part[0][0], W, t0, r0, nrows);
 }
 
 template <typename T>
