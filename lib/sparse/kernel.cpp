@@ -773,22 +773,31 @@ struct TileConfig {
   uint8_t rows[16];
 };
 
-// Rows [r0, r0 + RB) into abuf, laid out [32-column block][RB rows][32 bf16] (rows past the matrix are zero).
+// Rows [r0, r0 + RB) into abuf as dense bf16 A tiles, [RB / 16][32-column block][16 rows][32] (rows past the
+// matrix are zero): sixteen rows are decoded side by side, so the stores run sequentially through each 1 KiB tile
+// and the tile loads read contiguous tiles. (Decoding one row at a time into this layout put a row's consecutive
+// stores 8 KiB apart, all in one L1 set, at 2-3x the cost; decoding rows into a row-major buffer made the
+// decoding cheap but the strided tile loads slower once there are more than a few token tiles.)
 inline void amx_decode_rows(const Op& op, int64_t r0, int64_t RB, uint16_t* abuf) {
-  const int64_t nkb = op.words * 2;
+  constexpr int R = 16;
+  const int64_t nkb = op.words * 2, cpad = op.words * 64;
   const at::BFloat16* vals = static_cast<const at::BFloat16*>(op.vals);
-  for (int64_t i = 0; i < RB; ++i) {
-    uint16_t* dst = abuf + i * 32;
-    if (r0 + i >= op.rows) {
-      for (int64_t kb = 0; kb < nkb; ++kb) _mm512_storeu_si512(dst + kb * RB * 32, _mm512_setzero_si512());
-      continue;
+  for (int64_t g = 0; g < RB; g += R) {
+    const uint32_t* m[R];
+    const at::BFloat16* v[R];
+    const int64_t valid = std::max<int64_t>(0, std::min<int64_t>(R, op.rows - (r0 + g)));
+    for (int i = 0; i < R; ++i) {
+      const int64_t row = std::min(r0 + g + i, op.rows - 1);  // rows past the end: any real row, mask forced to 0
+      m[i] = reinterpret_cast<const uint32_t*>(op.mask + row * op.words);
+      v[i] = vals + op.off[row];
     }
-    const uint32_t* m = reinterpret_cast<const uint32_t*>(op.mask + (r0 + i) * op.words);
-    const at::BFloat16* v = vals + op.off[r0 + i];
+    uint16_t* dst = abuf + g * cpad;
     for (int64_t kb = 0; kb < nkb; ++kb) {
-      const uint32_t k = m[kb];
-      _mm512_storeu_si512(dst + kb * RB * 32, _mm512_maskz_expandloadu_epi16(k, v));
-      v += __builtin_popcount(k);
+      for (int i = 0; i < R; ++i) {
+        const uint32_t k = i < valid ? m[i][kb] : 0u;
+        _mm512_storeu_si512(dst + (kb * R + i) * 32, _mm512_maskz_expandloadu_epi16(k, v[i]));
+        v[i] += __builtin_popcount(k);
+      }
     }
   }
 }
@@ -809,27 +818,32 @@ void amx_block(const Op& op, const uint16_t* xv, int64_t ntb, float* yT, int64_t
   for (int64_t tb = 0; tb < ntb; tb += 2) {
     const uint16_t* b0 = xv + tb * cpad * 16;
     const uint16_t* b1 = b0 + cpad * 16;
+    const bool pair = tb + 1 < ntb;  // an odd last token tile (up to 16 tokens in all, say) goes alone
     for (int64_t s = 0; s < RB; s += 32) {
       _tile_zero(0);
       _tile_zero(1);
       _tile_zero(2);
       _tile_zero(3);
-      const uint16_t* a = abuf + s * 32;
+      const uint16_t* a = abuf + s * cpad;  // rows s.. and s + 16.., each [32-column block][16][32]
       for (int64_t kb = 0; kb < nkb; ++kb) {
-        _tile_loadd(4, a + kb * RB * 32, 64);
-        _tile_loadd(5, a + kb * RB * 32 + 16 * 32, 64);
+        _tile_loadd(4, a + kb * 512, 64);
+        _tile_loadd(5, a + 16 * cpad + kb * 512, 64);
         _tile_loadd(6, b0 + kb * 512, 64);
-        _tile_loadd(7, b1 + kb * 512, 64);
         _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
         _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
+        if (pair) {
+          _tile_loadd(7, b1 + kb * 512, 64);
+          _tile_dpbf16ps(1, 4, 7);
+          _tile_dpbf16ps(3, 5, 7);
+        }
       }
       float* c = yT + (r0 + s) * ldy + tb * 16;
       _tile_stored(0, c, ldy * 4);
-      _tile_stored(1, c + 16, ldy * 4);
       _tile_stored(2, c + 16 * ldy, ldy * 4);
-      _tile_stored(3, c + 16 * ldy + 16, ldy * 4);
+      if (pair) {
+        _tile_stored(1, c + 16, ldy * 4);
+        _tile_stored(3, c + 16 * ldy + 16, ldy * 4);
+      }
     }
   }
   _tile_release();
@@ -1010,7 +1024,7 @@ bool has_amx() { return amx_ready(); }
 
 // bf16 weights x bf16 inputs on the tile unit (see amx_block): x [ntok, in_features] -> y [ntok, rows] fp32 (a
 // transposed view of the tile unit's row-major result).
-// The tile unit's result as it leaves the tiles: yT [rows padded to the block size, tokens padded to 32] fp32.
+// The tile unit's result as it leaves the tiles: yT [rows padded to the block size, tokens padded to 16] fp32.
 torch::Tensor amx_matmul_padded(const torch::Tensor& mask, const torch::Tensor& values,
                                 const torch::Tensor& row_offsets, const torch::Tensor& x) {
   check(mask, values, row_offsets);
@@ -1020,7 +1034,7 @@ torch::Tensor amx_matmul_padded(const torch::Tensor& mask, const torch::Tensor& 
   const int64_t n = x.size(0), rows = mask.size(0), cpad = mask.size(1) * 64;
   if (n == 0 || rows == 0) return torch::zeros({rows, n}, x.options().dtype(torch::kFloat));
 #if ATP_AMX
-  const int64_t ntb = ((n + TILE - 1) / TILE + 1) / 2 * 2, tpad = ntb * TILE;  // token tiles, an even count
+  const int64_t ntb = (n + TILE - 1) / TILE, tpad = ntb * TILE;  // token tiles
   // B tiles: [token tile][column pair][16 tokens][2] bf16, zero padded
   // (as int32: one column pair per element, a 3-D transpose that torch copies several times faster than 4-D bf16)
   auto xv = at::constant_pad_nd(x.to(torch::kBFloat16), {0, cpad - x.size(1), 0, tpad - n})
