@@ -7,8 +7,9 @@
 //
 // decode:  y[t, r] = sum_j W[r, j] x[t, j] for a few tokens: one pass over each packed row, the expanded weights
 //          reused for up to 4 tokens at a time (more tokens: the row is re-read from L1).
-// tiled:   many tokens (prefill): per nonzero, its value times a 16-token vector of inputs (inputs transposed to
-//          [tile][col][16]); AVX-512 decodes each row's column offsets once per group of up to 4 tiles.
+// tiled:   many tokens (prefill): per nonzero, its value times a vector of 16-token tiles of inputs (inputs
+//          transposed, tiles grouped: see tile_inputs); the SIMD kernels decode each row's columns once per group
+//          of tiles (AVX-512 up to 8, AVX2 up to 4) and column block.
 // densify: the dense weight, for the dense-GEMM path of large batches.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -90,7 +91,7 @@ struct Op {
   const int64_t* mask;
   const void* vals;
   const int64_t* off;
-  const float* x;  // decode: [ntok][cpad]; tiled: [ntiles][cpad][TILE]
+  const float* x;  // decode: [ntok][cpad]; tiled: tile_inputs' layout
   float* y;        // [ntok][rows]
   int64_t rows, words, ntok;
 };
