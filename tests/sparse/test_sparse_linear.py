@@ -178,6 +178,22 @@ def test_amx_path_for_bf16_where_the_cpu_has_it(monkeypatch):
         assert y.is_contiguous()
 
 
+def test_amx_path_in_k_chunks_matches_whole_rows_and_dense(monkeypatch):
+    """From 256 tokens a weight wider than 4096 columns goes through the tile unit in K chunks (partial sums carried
+    in the output tiles, 128 rows per block): 4500 columns make a 4096-column chunk and a 448-column one, 40 rows
+    leave most of the block past the matrix, 261 tokens an odd lone token tile. Against dense and against the same
+    weight with fewer tokens (whole rows, no chunks)."""
+    if not (kernels.get() is not None and kernels.isa() == "avx512" and kernels.has_amx()):
+        pytest.skip("needs the AMX path")
+    monkeypatch.setattr(sparse_linear, "_policy", "sparse")
+    w = pruned_weight(40, 4500, 0.7, torch.bfloat16, seed=5, empty_rows=(7,), dense_rows=(39,))
+    bias = torch.randn(40).to(torch.bfloat16)
+    x = torch.randn(261, 4500, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    chunked = check(w, bias, x, torch.bfloat16)
+    whole = check(w, bias, x[:100], torch.bfloat16)
+    assert torch.allclose(chunked[:100].float(), whole.float(), atol=0.05, rtol=0.02)
+
+
 def test_dense_workspace_is_shared_and_bounded(policy):
     """The dense path unpacks into one workspace per dtype (the largest Linear's size), never a copy per layer."""
     if kernels.get() is None or policy != "dense":
