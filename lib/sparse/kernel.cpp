@@ -104,6 +104,14 @@ inline short raw16(const void* v) {
   return raw;
 }
 
+// A tiled work item's start: each row's first packed value, and its partial sums part[row][token] at zero.
+template <typename T>
+inline void start_tiled_item(const Op& op, int64_t r0, int64_t nrows, int64_t W, float* part, const T** cur) {
+  const T* vals = static_cast<const T*>(op.vals);
+  for (int64_t i = 0; i < nrows; ++i) cur[i] = vals + op.off[r0 + i];
+  std::fill(part, part + nrows * W, 0.f);
+}
+
 // A tiled work item's sums, part[row][token] (W tokens per row), into y[token][row] for the tokens that exist.
 inline void store_tiled_sums(const Op& op, const float* part, int64_t W, int64_t t0, int64_t r0, int64_t nrows) {
   const int64_t cnt = std::min<int64_t>(W, op.ntok - t0);
@@ -462,15 +470,11 @@ void tiled_item_avx2(const Op& op, const float* xg, int64_t t0, int64_t r0, int6
   constexpr int W = G * TILE;  // floats per column in this group
   constexpr int V = 2 * G;     // 8-float vectors per column
   constexpr int S = V >= 6 ? 1 : 2;
-  const T* vals = static_cast<const T*>(op.vals);
   const int64_t cpad = op.words * 64, nrows = r1 - r0;
   alignas(32) float part[TILED_ROWS][W];
   alignas(32) int32_t cols[2048 + 8];
   const T* cur[TILED_ROWS];
-  for (int64_t i = 0; i < nrows; ++i) {
-    cur[i] = vals + op.off[r0 + i];
-    for (int j = 0; j < W; ++j) part[i][j] = 0.f;
-  }
+  start_tiled_item(op, r0, nrows, W, &part[0][0], cur);
   const __m256i eight = _mm256_set1_epi32(8);
   for (int64_t c0 = 0; c0 < cpad; c0 += KB) {
     const int64_t nbytes = std::min(KB, cpad - c0) / 8;
@@ -638,9 +642,6 @@ void decode_rows_avx512(const Op& op, int64_t r0, int64_t r1) {
   }
 }
 
-// The tiled kernel's inputs for AVX-512: groups of up to 8 tiles (128 tokens), each group stored column-major with
-// its G*16 tokens adjacent ([cpad][G*16] fp32, zero padded), so that one nonzero's inputs are G*64 contiguous bytes.
-
 template <typename T> inline __m512 bcast(const T* v);
 template <> inline __m512 bcast<float>(const float* v) { return _mm512_set1_ps(*v); }
 template <> inline __m512 bcast<at::BFloat16>(const at::BFloat16* v) {
@@ -648,21 +649,19 @@ template <> inline __m512 bcast<at::BFloat16>(const at::BFloat16* v) {
 }
 template <> inline __m512 bcast<at::Half>(const at::Half* v) { return _mm512_cvtph_ps(_mm256_set1_epi16(raw16(v))); }
 
-// One work item: rows [r0, r1) against one group of G tiles. Column block by column block, each row's nonzeros in
-// the block are decoded into byte offsets (compress of a column ramp by the 16 mask bits), then every nonzero costs
-// one broadcast and G FMAs whose inputs come from L1. Partial sums live in `part` between blocks.
+// One work item: rows [r0, r1) against one group of G tiles, its inputs stored column-major with the G*16 tokens
+// adjacent ([cpad][G*16] fp32, zero padded: tile_inputs), so that one nonzero's inputs are G*64 contiguous bytes.
+// Column block by column block, each row's nonzeros in the block are decoded into byte offsets (compress of a
+// column ramp by the 16 mask bits), then every nonzero costs one broadcast and G FMAs whose inputs come from L1.
+// Partial sums live in `part` between blocks.
 template <typename T, int G>
 void tiled_item_avx512(const Op& op, const float* xg, int64_t t0, int64_t r0, int64_t r1, int64_t KB) {
   constexpr int W = G * TILE;  // floats per column in this group
-  const T* vals = static_cast<const T*>(op.vals);
   const int64_t cpad = op.words * 64, nrows = r1 - r0;
   alignas(64) float part[TILED_ROWS][W];
   alignas(64) int32_t offs[2048 + 16];
   const T* cur[TILED_ROWS];
-  for (int64_t i = 0; i < nrows; ++i) {
-    cur[i] = vals + op.off[r0 + i];
-    for (int j = 0; j < W; ++j) part[i][j] = 0.f;
-  }
+  start_tiled_item(op, r0, nrows, W, &part[0][0], cur);
   const __m512i step = _mm512_set1_epi32(16 * W * 4);
   const __m512i ramp = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                           _mm512_set1_epi32(W * 4));
