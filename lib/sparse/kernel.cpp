@@ -779,6 +779,87 @@ constexpr int64_t AMX_ROWS = 128;        // most rows per block of the AMX path
 constexpr int64_t AMX_TILE_BYTES = 1 << 20;  // decoded tiles per block (reused for every token)
 constexpr int64_t AMX_CHUNK_TOKENS = 256;  // from this many tokens, wide weights go in K chunks (amx_block)
 
+// 16 x 16 transpose of 32-bit lanes in registers: four rounds, each swapping one bit of the row index with the same
+// bit of the column index (two two-source permutes per pair of rows). Builds the B tiles (token pairs of columns)
+// and turns the tile unit's [rows][tokens] results into [tokens][rows].
+inline void transpose16(__m512i r[16]) {
+  for (int d = 1; d < 16; d <<= 1) {
+    alignas(64) int32_t lo[16], hi[16];
+    for (int c = 0; c < 16; ++c) {
+      lo[c] = (c & d) ? 16 + c - d : c;  // row i keeps its columns without bit d, takes row i + d's others
+      hi[c] = (c & d) ? 16 + c : c + d;
+    }
+    const __m512i lo_idx = _mm512_load_si512(lo), hi_idx = _mm512_load_si512(hi);
+    for (int i = 0; i < 16; ++i) {
+      if (i & d) continue;
+      const __m512i a = r[i], b = r[i + d];
+      r[i] = _mm512_permutex2var_epi32(a, lo_idx, b);
+      r[i + d] = _mm512_permutex2var_epi32(a, hi_idx, b);
+    }
+  }
+}
+
+// 32 fp32 results (two vectors of 16 rows) into y's dtype, one token's 32 consecutive outputs, stored under mask
+// `keep` (rows inside the matrix): one 64-byte store for bf16 and fp16, so the two halves of a line are not written
+// at different times. bf16 as torch rounds it: to nearest even, NaN -> 0x7FC0.
+inline __m256i to_bf16(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(r);
+}
+inline void store32(float* y, __m512 lo, __m512 hi, __mmask32 keep) {
+  _mm512_mask_storeu_ps(y, static_cast<__mmask16>(keep), lo);
+  _mm512_mask_storeu_ps(y + 16, static_cast<__mmask16>(keep >> 16), hi);
+}
+inline void store32(at::BFloat16* y, __m512 lo, __m512 hi, __mmask32 keep) {
+  _mm512_mask_storeu_epi16(y, keep, _mm512_inserti64x4(_mm512_castsi256_si512(to_bf16(lo)), to_bf16(hi), 1));
+}
+inline void store32(at::Half* y, __m512 lo, __m512 hi, __mmask32 keep) {
+  constexpr int round = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  _mm512_mask_storeu_epi16(y, keep, _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtps_ph(lo, round)),
+                                                       _mm512_cvtps_ph(hi, round), 1));
+}
+
+// Where the tile unit's finished sums go: y [n][rows] in O (fp32, bf16 or fp16), plus bias (fp32, or none).
+struct AmxOut {
+  void* y;
+  int64_t n;
+  const float* bias;
+  torch::ScalarType dtype;
+};
+
+// A 32-row strip's finished result tiles, as _tile_stored them into `c`: with two token tiles (pair) rows r..r+15
+// x tokens t.., the same rows x tokens t+16.., rows r+16.. x tokens t.., rows r+16.. x tokens t+16..; with one,
+// rows r.. then rows r+16... Transposed into y's rows, bias added; tokens past n and rows past the matrix are left
+// alone.
+template <typename O>
+void write_tiles(const AmxOut& out, int64_t rows, const float* c, bool pair, int64_t r, int64_t t) {
+  if (r >= rows) return;
+  O* y = static_cast<O*>(out.y);
+  const __mmask32 keep = rows - r >= 32 ? ~0u : static_cast<__mmask32>((1ull << (rows - r)) - 1);
+  const __m512 bias_lo = out.bias ? _mm512_maskz_loadu_ps(static_cast<__mmask16>(keep), out.bias + r)
+                                  : _mm512_setzero_ps();
+  const __m512 bias_hi = out.bias ? _mm512_maskz_loadu_ps(static_cast<__mmask16>(keep >> 16), out.bias + r + 16)
+                                  : _mm512_setzero_ps();
+  for (int h = 0; h < (pair ? 2 : 1); ++h) {
+    const float* lo_tile = c + (pair ? h : 0) * 256;
+    const float* hi_tile = c + (pair ? 2 + h : 1) * 256;
+    __m512i lo[16], hi[16];
+    for (int i = 0; i < 16; ++i) {
+      lo[i] = _mm512_loadu_si512(lo_tile + 16 * i);
+      hi[i] = _mm512_loadu_si512(hi_tile + 16 * i);
+    }
+    transpose16(lo);
+    transpose16(hi);
+    const int64_t t0 = t + 16 * h;
+    for (int j = 0; j < 16 && t0 + j < out.n; ++j)
+      store32(y + (t0 + j) * rows + r, _mm512_add_ps(_mm512_castsi512_ps(lo[j]), bias_lo),
+              _mm512_add_ps(_mm512_castsi512_ps(hi[j]), bias_hi), keep);
+  }
+}
+
 // Rows [r0, r0 + RB), 32-column blocks [kb0, kb1), into abuf as dense bf16 A tiles, [RB / 16][kb1 - kb0][16 rows]
 // [32] (rows past the matrix are zero); cur[i] is row r0 + i's next packed value, advanced past the chunk. Sixteen
 // rows are decoded side by side, so the stores run sequentially through each 1 KiB tile and the tile loads read
@@ -817,7 +898,8 @@ inline void amx_decode_rows(const Op& op, int64_t r0, int64_t RB, int64_t kb0, i
 // a quarter as often (4096x11008 bf16 at 256-512 tokens: 22.3 -> 19.2 and 42.7 -> 34.8 ms); with few tokens the
 // decoding dominates and runs faster through whole rows (at 16 tokens: 3.5 ms whole, 4.8 ms chunked).
 void amx_block(const Op& op, const uint16_t* xv, int64_t ntb, float* yT, int64_t ldy, int64_t r0, int64_t RB,
-               int64_t KC, uint16_t* abuf) {
+               int64_t KC, uint16_t* abuf, const AmxOut& out) {
+  alignas(64) float done[4 * 256];  // the last chunk's sums, on their way from the tiles to y
   const int64_t nkb = op.words * 2, cpad = op.words * 64;
   const at::BFloat16* vals = static_cast<const at::BFloat16*>(op.vals);
   const at::BFloat16* cur[AMX_ROWS];
@@ -838,7 +920,7 @@ void amx_block(const Op& op, const uint16_t* xv, int64_t ntb, float* yT, int64_t
       const uint16_t* b1 = b0 + cpad * 16;
       const bool pair = tb + 1 < ntb;  // an odd last token tile (up to 16 tokens in all, say) goes alone
       for (int64_t s = 0; s < RB; s += 32) {
-        float* c = yT + (r0 + s) * ldy + tb * 16;
+        float* c = yT ? yT + (r0 + s) * ldy + tb * 16 : nullptr;  // partial sums (K chunks only)
         if (kb0 == 0) {
           _tile_zero(0);
           _tile_zero(1);
@@ -874,16 +956,53 @@ void amx_block(const Op& op, const uint16_t* xv, int64_t ntb, float* yT, int64_t
             _tile_dpbf16ps(3, 5, 7);
           }
         }
-        _tile_stored(0, c, ldy * 4);
-        _tile_stored(2, c + 16 * ldy, ldy * 4);
-        if (pair) {
-          _tile_stored(1, c + 16, ldy * 4);
-          _tile_stored(3, c + 16 * ldy + 16, ldy * 4);
+        if (kb1 < nkb) {  // partial sums, carried to the next chunk
+          _tile_stored(0, c, ldy * 4);
+          _tile_stored(2, c + 16 * ldy, ldy * 4);
+          if (pair) {
+            _tile_stored(1, c + 16, ldy * 4);
+            _tile_stored(3, c + 16 * ldy + 16, ldy * 4);
+          }
+        } else if (pair) {  // finished: through `done` into y (write_tiles' layout)
+          _tile_stored(0, done, 64);
+          _tile_stored(1, done + 256, 64);
+          _tile_stored(2, done + 512, 64);
+          _tile_stored(3, done + 768, 64);
+        } else {
+          _tile_stored(0, done, 64);
+          _tile_stored(2, done + 256, 64);
+        }
+        if (kb1 == nkb) {
+          switch (out.dtype) {
+            case torch::kBFloat16: write_tiles<at::BFloat16>(out, op.rows, done, pair, r0 + s, tb * 16); break;
+            case torch::kHalf: write_tiles<at::Half>(out, op.rows, done, pair, r0 + s, tb * 16); break;
+            default: write_tiles<float>(out, op.rows, done, pair, r0 + s, tb * 16); break;
+          }
         }
       }
     }
   }
   _tile_release();
+}
+
+// The inputs as B tiles, [token tile][32-column block][16 column pairs][16 tokens][2] bf16, zero padded: per token
+// tile and column block, 16 rows of 32 values loaded and transposed as pairs (torch's 3-D transpose of the same took
+// 4.5 ms for 1024 x 4096, as long as a third of the multiply).
+void amx_inputs(const at::BFloat16* x, int64_t n, int64_t cols, int64_t nkb, uint16_t* xv) {
+  const int64_t ntb = (n + TILE - 1) / TILE;
+#pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
+  for (int64_t i = 0; i < ntb * nkb; ++i) {
+    const int64_t tb = i / nkb, kb = i % nkb, c0 = kb * 32;
+    const __mmask32 keep = cols - c0 >= 32 ? ~0u : static_cast<__mmask32>((1ull << std::max<int64_t>(0, cols - c0)) - 1);
+    __m512i v[16];
+    for (int t = 0; t < 16; ++t) {
+      const int64_t tok = tb * 16 + t;
+      v[t] = tok < n ? _mm512_maskz_loadu_epi16(keep, x + tok * cols + c0) : _mm512_setzero_si512();
+    }
+    transpose16(v);
+    uint16_t* dst = xv + (tb * nkb + kb) * 512;
+    for (int j = 0; j < 16; ++j) _mm512_storeu_si512(dst + 32 * j, v[j]);
+  }
 }
 
 ATP_TARGET_END
@@ -1059,35 +1178,36 @@ torch::Tensor spmm(torch::Tensor mask, torch::Tensor values, torch::Tensor row_o
 
 bool has_amx() { return amx_ready(); }
 
-// bf16 weights x bf16 inputs on the tile unit (see amx_block): x [ntok, in_features] -> y [ntok, rows] fp32 (a
-// transposed view of the tile unit's row-major result).
-// The tile unit's result as it leaves the tiles: yT [rows padded to the block size, tokens padded to 16] fp32.
-torch::Tensor amx_matmul_padded(const torch::Tensor& mask, const torch::Tensor& values,
-                                const torch::Tensor& row_offsets, const torch::Tensor& x) {
+// bf16 weights x bf16 inputs on the tile unit (see amx_block): y [ntok, rows] = x [ntok, in_features] W^T + bias,
+// written in y's dtype (fp32, bf16 or fp16) straight from the tiles.
+void amx_linear(const torch::Tensor& mask, const torch::Tensor& values, const torch::Tensor& row_offsets,
+                const torch::Tensor& x, const float* bias, torch::Tensor& y) {
   check(mask, values, row_offsets);
   TORCH_CHECK(amx_ready(), "AMX is not available on this CPU (or not granted by the OS)");
   TORCH_CHECK(values.scalar_type() == torch::kBFloat16 && x.dim() == 2 && x.size(1) <= mask.size(1) * 64,
               "amx: bf16 values, x [ntok, in_features]");
   const int64_t n = x.size(0), rows = mask.size(0), cpad = mask.size(1) * 64;
-  if (n == 0 || rows == 0) return torch::zeros({rows, n}, x.options().dtype(torch::kFloat));
+  TORCH_CHECK(y.is_contiguous() && y.dim() == 2 && y.size(0) == n && y.size(1) == rows, "amx: y [ntok, rows]");
+  if (n == 0 || rows == 0) return;
 #if ATP_AMX
-  const int64_t ntb = (n + TILE - 1) / TILE, tpad = ntb * TILE;  // token tiles
-  // B tiles: [token tile][column pair][16 tokens][2] bf16, zero padded
-  // (as int32: one column pair per element, a 3-D transpose that torch copies several times faster than 4-D bf16)
-  auto xv = at::constant_pad_nd(x.to(torch::kBFloat16), {0, cpad - x.size(1), 0, tpad - n})
-                .view(torch::kInt32).view({ntb, TILE, cpad / 2}).transpose(1, 2).contiguous();
+  const int64_t ntb = (n + TILE - 1) / TILE, tpad = ntb * TILE, nkb = cpad / 32;
+  const auto xb = x.to(torch::kBFloat16).contiguous();
+  auto xv = torch::empty({ntb * nkb * 512}, x.options().dtype(torch::kBFloat16));
+  uint16_t* xvp = reinterpret_cast<uint16_t*>(xv.data_ptr<at::BFloat16>());
+  amx_inputs(xb.data_ptr<at::BFloat16>(), n, x.size(1), nkb, xvp);
   // rows per block and 32-column blocks per K chunk, the chunk's decoded tiles about AMX_TILE_BYTES: the whole
   // width with as many rows as fit (at least 32), or, from AMX_CHUNK_TOKENS tokens, AMX_ROWS rows in K chunks
-  const int64_t nkb = cpad / 32;
   const int64_t whole = std::max<int64_t>(32, std::min<int64_t>(AMX_ROWS, AMX_TILE_BYTES / (cpad * 2) / 32 * 32));
   const bool chunked = n >= AMX_CHUNK_TOKENS && whole < AMX_ROWS;
   const int64_t RB = chunked ? AMX_ROWS : whole;
   const int64_t KC = chunked ? std::max<int64_t>(1, AMX_TILE_BYTES / (AMX_ROWS * 64)) : nkb;
   const int64_t blocks = (rows + RB - 1) / RB;
-  auto yT = torch::empty({blocks * RB, tpad}, x.options().dtype(torch::kFloat));
+  // partial sums between K chunks, [rows][tokens] as they leave the tiles
+  torch::Tensor yT;
+  if (KC < nkb) yT = torch::empty({blocks * RB, tpad}, x.options().dtype(torch::kFloat));
+  float* yTp = yT.defined() ? yT.data_ptr<float>() : nullptr;
   const Op op = make_op(mask, values, row_offsets, nullptr, nullptr, n);
-  const uint16_t* xvp = reinterpret_cast<const uint16_t*>(xv.data_ptr<int32_t>());
-  float* yp = yT.data_ptr<float>();
+  const AmxOut out{y.data_ptr(), n, bias, y.scalar_type()};
   const int nt = at::get_num_threads();
 #pragma omp parallel num_threads(nt)
   {
@@ -1097,31 +1217,16 @@ torch::Tensor amx_matmul_padded(const torch::Tensor& mask, const torch::Tensor& 
     const int64_t chunk = RB * std::min(nkb, KC) * 32;
     if (abuf.size() < static_cast<size_t>(chunk)) abuf.resize(chunk);
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t b = 0; b < blocks; ++b) amx_block(op, xvp, ntb, yp, tpad, b * RB, RB, KC, abuf.data());
+    for (int64_t b = 0; b < blocks; ++b) amx_block(op, xvp, ntb, yTp, tpad, b * RB, RB, KC, abuf.data(), out);
   }
-  return yT;
-#else
-  return torch::Tensor();
 #endif
 }
 
+// x [ntok, in_features] bf16 -> x W^T [ntok, rows] fp32 on the tile unit (tests, benchmarks).
 torch::Tensor amx_matmul(torch::Tensor mask, torch::Tensor values, torch::Tensor row_offsets, torch::Tensor x) {
-  return amx_matmul_padded(mask, values, row_offsets, x).narrow(0, 0, mask.size(0)).narrow(1, 0, x.size(0)).t();
-}
-
-// y [n, rows] in O = yT[r][t] + bias[r], in 32 x 32 blocks so that reads and writes both stay in cache (torch's
-// strided copy with a dtype change ran at ~4 ns an element: 12 ms for 256 tokens x 11008 rows).
-template <typename O>
-void write_transposed(const float* yT, int64_t ldy, const float* bias, O* y, int64_t n, int64_t rows) {
-  constexpr int64_t B = 32;
-  const int64_t rblocks = (rows + B - 1) / B, tblocks = (n + B - 1) / B;
-#pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
-  for (int64_t i = 0; i < rblocks * tblocks; ++i) {
-    const int64_t r0 = (i % rblocks) * B, t0 = (i / rblocks) * B;
-    const int64_t r1 = std::min(rows, r0 + B), t1 = std::min(n, t0 + B);
-    for (int64_t t = t0; t < t1; ++t)
-      for (int64_t r = r0; r < r1; ++r) y[t * rows + r] = static_cast<O>(yT[r * ldy + t] + (bias ? bias[r] : 0.f));
-  }
+  auto y = torch::empty({x.size(0), mask.size(0)}, x.options().dtype(torch::kFloat));
+  amx_linear(mask, values, row_offsets, x, nullptr, y);
+  return y;
 }
 
 // The whole SparseLinear forward on the kernel paths in one call (the per-call Python glue it replaces cost
@@ -1138,17 +1243,12 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& mask, const to
   torch::Tensor y;
   auto sizes = x.sizes().vec();
   sizes.back() = mask.size(0);
-  if (path == 2) {  // straight from the tiles' transposed layout into x's dtype, row-major, bias added
-    const auto yT = amx_matmul_padded(mask, values, row_offsets, x2);
+  if (path == 2) {  // straight from the tiles into x's dtype, row-major, bias added
+    TORCH_CHECK(x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kBFloat16 ||
+                x.scalar_type() == torch::kHalf, "x dtype must be float32, bfloat16 or float16");
     const auto b = bias.has_value() && bias->defined() ? bias->to(torch::kFloat).contiguous() : torch::Tensor();
-    const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
     auto out = torch::empty({n, mask.size(0)}, x.options());
-    switch (x.scalar_type()) {
-      case torch::kFloat: write_transposed(yT.data_ptr<float>(), yT.size(1), bp, out.data_ptr<float>(), n, mask.size(0)); break;
-      case torch::kBFloat16: write_transposed(yT.data_ptr<float>(), yT.size(1), bp, out.data_ptr<at::BFloat16>(), n, mask.size(0)); break;
-      case torch::kHalf: write_transposed(yT.data_ptr<float>(), yT.size(1), bp, out.data_ptr<at::Half>(), n, mask.size(0)); break;
-      default: TORCH_CHECK(false, "x dtype must be float32, bfloat16 or float16");
-    }
+    amx_linear(mask, values, row_offsets, x2, b.defined() ? b.data_ptr<float>() : nullptr, out);
     return out.view(sizes);
   } else {
     if (x2.scalar_type() != torch::kFloat) x2 = x2.to(torch::kFloat);

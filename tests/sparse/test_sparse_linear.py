@@ -194,6 +194,34 @@ def test_amx_path_in_k_chunks_matches_whole_rows_and_dense(monkeypatch):
     assert torch.allclose(chunked[:100].float(), whole.float(), atol=0.05, rtol=0.02)
 
 
+def test_amx_path_writes_each_output_dtype_as_torch_rounds_it():
+    """The AMX path writes y straight from the tiles in x's dtype: bf16 and fp16 outputs are exactly the fp32 output
+    rounded by torch (to nearest even; a NaN token stays NaN and leaves the others alone), fp32 matches dense. Odd
+    sizes: 50 rows (a partial 16-row tile), 333 columns (a partial 32-column block), 37 tokens (a partial token
+    tile)."""
+    if not (kernels.get() is not None and kernels.isa() == "avx512" and kernels.has_amx()):
+        pytest.skip("needs the AMX path")
+    kern = kernels.get()
+    w = pruned_weight(50, 333, 0.7, torch.bfloat16, seed=3, empty_rows=(4,))
+    p = fmt.pack(w)
+    bias = torch.randn(50, generator=torch.Generator().manual_seed(4))
+    x = torch.randn(37, 333, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    x[5, 7] = float("nan")
+
+    def amx(inputs):
+        return kern.linear(inputs, p["mask"], p["values"], p["row_offsets"], bias, 333, 2, kernels.ISA_CODE)
+
+    y32 = amx(x.float())
+    assert y32.dtype == torch.float32 and y32.shape == (37, 50)
+    assert torch.isnan(y32[5]).all() and not torch.isnan(y32[torch.arange(37) != 5]).any()
+    ref = F.linear(x.float(), w.float(), bias)
+    torch.testing.assert_close(y32, ref, rtol=1e-5, atol=1e-4, equal_nan=True)
+    for dtype in (torch.bfloat16, torch.float16):
+        y = amx(x.to(dtype))  # bf16 values are exact in fp16: the same inputs reach the tiles
+        assert y.dtype == dtype
+        torch.testing.assert_close(y, y32.to(dtype), rtol=0, atol=0, equal_nan=True)
+
+
 def test_dense_workspace_is_shared_and_bounded(policy):
     """The dense path unpacks into one workspace per dtype (the largest Linear's size), never a copy per layer."""
     if kernels.get() is None or policy != "dense":
