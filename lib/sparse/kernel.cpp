@@ -1212,12 +1212,14 @@ void amx_linear(const torch::Tensor& mask, const torch::Tensor& values, const to
 #pragma omp parallel num_threads(nt)
   {
     // kept per thread across calls: a fresh megabyte each call cost its page faults every time (amx_decode_rows
-    // writes every element, so it needs no clearing)
+    // writes every element, so it needs no clearing). Tiles start on a cache line: a megabyte from malloc sits 16
+    // bytes past a page, and then every 64-byte tile row straddles two lines.
     static thread_local std::vector<uint16_t> abuf;
     const int64_t chunk = RB * std::min(nkb, KC) * 32;
-    if (abuf.size() < static_cast<size_t>(chunk)) abuf.resize(chunk);
+    if (abuf.size() < static_cast<size_t>(chunk + 32)) abuf.resize(chunk + 32);
+    uint16_t* tiles = reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(abuf.data()) + 63) & ~uintptr_t(63));
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t b = 0; b < blocks; ++b) amx_block(op, xvp, ntb, yTp, tpad, b * RB, RB, KC, abuf.data(), out);
+    for (int64_t b = 0; b < blocks; ++b) amx_block(op, xvp, ntb, yTp, tpad, b * RB, RB, KC, tiles, out);
   }
 #endif
 }
