@@ -194,6 +194,26 @@ def test_amx_path_in_k_chunks_matches_whole_rows_and_dense(monkeypatch):
     assert torch.allclose(chunked[:100].float(), whole.float(), atol=0.05, rtol=0.02)
 
 
+def test_amx_path_goes_in_token_slices_beyond_its_pass_size():
+    """Above AMX_SLICE_TOKENS tokens the AMX path runs one slice of tokens after the other: each slice's rows are
+    exactly what the slice alone gives, and the whole matches dense."""
+    kern = kernels.get()
+    if not (kern is not None and kernels.isa() == "avx512" and kernels.has_amx()):
+        pytest.skip("needs the AMX path")
+    slice_tokens = kern.AMX_SLICE_TOKENS
+    w = pruned_weight(40, 300, 0.7, torch.bfloat16, seed=8)
+    p = fmt.pack(w)
+    x = torch.randn(slice_tokens + 77, 300, generator=torch.Generator().manual_seed(9)).to(torch.bfloat16)
+
+    def amx(inputs):
+        return kern.linear(inputs, p["mask"], p["values"], p["row_offsets"], None, 300, 2, kernels.ISA_CODE)
+
+    y = amx(x.float())
+    assert torch.equal(y[:slice_tokens], amx(x[:slice_tokens].float()))
+    assert torch.equal(y[slice_tokens:], amx(x[slice_tokens:].float()))
+    torch.testing.assert_close(y, F.linear(x.float(), w.float()), rtol=1e-5, atol=1e-4)
+
+
 def test_amx_path_writes_each_output_dtype_as_torch_rounds_it():
     """The AMX path writes y straight from the tiles in x's dtype: bf16 and fp16 outputs are exactly the fp32 output
     rounded by torch (to nearest even; a NaN token stays NaN and leaves the others alone), fp32 matches dense. Odd
