@@ -1236,13 +1236,6 @@ void amx_linear(const torch::Tensor& mask, const torch::Tensor& values, const to
 #endif
 }
 
-// x [ntok, in_features] bf16 -> x W^T [ntok, rows] fp32 on the tile unit (tests, benchmarks).
-torch::Tensor amx_matmul(torch::Tensor mask, torch::Tensor values, torch::Tensor row_offsets, torch::Tensor x) {
-  auto y = torch::empty({x.size(0), mask.size(0)}, x.options().dtype(torch::kFloat));
-  amx_linear(mask, values, row_offsets, x, nullptr, y);
-  return y;
-}
-
 // The whole SparseLinear forward on the kernel paths in one call (the per-call Python glue it replaces cost
 // ~25 us, as much as a small layer's matvec): x [..., in_features] of any float dtype -> [..., rows] in x's dtype.
 // path: 0 the decode kernel, 1 the tiled kernel, 2 the tile unit (bf16 values, AMX); fp32 accumulation, bias
@@ -1312,8 +1305,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("mask"), py::arg("values"), py::arg("row_offsets"), py::arg("bias"), py::arg("in_features"),
         py::arg("path"), py::arg("isa"));
   m.def("has_amx", &has_amx, "AMX-BF16 usable here (CPU support and the OS's permission)");
-  m.def("amx_matmul", &amx_matmul, "bf16 bitmask sparse matrix x many vectors on the AMX tile unit", py::arg("mask"),
-        py::arg("values"), py::arg("row_offsets"), py::arg("x"));
   m.def("densify", &densify, "dense weight of a bitmask-packed matrix", py::arg("mask"), py::arg("values"),
         py::arg("row_offsets"), py::arg("cols"), py::arg("isa"));
   m.def("densify_into", &densify_into, "dense weight of a bitmask-packed matrix, written into `out`",
