@@ -778,9 +778,9 @@ struct TileConfig {
 constexpr int64_t AMX_ROWS = 128;        // most rows per block of the AMX path
 constexpr int64_t AMX_TILE_BYTES = 1 << 20;  // decoded tiles per block (reused for every token)
 constexpr int64_t AMX_CHUNK_TOKENS = 256;  // from this many tokens, wide weights go in K chunks (amx_block)
-// Most tokens per pass over the weight. Every block reads all of its pass's input tiles, and beyond ~1024 tokens
-// (16 MB of tiles at 4096 columns) they come from memory for every block: 4096x11008 at 2048 tokens took 139 ms
-// in one pass, 2 x 55 ms in two (decoding the weight twice costs less).
+// Most tokens per pass over the weight. Every block of rows reads all of its pass's input tiles (8 MB for 1024
+// tokens at 4096 columns, 22 MB at 11008), and beyond ~1024 tokens they come from memory for every block:
+// 4096x11008 at 2048 tokens took 139 ms in one pass, 2 x 55 ms in two (decoding the weight twice costs less).
 constexpr int64_t AMX_SLICE_TOKENS = 1024;
 
 // 16 x 16 transpose of 32-bit lanes in registers: four rounds, each swapping one bit of the row index with the same
@@ -834,7 +834,7 @@ struct AmxOut {
   torch::ScalarType dtype;
 };
 
-// A 32-row strip's finished result tiles, as _tile_stored them into `c`: with two token tiles (pair) rows r..r+15
+// A 32-row strip's finished result tiles, as amx_block stores them into `c`: with two token tiles (pair) rows r..r+15
 // x tokens t.., the same rows x tokens t+16.., rows r+16.. x tokens t.., rows r+16.. x tokens t+16..; with one,
 // rows r.. then rows r+16... Transposed into y's rows, bias added; tokens past n and rows past the matrix are left
 // alone.
