@@ -786,14 +786,24 @@ constexpr int64_t AMX_SLICE_TOKENS = 1024;
 // 16 x 16 transpose of 32-bit lanes in registers: four rounds, each swapping one bit of the row index with the same
 // bit of the column index (two two-source permutes per pair of rows). Builds the B tiles (token pairs of columns)
 // and turns the tile unit's [rows][tokens] results into [tokens][rows].
+struct TransposeIndex {  // per round (bit d = 1 << round): the permutes' lane indices, built at compile time
+  alignas(64) int32_t lo[4][16] = {};
+  alignas(64) int32_t hi[4][16] = {};
+  constexpr TransposeIndex() {
+    for (int round = 0; round < 4; ++round)
+      for (int c = 0; c < 16; ++c) {
+        const int d = 1 << round;
+        lo[round][c] = (c & d) ? 16 + c - d : c;  // row i keeps its columns without bit d, takes row i + d's others
+        hi[round][c] = (c & d) ? 16 + c : c + d;
+      }
+  }
+};
+constexpr TransposeIndex TRANSPOSE_INDEX{};
+
 inline void transpose16(__m512i r[16]) {
-  for (int d = 1; d < 16; d <<= 1) {
-    alignas(64) int32_t lo[16], hi[16];
-    for (int c = 0; c < 16; ++c) {
-      lo[c] = (c & d) ? 16 + c - d : c;  // row i keeps its columns without bit d, takes row i + d's others
-      hi[c] = (c & d) ? 16 + c : c + d;
-    }
-    const __m512i lo_idx = _mm512_load_si512(lo), hi_idx = _mm512_load_si512(hi);
+  for (int round = 0, d = 1; round < 4; ++round, d <<= 1) {
+    const __m512i lo_idx = _mm512_load_si512(TRANSPOSE_INDEX.lo[round]);
+    const __m512i hi_idx = _mm512_load_si512(TRANSPOSE_INDEX.hi[round]);
     for (int i = 0; i < 16; ++i) {
       if (i & d) continue;
       const __m512i a = r[i], b = r[i + d];
