@@ -783,9 +783,6 @@ constexpr int64_t AMX_CHUNK_TOKENS = 256;  // from this many tokens, wide weight
 // 4096x11008 at 2048 tokens took 139 ms in one pass, 2 x 55 ms in two (decoding the weight twice costs less).
 constexpr int64_t AMX_SLICE_TOKENS = 1024;
 
-// 16 x 16 transpose of 32-bit lanes in registers: four rounds, each swapping one bit of the row index with the same
-// bit of the column index (two two-source permutes per pair of rows). Builds the B tiles (token pairs of columns)
-// and turns the tile unit's [rows][tokens] results into [tokens][rows].
 struct TransposeIndex {  // per round (bit d = 1 << round): the permutes' lane indices, built at compile time
   alignas(64) int32_t lo[4][16] = {};
   alignas(64) int32_t hi[4][16] = {};
@@ -800,6 +797,9 @@ struct TransposeIndex {  // per round (bit d = 1 << round): the permutes' lane i
 };
 constexpr TransposeIndex TRANSPOSE_INDEX{};
 
+// 16 x 16 transpose of 32-bit lanes in registers: four rounds, each swapping one bit of the row index with the same
+// bit of the column index (two two-source permutes per pair of rows). Builds the B tiles (token pairs of columns)
+// and turns the tile unit's [rows][tokens] results into [tokens][rows].
 inline void transpose16(__m512i r[16]) {
   for (int round = 0, d = 1; round < 4; ++round, d <<= 1) {
     const __m512i lo_idx = _mm512_load_si512(TRANSPOSE_INDEX.lo[round]);
