@@ -46,6 +46,7 @@ from lib.pruning.masks import lowest_per_row_mask, n_m_mask  # noqa: E402
 from lib.sparse import format as fmt  # noqa: E402
 from lib.sparse import kernels  # noqa: E402
 from lib.sparse import linear as sparse_linear  # noqa: E402
+from lib.sparse import pages  # noqa: E402
 from lib.sparse.convert import block_linears, sparsify_model, weight_sparsity  # noqa: E402
 from lib.sparse.linear import SparseLinear  # noqa: E402
 
@@ -163,6 +164,11 @@ class Timing(dict):
     """name -> median seconds, plus `speedup`: the median over repeats of dense/sparse within the same repeat
     (each pair runs back to back, so a slow spell of a shared machine hits both sides of a ratio)."""
     speedup: float
+    samples: dict
+
+    def ratio(self, numerator: str, denominator: str) -> float:
+        """The median over repeats of numerator time / denominator time within the same repeat."""
+        return statistics.median(a / b for a, b in zip(self.samples[numerator], self.samples[denominator]))
 
 
 def interleaved(fns: dict, repeats: int, warmup: bool = True) -> Timing:
@@ -176,8 +182,9 @@ def interleaved(fns: dict, repeats: int, warmup: bool = True) -> Timing:
         for name, fn in fns.items():
             times[name].append(timed(fn)[0])
     result = Timing({k: statistics.median(v) for k, v in times.items()})
+    result.samples = times
     if "dense" in times and "sparse" in times:
-        result.speedup = statistics.median(d / s for d, s in zip(times["dense"], times["sparse"]))
+        result.speedup = result.ratio("dense", "sparse")
     return result
 
 
@@ -201,15 +208,21 @@ def bench_layer(args, dtype) -> list[dict]:
         sparse_bytes = sum(m.packed_nbytes() for m in sparse.values())
         density = sum(m.nnz for m in sparse.values()) / sum(w.numel() for w in pruned.values())
 
-        def dense_block(xs):
-            return [F.linear(xs[w.shape[1]], w) for w in pruned.values()]
+        # The dense weights on huge pages too, as SparseLinear keeps its packed ones: the decode ratio with both
+        # sides on the same pages (torch puts its tensors there only with THP_MEM_ALLOC_ENABLE=1).
+        pruned_huge = {name: pages.on_huge_pages(w) for name, w in pruned.items()} if pages.available() else None
+
+        def dense_block(xs, weights=pruned):
+            return [F.linear(xs[w.shape[1]], w) for w in weights.values()]
 
         def sparse_block(xs):
             return [m(xs[m.in_features]) for m in sparse.values()]
 
         with torch.inference_mode():
-            t1 = interleaved({"dense": lambda: dense_block(xs1), "sparse": lambda: sparse_block(xs1)},
-                             max(args.repeats, 11))
+            decode_fns = {"dense": lambda: dense_block(xs1), "sparse": lambda: sparse_block(xs1)}
+            if pruned_huge is not None:
+                decode_fns["dense_huge_pages"] = lambda: dense_block(xs1, pruned_huge)
+            t1 = interleaved(decode_fns, max(args.repeats, 11))
             tp = interleaved({"dense": lambda: dense_block(xsp), "sparse": lambda: sparse_block(xsp)},
                              args.repeats, warmup=False)
             err = max((a.float() - b.float()).abs().max().item() for a, b in zip(dense_block(xs1), sparse_block(xs1)))
@@ -219,13 +232,33 @@ def bench_layer(args, dtype) -> list[dict]:
                "decode_dense_ms": t1["dense"] * 1e3, "decode_sparse_ms": t1["sparse"] * 1e3,
                "decode_speedup": t1.speedup,
                "prefill_dense_ms": tp["dense"] * 1e3, "prefill_sparse_ms": tp["sparse"] * 1e3,
-               "prefill_speedup": tp.speedup, "max_abs_diff_batch1": err}
+               "prefill_speedup": tp.speedup, "max_abs_diff_batch1": err,
+               "sparse_huge_page_fraction": huge_page_fraction(m.values for m in sparse.values())}
+        if pruned_huge is not None:
+            row["decode_dense_huge_pages_ms"] = t1["dense_huge_pages"] * 1e3
+            row["decode_speedup_vs_dense_huge_pages"] = t1.ratio("dense_huge_pages", "sparse")
         row["decode_fraction_of_bound"] = row["decode_speedup"] / row["bound_decode"]
         rows.append(row)
-        print(f"layer {row['level']:>4}: decode {row['decode_speedup']:.2f}x (bound {row['bound_decode']:.2f}x), "
+        both_huge = (f", {row['decode_speedup_vs_dense_huge_pages']:.2f}x over dense on huge pages too"
+                     if pruned_huge is not None else "")
+        print(f"layer {row['level']:>4}: decode {row['decode_speedup']:.2f}x (bound {row['bound_decode']:.2f}x"
+              f"{both_huge}), "
               f"prefill {args.prefill_tokens} tok {row['prefill_speedup']:.2f}x, bytes {row['bytes_ratio']:.3f}x",
               file=sys.stderr, flush=True)
     return rows
+
+
+def huge_page_fraction(tensors) -> float | None:
+    """The share of these tensors' bytes whose mappings are on huge pages now (None: not readable here)."""
+    total = huge = 0
+    for t in tensors:
+        info = pages.mapping_bytes(t)
+        if info is None:
+            return None
+        nbytes = t.numel() * t.element_size()
+        total += nbytes
+        huge += min(nbytes, info.get("AnonHugePages", 0))
+    return huge / total if total else None
 
 
 def pruned_block(level, dtype, seed):
@@ -521,7 +554,11 @@ def markdown(result: dict) -> str:
              "it means the dense side ran below the memory bandwidth); bound with rest "
              "of step = the decode speedup if the Linears were exactly memory-bound and the rest of a dense step "
              "(its measured share outside the decoder Linears) stayed as it is. The demo prunes "
-             "by per-row magnitude (N:M by magnitude); speed depends only on density and pattern.", ""]
+             "by per-row magnitude (N:M by magnitude); speed depends only on density and pattern. Packed weights "
+             + ("on transparent huge pages (SparseLinear places them there); the dense side on torch's default pages, "
+                "and, in the block's batch-1 columns, on huge pages too."
+                if env.get("packed_weights_on_huge_pages") else "on the default pages (no transparent huge pages "
+                "here)."), ""]
     if result.get("model"):
         lines += [f"**Model: {result['model'][0]['model']}** ({result['new_tokens']} new tokens greedy, batch 1; "
                   f"prefill {result['prefill_tokens']} tokens)", "",
@@ -539,12 +576,15 @@ def markdown(result: dict) -> str:
     if result.get("layer"):
         lines += [f"**LLaMA-2-7B decoder-block Linears** (random init; q,k,v,o 4096x4096, gate/up 11008x4096, down "
                   f"4096x11008; {result['layer'][0]['dense_bytes'] / 2**20:.0f} MiB dense)", "",
-                  "| sparsity | batch 1 dense ms | sparse ms | speedup | bound | of bound | "
-                  f"{result['prefill_tokens']} tokens dense ms | sparse ms | speedup | weight bytes |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| sparsity | batch 1 dense ms | sparse ms | speedup | bound | of bound | dense on huge pages ms | "
+                  f"speedup over it | {result['prefill_tokens']} tokens dense ms | sparse ms | speedup | weight bytes |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in result["layer"]:
+            huge = (f"{r['decode_dense_huge_pages_ms']:.1f} | {r['decode_speedup_vs_dense_huge_pages']:.2f}x"
+                    if "decode_dense_huge_pages_ms" in r else "- | -")
             lines.append(f"| {r['level']} | {r['decode_dense_ms']:.1f} | {r['decode_sparse_ms']:.1f} | "
                          f"**{r['decode_speedup']:.2f}x** | {r['bound_decode']:.2f}x | {r['decode_fraction_of_bound']:.0%} | "
+                         f"{huge} | "
                          f"{r['prefill_dense_ms']:.0f} | {r['prefill_sparse_ms']:.0f} | {r['prefill_speedup']:.2f}x | "
                          f"{r['bytes_ratio']:.3f}x |")
         lines.append("")
@@ -966,6 +1006,8 @@ def main(argv=None) -> int:
                                                          "capped_at": None},
                               "kernel": kernels.describe(),
                               "policy": sparse_linear.policy(),
+                              "transparent_huge_pages": pages.thp_mode(),
+                              "packed_weights_on_huge_pages": pages.available(),
                               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
                               "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}}
     env = result["environment"]

@@ -33,6 +33,7 @@ from torch import nn
 
 from . import format as fmt
 from . import kernels
+from . import pages
 
 DECODE_MAX_TOKENS = 16   # the decode kernel is a candidate up to this many tokens (one pass per 4 tokens)
 ALWAYS_DECODE_TOKENS = 4  # up to this many, the decode kernel without measuring
@@ -124,8 +125,9 @@ class SparseLinear(nn.Module):
             fmt.validate_packed(mask, values, row_offsets, in_features)
         self.in_features = in_features
         self.out_features = out_features
-        self.register_buffer("mask", mask.contiguous())
-        self.register_buffer("values", values.contiguous())
+        # The packed tensors on huge pages where the OS allows (pages.py: the decode streams them at full speed).
+        self.register_buffer("mask", pages.on_huge_pages(mask.contiguous()))
+        self.register_buffer("values", pages.on_huge_pages(values.contiguous()))
         self.register_buffer("row_offsets", row_offsets.contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
