@@ -15,9 +15,14 @@
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <type_traits>
 #include <vector>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
 #define ATP_X86 1
@@ -762,8 +767,9 @@ ATP_TARGET_END
 // tiles (16 rows x 32 columns, expand-loads of 32 packed values per 32 mask bits: the bitmask decides where each
 // value lands, zeros elsewhere), inputs are laid out once per call as B tiles (pairs of columns interleaved per
 // token, the tile unit's bf16 layout), and the tile unit multiplies: 2x2 tiles of 16 rows x 16 tokens in flight.
-// That is four 1 KiB tile loads per four multiplies, so the tile unit waits on the loads unless they hit L1: each
-// step prefetches the next step's tiles into L1 (7B block, bf16, 64-2048 tokens: 5-10% faster).
+// That is four 1 KiB tile loads per four multiplies, so the tile unit waits on the loads unless they hit L1. (A
+// software prefetch of the next step's tiles into L1 once gained 5-10%; with the scratch on huge pages and the
+// deferred writes it cost 2-8% at every token count: 64 prefetches per step, mostly of lines already in L2.)
 // What this saves against dense is the weight traffic (0.36x the bytes at 70%) and oneDNN's per-call weight
 // reorder; the multiply itself is dense.
 ATP_TARGET_BEGIN("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512vbmi2,bmi,bmi2,popcnt")
@@ -913,7 +919,24 @@ inline void amx_decode_rows(const Op& op, int64_t r0, int64_t RB, int64_t kb0, i
 // decoding dominates and runs faster through whole rows (at 16 tokens: 3.5 ms whole, 4.8 ms chunked).
 void amx_block(const Op& op, const uint16_t* xv, int64_t ntb, float* yT, int64_t ldy, int64_t r0, int64_t RB,
                int64_t KC, uint16_t* abuf, const AmxOut& out) {
-  alignas(64) float done[4 * 256];  // the last chunk's sums, on their way from the tiles to y
+  // The last chunk's sums on their way from the tiles to y, two units' worth: a unit's sums are written into y only
+  // after the next unit's multiplies are issued, so the vector work of the write runs while the tile unit works.
+  alignas(64) float done[2][4 * 256];
+  struct Finished {
+    const float* sums = nullptr;
+    bool pair = false;
+    int64_t r = 0, t = 0;
+  } pending;
+  const auto write_pending = [&]() {
+    if (!pending.sums) return;
+    switch (out.dtype) {
+      case torch::kBFloat16: write_tiles<at::BFloat16>(out, op.rows, pending.sums, pending.pair, pending.r, pending.t); break;
+      case torch::kHalf: write_tiles<at::Half>(out, op.rows, pending.sums, pending.pair, pending.r, pending.t); break;
+      default: write_tiles<float>(out, op.rows, pending.sums, pending.pair, pending.r, pending.t); break;
+    }
+    pending.sums = nullptr;
+  };
+  int unit = 0;
   const int64_t nkb = op.words * 2, cpad = op.words * 64;
   const at::BFloat16* vals = static_cast<const at::BFloat16*>(op.vals);
   const at::BFloat16* cur[AMX_ROWS];
@@ -951,14 +974,6 @@ void amx_block(const Op& op, const uint16_t* xv, int64_t ntb, float* yT, int64_t
         const uint16_t* a0 = abuf + s * nk * 32;  // rows s.. and s + 16.., each [nk][16][32]
         const uint16_t* a1 = a0 + 16 * nk * 32;
         for (int64_t kb = 0; kb < nk; ++kb) {
-          // the next 32-column block's four tiles into L1 (16 lines each; past the last block: harmless)
-          const int64_t ahead = (kb + 1) * 512;
-          for (int line = 0; line < 512; line += 32) {
-            _mm_prefetch(reinterpret_cast<const char*>(a0 + ahead + line), _MM_HINT_T0);
-            _mm_prefetch(reinterpret_cast<const char*>(a1 + ahead + line), _MM_HINT_T0);
-            _mm_prefetch(reinterpret_cast<const char*>(b0 + ahead + line), _MM_HINT_T0);
-            if (pair) _mm_prefetch(reinterpret_cast<const char*>(b1 + ahead + line), _MM_HINT_T0);
-          }
           _tile_loadd(4, a0 + kb * 512, 64);
           _tile_loadd(5, a1 + kb * 512, 64);
           _tile_loadd(6, b0 + kb * 512, 64);
@@ -970,6 +985,7 @@ void amx_block(const Op& op, const uint16_t* xv, int64_t ntb, float* yT, int64_t
             _tile_dpbf16ps(3, 5, 7);
           }
         }
+        write_pending();  // the previous unit's sums, while this unit's multiplies run
         if (kb1 < nkb) {  // partial sums, carried to the next chunk
           _tile_stored(0, c, ldy * 4);
           _tile_stored(2, c + 16 * ldy, ldy * 4);
@@ -977,25 +993,23 @@ void amx_block(const Op& op, const uint16_t* xv, int64_t ntb, float* yT, int64_t
             _tile_stored(1, c + 16, ldy * 4);
             _tile_stored(3, c + 16 * ldy + 16, ldy * 4);
           }
-        } else if (pair) {  // finished: through `done` into y (write_tiles' layout)
-          _tile_stored(0, done, 64);
-          _tile_stored(1, done + 256, 64);
-          _tile_stored(2, done + 512, 64);
-          _tile_stored(3, done + 768, 64);
-        } else {
-          _tile_stored(0, done, 64);
-          _tile_stored(2, done + 256, 64);
-        }
-        if (kb1 == nkb) {
-          switch (out.dtype) {
-            case torch::kBFloat16: write_tiles<at::BFloat16>(out, op.rows, done, pair, r0 + s, tb * 16); break;
-            case torch::kHalf: write_tiles<at::Half>(out, op.rows, done, pair, r0 + s, tb * 16); break;
-            default: write_tiles<float>(out, op.rows, done, pair, r0 + s, tb * 16); break;
+        } else {  // finished: through `done` into y (write_tiles' layout), written after the next unit's multiplies
+          float* sums = done[unit++ & 1];
+          if (pair) {
+            _tile_stored(0, sums, 64);
+            _tile_stored(1, sums + 256, 64);
+            _tile_stored(2, sums + 512, 64);
+            _tile_stored(3, sums + 768, 64);
+          } else {
+            _tile_stored(0, sums, 64);
+            _tile_stored(2, sums + 256, 64);
           }
+          pending = {sums, pair, r0 + s, tb * 16};
         }
       }
     }
   }
+  write_pending();
   _tile_release();
 }
 
@@ -1192,6 +1206,67 @@ torch::Tensor spmm(torch::Tensor mask, torch::Tensor values, torch::Tensor row_o
 
 bool has_amx() { return amx_ready(); }
 
+// The AMX path's inputs laid out as tiles and its partial sums (22 MB and 16 MB for 1024 tokens on the 7B block's
+// down projection), kept across calls on transparent huge pages where Linux offers them: a fresh buffer per call
+// paid its page faults every time, and on 4 KiB pages the tile loads walked the page tables every 4 KiB (the 7B
+// block in bf16 at 1024-2048 tokens: 3-4% faster). It only grows; release_scratch() frees it. A call that finds
+// it in use by another thread allocates its own.
+class Scratch {
+ public:
+  // A buffer of at least `bytes`, 64-byte aligned, held until the caller's guard is released; nullptr if busy.
+  void* acquire(size_t bytes, std::unique_lock<std::mutex>& guard) {
+    guard = std::unique_lock<std::mutex>(lock_, std::try_to_lock);
+    if (!guard.owns_lock()) return nullptr;
+    if (bytes > size_) {
+      free_locked();
+#if defined(__linux__)
+      const size_t huge = size_t(2) << 20;
+      const size_t size = (bytes + huge - 1) / huge * huge;
+      void* p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      if (p == MAP_FAILED) return nullptr;
+      madvise(p, size, MADV_HUGEPAGE);  // advice only: refused, the buffer works on small pages
+#else
+      const size_t size = (bytes + 63) / 64 * 64;
+      void* p = std::aligned_alloc(64, size);
+      if (!p) return nullptr;
+#endif
+      base_ = p;
+      size_ = size;
+    }
+    return base_;
+  }
+  size_t size() {
+    std::lock_guard<std::mutex> g(lock_);
+    return size_;
+  }
+  void release() {
+    std::lock_guard<std::mutex> g(lock_);
+    free_locked();
+  }
+
+ private:
+  void free_locked() {
+    if (!base_) return;
+#if defined(__linux__)
+    munmap(base_, size_);
+#else
+    std::free(base_);
+#endif
+    base_ = nullptr;
+    size_ = 0;
+  }
+  std::mutex lock_;
+  void* base_ = nullptr;
+  size_t size_ = 0;
+};
+Scratch amx_input_scratch, amx_sum_scratch;
+
+int64_t scratch_bytes() { return static_cast<int64_t>(amx_input_scratch.size() + amx_sum_scratch.size()); }
+void release_scratch() {
+  amx_input_scratch.release();
+  amx_sum_scratch.release();
+}
+
 // bf16 weights x bf16 inputs on the tile unit (see amx_block): y [ntok, rows] = x [ntok, in_features] W^T + bias,
 // written in y's dtype (fp32, bf16 or fp16) straight from the tiles.
 void amx_linear(const torch::Tensor& mask, const torch::Tensor& values, const torch::Tensor& row_offsets,
@@ -1214,23 +1289,38 @@ void amx_linear(const torch::Tensor& mask, const torch::Tensor& values, const to
 #if ATP_AMX
   const int64_t ntb = (n + TILE - 1) / TILE, tpad = ntb * TILE, nkb = cpad / 32;
   const auto xb = x.to(torch::kBFloat16).contiguous();
-  auto xv = torch::empty({ntb * nkb * 512}, x.options().dtype(torch::kBFloat16));
-  uint16_t* xvp = reinterpret_cast<uint16_t*>(xv.data_ptr<at::BFloat16>());
+  std::unique_lock<std::mutex> input_guard, sum_guard;
+  torch::Tensor own_inputs, own_sums;  // only when the shared scratch is busy
+  auto* xvp = static_cast<uint16_t*>(amx_input_scratch.acquire(ntb * nkb * 512 * 2, input_guard));
+  if (!xvp) {
+    own_inputs = torch::empty({ntb * nkb * 512}, x.options().dtype(torch::kBFloat16));
+    xvp = reinterpret_cast<uint16_t*>(own_inputs.data_ptr<at::BFloat16>());
+  }
   amx_inputs(xb.data_ptr<at::BFloat16>(), n, x.size(1), nkb, xvp);
   // rows per block and 32-column blocks per K chunk, the chunk's decoded tiles about AMX_TILE_BYTES: the whole
   // width with as many rows as fit (at least 32), or, from AMX_CHUNK_TOKENS tokens, AMX_ROWS rows in K chunks
   const int64_t whole = std::max<int64_t>(32, std::min<int64_t>(AMX_ROWS, AMX_TILE_BYTES / (cpad * 2) / 32 * 32));
   const bool chunked = n >= AMX_CHUNK_TOKENS && whole < AMX_ROWS;
-  const int64_t RB = chunked ? AMX_ROWS : whole;
+  const int nt = at::get_num_threads();
+  int64_t RB = chunked ? AMX_ROWS : whole;
   const int64_t KC = chunked ? std::max<int64_t>(1, AMX_TILE_BYTES / (AMX_ROWS * 64)) : nkb;
-  const int64_t blocks = (rows + RB - 1) / RB;
+  int64_t blocks = (rows + RB - 1) / RB;
+  if (!chunked) {  // blocks of one size, as many per thread: 576 rows were 128 x 4 + 64 (3 blocks vs 2 on 2 threads)
+    const int64_t even = (blocks + nt - 1) / nt * nt;
+    RB = ((rows + even - 1) / even + 31) / 32 * 32;
+    blocks = (rows + RB - 1) / RB;
+  }
   // partial sums between K chunks, [rows][tokens] as they leave the tiles
-  torch::Tensor yT;
-  if (KC < nkb) yT = torch::empty({blocks * RB, tpad}, x.options().dtype(torch::kFloat));
-  float* yTp = yT.defined() ? yT.data_ptr<float>() : nullptr;
+  float* yTp = nullptr;
+  if (KC < nkb) {
+    yTp = static_cast<float*>(amx_sum_scratch.acquire(blocks * RB * tpad * 4, sum_guard));
+    if (!yTp) {
+      own_sums = torch::empty({blocks * RB, tpad}, x.options().dtype(torch::kFloat));
+      yTp = own_sums.data_ptr<float>();
+    }
+  }
   const Op op = make_op(mask, values, row_offsets, nullptr, nullptr, n);
   const AmxOut out{y.data_ptr(), n, bias, y.scalar_type()};
-  const int nt = at::get_num_threads();
 #pragma omp parallel num_threads(nt)
   {
     // kept per thread across calls: a fresh megabyte each call cost its page faults every time (amx_decode_rows
@@ -1314,6 +1404,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "SparseLinear forward on the kernel paths (x of any float dtype)", py::arg("x"),
         py::arg("mask"), py::arg("values"), py::arg("row_offsets"), py::arg("bias"), py::arg("in_features"),
         py::arg("path"), py::arg("isa"));
+  m.def("scratch_bytes", &scratch_bytes, "bytes the AMX path keeps between calls (inputs as tiles, partial sums)");
+  m.def("release_scratch", &release_scratch, "free the AMX path's scratch (the next call allocates it again)");
   m.def("has_amx", &has_amx, "AMX-BF16 usable here (CPU support and the OS's permission)");
   m.def("densify", &densify, "dense weight of a bitmask-packed matrix", py::arg("mask"), py::arg("values"),
         py::arg("row_offsets"), py::arg("cols"), py::arg("isa"));

@@ -71,8 +71,18 @@ def clear_choices() -> None:
 
 
 def clear_workspaces() -> None:
-    """Free the dense workspaces of the dense path."""
+    """Free the dense workspaces of the dense path and the AMX path's scratch."""
     _workspaces.clear()
+    kern = kernels.get()
+    if kern is not None:
+        kern.release_scratch()
+
+
+def scratch_bytes() -> int:
+    """Bytes the kernels keep between calls: the AMX path's inputs-as-tiles and partial sums (not the dense
+    workspaces, which `_workspaces` holds)."""
+    kern = kernels.get()
+    return int(kern.scratch_bytes()) if kern is not None else 0
 
 
 def token_bucket(n: int) -> int:

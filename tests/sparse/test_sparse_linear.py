@@ -242,6 +242,89 @@ def test_amx_path_writes_each_output_dtype_as_torch_rounds_it():
         torch.testing.assert_close(y, y32.to(dtype), rtol=0, atol=0, equal_nan=True)
 
 
+def test_amx_scratch_kept_across_calls_never_leaks_a_previous_call():
+    """The AMX path keeps its inputs-as-tiles and partial sums between calls: a smaller call after a larger one (the
+    scratch holding the larger call's data past the smaller's end), then a larger one again, each equal to a call on
+    a freshly released scratch and to dense; release_scratch frees it."""
+    kern = kernels.get()
+    if not (kern is not None and kernels.isa() == "avx512" and kernels.has_amx()):
+        pytest.skip("needs the AMX path")
+    g = torch.Generator().manual_seed(11)
+    w = pruned_weight(70, 4500, 0.7, torch.bfloat16, seed=12)  # wider than a K chunk: partial sums from 256 tokens
+    p = fmt.pack(w)
+
+    def amx(inputs):
+        return kern.linear(inputs, p["mask"], p["values"], p["row_offsets"], None, 4500, 2, kernels.ISA_CODE)
+
+    calls = [torch.randn(n, 4500, generator=g).to(torch.bfloat16) * scale for n, scale in ((300, 1), (20, 3), (290, -2))]
+    kern.release_scratch()
+    fresh = []
+    for x in calls:
+        fresh.append(amx(x))
+        assert kern.scratch_bytes() > 0
+        kern.release_scratch()
+        assert kern.scratch_bytes() == 0
+    kept = [amx(x) for x in calls]
+    for x, a, b in zip(calls, fresh, kept):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(b.float(), F.linear(x.float(), w.float()), rtol=0.02, atol=0.1)
+
+
+def test_amx_scratch_busy_in_another_thread_gives_the_same_results():
+    """Two threads calling the AMX path at once: one holds the shared scratch, the other allocates its own; both
+    get exactly what they get alone."""
+    kern = kernels.get()
+    if not (kern is not None and kernels.isa() == "avx512" and kernels.has_amx()):
+        pytest.skip("needs the AMX path")
+    import threading
+
+    w = pruned_weight(300, 4200, 0.7, torch.bfloat16, seed=13)
+    p = fmt.pack(w)
+    xs = [torch.randn(260 + 7 * i, 4200, generator=torch.Generator().manual_seed(20 + i)).to(torch.bfloat16)
+          for i in range(4)]
+
+    def amx(inputs):
+        return kern.linear(inputs, p["mask"], p["values"], p["row_offsets"], None, 4200, 2, kernels.ISA_CODE)
+
+    alone = [amx(x) for x in xs]
+    together: dict[int, list] = {0: [], 1: []}
+
+    def worker(k):
+        for _ in range(3):
+            together[k].append([amx(x) for x in xs])
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for runs in together.values():
+        assert len(runs) == 3
+        for run in runs:
+            for a, b in zip(alone, run):
+                assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("rows", [31, 192, 576, 600, 1100])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_amx_row_blocks_split_evenly_over_threads_and_cover_every_row(rows, threads):
+    """The AMX path sizes its row blocks so each thread gets as many of one size (576 rows on 2 threads: 6 x 96,
+    not 4 x 128 + 64): every row is computed once, at any thread count, as dense computes it."""
+    kern = kernels.get()
+    if not (kern is not None and kernels.isa() == "avx512" and kernels.has_amx()):
+        pytest.skip("needs the AMX path")
+    w = pruned_weight(rows, 576, 0.7, torch.bfloat16, seed=rows, empty_rows=(rows - 1,))
+    p = fmt.pack(w)
+    x = torch.randn(40, 576, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = kern.linear(x.float(), p["mask"], p["values"], p["row_offsets"], None, 576, 2, kernels.ISA_CODE)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(y, F.linear(x.float(), w.float()), rtol=1e-5, atol=1e-4)
+
+
 def test_dense_workspace_is_shared_and_bounded(policy):
     """The dense path unpacks into one workspace per dtype (the largest Linear's size), never a copy per layer."""
     if kernels.get() is None or policy != "dense":
