@@ -760,6 +760,14 @@ void densify_rows_avx512(const Op& op, T* out, int64_t cols, int64_t r0, int64_t
 ATP_TARGET_END
 #endif  // ATP_X86
 
+// Tokens as A from n >= min(rows, columns) / AMX_TOKENS_AS_A_DIV tokens (amx_block says why). Measured with each
+// rule paired against dense: the 7B block gains from 1024 tokens (0.98x -> 1.05x, and 0.94x -> 0.99x at 2048) and
+// loses 3% at 512; SmolLM2's 192-1536-wide layers gain from 64-256 tokens.
+#ifndef AMX_TOKENS_AS_A_DIV
+#define AMX_TOKENS_AS_A_DIV 4
+#endif
+bool amx_tokens_as_a(int64_t n, int64_t rows, int64_t cols) { return n * AMX_TOKENS_AS_A_DIV >= std::min(rows, cols); }
+
 #if ATP_AMX
 // ------------------------------------------------------------------------------------------ AMX (bf16 x bf16)
 // bf16 weights and bf16 inputs on CPUs with AMX (Intel Sapphire Rapids and later), where torch's dense bf16 GEMM
@@ -850,11 +858,12 @@ struct AmxOut {
   torch::ScalarType dtype;
 };
 
-// A 32-row strip's finished result tiles, as amx_block stores them into `c`: with two token tiles (pair) rows r..r+15
-// x tokens t.., the same rows x tokens t+16.., rows r+16.. x tokens t.., rows r+16.. x tokens t+16..; with one,
-// rows r.. then rows r+16... Transposed into y's rows, bias added; tokens past n and rows past the matrix are left
-// alone.
-template <typename O>
+// A finished unit (32 rows x 32 tokens) into y's rows, bias added; tokens past n and rows past the matrix are left
+// alone. `c` holds its sums as amx_block stores them: tiles 0, 1, 2, 3 at 0, 256, 512, 768 (a lone token tile: the
+// two that exist at 0 and 256). Weights as A: tile 0 rows r.. x tokens t.., 1 rows r.. x tokens t+16.., 2 rows
+// r+16.. x tokens t.., 3 both; each [row][token], so transposed on the way. Tokens as A: 0 tokens t.. x rows r..,
+// 1 tokens t.. x rows r+16.., 2 tokens t+16.. x rows r.., 3 both; each [token][row], as y is.
+template <typename O, bool TokensAsA>
 void write_tiles(const AmxOut& out, int64_t rows, const float* c, bool pair, int64_t r, int64_t t) {
   if (r >= rows) return;
   O* y = static_cast<O*>(out.y);
@@ -863,16 +872,18 @@ void write_tiles(const AmxOut& out, int64_t rows, const float* c, bool pair, int
                                   : _mm512_setzero_ps();
   const __m512 bias_hi = out.bias ? _mm512_maskz_loadu_ps(static_cast<__mmask16>(keep >> 16), out.bias + r + 16)
                                   : _mm512_setzero_ps();
-  for (int h = 0; h < (pair ? 2 : 1); ++h) {
-    const float* lo_tile = c + (pair ? h : 0) * 256;
-    const float* hi_tile = c + (pair ? 2 + h : 1) * 256;
+  for (int h = 0; h < (pair ? 2 : 1); ++h) {  // tokens t + 16h..
+    const float* lo_tile = c + (TokensAsA ? 2 * h : (pair ? h : 0)) * 256;       // rows r..
+    const float* hi_tile = c + (TokensAsA ? 2 * h + 1 : (pair ? 2 + h : 1)) * 256;  // rows r + 16..
     __m512i lo[16], hi[16];
     for (int i = 0; i < 16; ++i) {
       lo[i] = _mm512_loadu_si512(lo_tile + 16 * i);
       hi[i] = _mm512_loadu_si512(hi_tile + 16 * i);
     }
-    transpose16(lo);
-    transpose16(hi);
+    if (!TokensAsA) {
+      transpose16(lo);
+      transpose16(hi);
+    }
     const int64_t t0 = t + 16 * h;
     for (int j = 0; j < 16 && t0 + j < out.n; ++j)
       store32(y + (t0 + j) * rows + r, _mm512_add_ps(_mm512_castsi512_ps(lo[j]), bias_lo),
@@ -880,14 +891,17 @@ void write_tiles(const AmxOut& out, int64_t rows, const float* c, bool pair, int
   }
 }
 
-// Rows [r0, r0 + RB), 32-column blocks [kb0, kb1), into abuf as dense bf16 A tiles, [RB / 16][kb1 - kb0][16 rows]
-// [32] (rows past the matrix are zero); cur[i] is row r0 + i's next packed value, advanced past the chunk. Sixteen
+// Rows [r0, r0 + RB), 32-column blocks [kb0, kb1), decoded into wbuf as dense bf16 tiles, [RB / 16][kb1 - kb0][16]
+// [32] (rows past the matrix are zero); cur[i] is row r0 + i's next packed value, advanced past the chunk. As A tiles
+// (Transposed false) each tile row is one weight row's 32 columns; as B tiles (true) the 16 x 16 block of column
+// pairs is transposed, so tile row j holds column pair j of the 16 rows (the tile unit's bf16 B layout). Sixteen
 // rows are decoded side by side, so the stores run sequentially through each 1 KiB tile and the tile loads read
 // contiguous tiles. (Decoding one row at a time into this layout put a row's consecutive stores 8 KiB apart, all in
 // one L1 set, at 2-3x the cost; decoding rows into a row-major buffer made the decoding cheap but the strided tile
 // loads slower once there are more than a few token tiles.)
+template <bool Transposed>
 inline void amx_decode_rows(const Op& op, int64_t r0, int64_t RB, int64_t kb0, int64_t kb1,
-                            const at::BFloat16** cur, uint16_t* abuf) {
+                            const at::BFloat16** cur, uint16_t* wbuf) {
   constexpr int R = 16;
   const int64_t nk = kb1 - kb0;
   for (int64_t g = 0; g < RB; g += R) {
@@ -899,29 +913,51 @@ inline void amx_decode_rows(const Op& op, int64_t r0, int64_t RB, int64_t kb0, i
       m[i] = reinterpret_cast<const uint32_t*>(op.mask + row * op.words);
       v[i] = cur[g + i];
     }
-    uint16_t* dst = abuf + g * nk * 32;
+    uint16_t* dst = wbuf + g * nk * 32;
     for (int64_t kb = kb0; kb < kb1; ++kb) {
-      for (int i = 0; i < R; ++i) {
-        const uint32_t k = i < valid ? m[i][kb] : 0u;
-        _mm512_storeu_si512(dst + ((kb - kb0) * R + i) * 32, _mm512_maskz_expandloadu_epi16(k, v[i]));
-        v[i] += __builtin_popcount(k);
+      uint16_t* tile = dst + (kb - kb0) * R * 32;
+      if (Transposed) {
+        __m512i block[R];
+        for (int i = 0; i < R; ++i) {
+          const uint32_t k = i < valid ? m[i][kb] : 0u;
+          block[i] = _mm512_maskz_expandloadu_epi16(k, v[i]);
+          v[i] += __builtin_popcount(k);
+        }
+        transpose16(block);
+        for (int j = 0; j < R; ++j) _mm512_storeu_si512(tile + j * 32, block[j]);
+      } else {
+        for (int i = 0; i < R; ++i) {
+          const uint32_t k = i < valid ? m[i][kb] : 0u;
+          _mm512_storeu_si512(tile + i * 32, _mm512_maskz_expandloadu_epi16(k, v[i]));
+          v[i] += __builtin_popcount(k);
+        }
       }
     }
     for (int i = 0; i < R; ++i) cur[g + i] = v[i];
   }
 }
 
-// One block of RB rows (a multiple of 32, at most AMX_ROWS) against every token: yT[r][t] for r in [r0, r0 + RB),
-// t < ntb * 16. The columns go in chunks of KC 32-column blocks, each decoded once and multiplied by every token,
-// the partial sums carried in yT between chunks. With many tokens a wide weight (the down projection's 11008
-// columns) keeps 128 rows per block instead of the 32 whose whole width fits in the scratch, so its inputs are read
-// a quarter as often (4096x11008 bf16 at 256-512 tokens: 22.3 -> 19.2 and 42.7 -> 34.8 ms); with few tokens the
-// decoding dominates and runs faster through whole rows (at 16 tokens: 3.5 ms whole, 4.8 ms chunked).
-void amx_block(const Op& op, const uint16_t* xv, int64_t ntb, float* yT, int64_t ldy, int64_t r0, int64_t RB,
-               int64_t KC, uint16_t* abuf, const AmxOut& out) {
-  // The last chunk's sums on their way from the tiles to y, two units' worth: a unit's sums are written into y only
-  // after the next unit's multiplies are issued, so the vector work of the write runs while the tile unit works.
-  alignas(64) float done[2][4 * 256];
+// One block of RB rows (a multiple of 32, at most AMX_ROWS) against every token, in units of 32 rows x 32 tokens
+// (2 x 2 tiles). The columns go in chunks of KC 32-column blocks, each decoded once and multiplied by every token,
+// the partial sums carried in yT between chunks (its layout is the tiles': [rows][tokens] with the weights as A,
+// [tokens][rows] with the tokens as A). With many tokens a wide weight (the down projection's 11008 columns) keeps
+// 128 rows per block instead of the 32 whose whole width fits in the scratch, so its inputs are read a quarter as
+// often (4096x11008 bf16 at 256-512 tokens: 22.3 -> 19.2 and 42.7 -> 34.8 ms); with few tokens the decoding
+// dominates and runs faster through whole rows (at 16 tokens: 3.5 ms whole, 4.8 ms chunked).
+//
+// Which operand is A (amx_linear chooses): weights as A (TokensAsA false) decode rows straight into A tiles, the
+// inputs are laid out as B tiles (amx_inputs: a transpose per 16 tokens x 32 columns) and every finished unit is
+// transposed into y; tokens as A (true) read the inputs as they are (a row-major copy: amx_input_rows), transpose
+// each decoded 16 x 32 block of weights into a B tile instead, and write finished units into y row by row. The
+// first transposes per token, the second per weight: the second wins once the tokens outnumber about a third of
+// the weight's smaller side (amx_linear's rule).
+//
+// A unit's sums are written into y only after the next unit's multiplies are issued, so the vector work of the
+// write runs while the tile unit works (SmolLM2-sized layers 12-15% faster).
+template <bool TokensAsA>
+void amx_block(const Op& op, const uint16_t* xv, int64_t ldx, int64_t ntb, float* yT, int64_t ldy, int64_t r0,
+               int64_t RB, int64_t KC, uint16_t* wbuf, const AmxOut& out) {
+  alignas(64) float done[2][4 * 256];  // two units' finished sums, on their way from the tiles to y
   struct Finished {
     const float* sums = nullptr;
     bool pair = false;
@@ -929,10 +965,11 @@ void amx_block(const Op& op, const uint16_t* xv, int64_t ntb, float* yT, int64_t
   } pending;
   const auto write_pending = [&]() {
     if (!pending.sums) return;
+    const Finished f = pending;
     switch (out.dtype) {
-      case torch::kBFloat16: write_tiles<at::BFloat16>(out, op.rows, pending.sums, pending.pair, pending.r, pending.t); break;
-      case torch::kHalf: write_tiles<at::Half>(out, op.rows, pending.sums, pending.pair, pending.r, pending.t); break;
-      default: write_tiles<float>(out, op.rows, pending.sums, pending.pair, pending.r, pending.t); break;
+      case torch::kBFloat16: write_tiles<at::BFloat16, TokensAsA>(out, op.rows, f.sums, f.pair, f.r, f.t); break;
+      case torch::kHalf: write_tiles<at::Half, TokensAsA>(out, op.rows, f.sums, f.pair, f.r, f.t); break;
+      default: write_tiles<float, TokensAsA>(out, op.rows, f.sums, f.pair, f.r, f.t); break;
     }
     pending.sums = nullptr;
   };
@@ -949,15 +986,31 @@ void amx_block(const Op& op, const uint16_t* xv, int64_t ntb, float* yT, int64_t
     cfg.rows[t] = 16;
   }
   _tile_loadconfig(&cfg);
+  // Tiles: 4 and 5 the A operands, 6 and 7 the B operands; sums 0 = (A 4, B 6), 1 = (4, 7), 2 = (5, 6), 3 = (5, 7).
+  // Weights as A: 4/5 rows s../s+16.., 6/7 tokens t../t+16..; tokens as A: 4/5 tokens t../t+16.., 6/7 rows s../s+16...
+  // A lone last token tile leaves out the second token tile and its two sums.
   for (int64_t kb0 = 0; kb0 < nkb; kb0 += KC) {
     const int64_t kb1 = std::min(nkb, kb0 + KC), nk = kb1 - kb0;
-    amx_decode_rows(op, r0, RB, kb0, kb1, cur, abuf);
+    amx_decode_rows<TokensAsA>(op, r0, RB, kb0, kb1, cur, wbuf);
     for (int64_t tb = 0; tb < ntb; tb += 2) {
-      const uint16_t* b0 = xv + tb * cpad * 16 + kb0 * 512;
-      const uint16_t* b1 = b0 + cpad * 16;
       const bool pair = tb + 1 < ntb;  // an odd last token tile (up to 16 tokens in all, say) goes alone
+      // the token tiles' first step, and the distance between steps and between rows of a tile (bytes)
+      const uint16_t* x0 = TokensAsA ? xv + tb * 16 * ldx + kb0 * 32 : xv + tb * cpad * 16 + kb0 * 512;
+      const uint16_t* x1 = TokensAsA ? x0 + 16 * ldx : x0 + cpad * 16;
+      constexpr int64_t x_step = TokensAsA ? 32 : 512;
+      const int64_t x_stride = TokensAsA ? ldx * 2 : 64;
       for (int64_t s = 0; s < RB; s += 32) {
-        float* c = yT ? yT + (r0 + s) * ldy + tb * 16 : nullptr;  // partial sums (K chunks only)
+        // partial sums (K chunks only): sum 1 at +16, sum 2 at +16 rows of yT, sum 3 at both
+        float* c = !yT ? nullptr : TokensAsA ? yT + tb * 16 * ldy + r0 + s : yT + (r0 + s) * ldy + tb * 16;
+        const uint16_t* w0 = wbuf + s * nk * 32;  // rows s.. and s + 16.., each [nk][16][32]
+        const uint16_t* w1 = w0 + 16 * nk * 32;
+        const uint16_t* a0 = TokensAsA ? x0 : w0;
+        const uint16_t* a1 = TokensAsA ? x1 : w1;
+        const uint16_t* b0 = TokensAsA ? w0 : x0;
+        const uint16_t* b1 = TokensAsA ? w1 : x1;
+        const int64_t a_step = TokensAsA ? x_step : 512, b_step = TokensAsA ? 512 : x_step;
+        const int64_t a_stride = TokensAsA ? x_stride : 64, b_stride = TokensAsA ? 64 : x_stride;
+        const bool use_a1 = !TokensAsA || pair, use_b1 = TokensAsA || pair;
         if (kb0 == 0) {
           _tile_zero(0);
           _tile_zero(1);
@@ -965,45 +1018,36 @@ void amx_block(const Op& op, const uint16_t* xv, int64_t ntb, float* yT, int64_t
           _tile_zero(3);
         } else {
           _tile_loadd(0, c, ldy * 4);
-          _tile_loadd(2, c + 16 * ldy, ldy * 4);
-          if (pair) {
-            _tile_loadd(1, c + 16, ldy * 4);
-            _tile_loadd(3, c + 16 * ldy + 16, ldy * 4);
-          }
+          if (use_b1) _tile_loadd(1, c + 16, ldy * 4);
+          if (use_a1) _tile_loadd(2, c + 16 * ldy, ldy * 4);
+          if (pair) _tile_loadd(3, c + 16 * ldy + 16, ldy * 4);
         }
-        const uint16_t* a0 = abuf + s * nk * 32;  // rows s.. and s + 16.., each [nk][16][32]
-        const uint16_t* a1 = a0 + 16 * nk * 32;
         for (int64_t kb = 0; kb < nk; ++kb) {
-          _tile_loadd(4, a0 + kb * 512, 64);
-          _tile_loadd(5, a1 + kb * 512, 64);
-          _tile_loadd(6, b0 + kb * 512, 64);
+          _tile_loadd(4, a0 + kb * a_step, a_stride);
+          _tile_loadd(6, b0 + kb * b_step, b_stride);
           _tile_dpbf16ps(0, 4, 6);
-          _tile_dpbf16ps(2, 5, 6);
-          if (pair) {
-            _tile_loadd(7, b1 + kb * 512, 64);
+          if (use_b1) {
+            _tile_loadd(7, b1 + kb * b_step, b_stride);
             _tile_dpbf16ps(1, 4, 7);
-            _tile_dpbf16ps(3, 5, 7);
           }
+          if (use_a1) {
+            _tile_loadd(5, a1 + kb * a_step, a_stride);
+            _tile_dpbf16ps(2, 5, 6);
+          }
+          if (pair) _tile_dpbf16ps(3, 5, 7);
         }
         write_pending();  // the previous unit's sums, while this unit's multiplies run
         if (kb1 < nkb) {  // partial sums, carried to the next chunk
           _tile_stored(0, c, ldy * 4);
-          _tile_stored(2, c + 16 * ldy, ldy * 4);
-          if (pair) {
-            _tile_stored(1, c + 16, ldy * 4);
-            _tile_stored(3, c + 16 * ldy + 16, ldy * 4);
-          }
-        } else {  // finished: through `done` into y (write_tiles' layout), written after the next unit's multiplies
+          if (use_b1) _tile_stored(1, c + 16, ldy * 4);
+          if (use_a1) _tile_stored(2, c + 16 * ldy, ldy * 4);
+          if (pair) _tile_stored(3, c + 16 * ldy + 16, ldy * 4);
+        } else {  // finished: into `done` (write_tiles' layout), written into y after the next unit's multiplies
           float* sums = done[unit++ & 1];
-          if (pair) {
-            _tile_stored(0, sums, 64);
-            _tile_stored(1, sums + 256, 64);
-            _tile_stored(2, sums + 512, 64);
-            _tile_stored(3, sums + 768, 64);
-          } else {
-            _tile_stored(0, sums, 64);
-            _tile_stored(2, sums + 256, 64);
-          }
+          _tile_stored(0, sums, 64);
+          if (use_b1) _tile_stored(1, sums + 256, 64);
+          if (use_a1) _tile_stored(2, sums + (use_b1 ? 512 : 256), 64);
+          if (pair) _tile_stored(3, sums + 768, 64);
           pending = {sums, pair, r0 + s, tb * 16};
         }
       }
@@ -1030,6 +1074,19 @@ void amx_inputs(const at::BFloat16* x, int64_t n, int64_t cols, int64_t nkb, uin
     transpose16(v);
     uint16_t* dst = xv + (tb * nkb + kb) * 512;
     for (int j = 0; j < 16; ++j) _mm512_storeu_si512(dst + 32 * j, v[j]);
+  }
+}
+
+// The inputs as A tiles for tokens as A: x's rows copied into [tpad][ld] bf16 (ld = the padded width + 32),
+// zero padded past `cols` and past the last token. The tile loads then never read past x, and the extra 64 bytes
+// per row keep the 16 rows of a tile out of one L1 set (at 4096 columns, rows 8 KiB apart all map to one set).
+void amx_input_rows(const at::BFloat16* x, int64_t n, int64_t cols, int64_t ld, int64_t tpad, uint16_t* xa) {
+#pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
+  for (int64_t t = 0; t < tpad; ++t) {
+    uint16_t* dst = xa + t * ld;
+    const int64_t have = t < n ? cols : 0;
+    if (have) std::memcpy(dst, x + t * cols, have * 2);
+    std::memset(dst + have, 0, (ld - have) * 2);
   }
 }
 
@@ -1289,14 +1346,21 @@ void amx_linear(const torch::Tensor& mask, const torch::Tensor& values, const to
 #if ATP_AMX
   const int64_t ntb = (n + TILE - 1) / TILE, tpad = ntb * TILE, nkb = cpad / 32;
   const auto xb = x.to(torch::kBFloat16).contiguous();
+  // tokens as A once they outnumber a third of the weight's smaller side (amx_block says why)
+  const bool tokens_as_a = amx_tokens_as_a(n, rows, x.size(1));
+  const int64_t ldx = cpad + 32;  // tokens as A: the row stride of the inputs' copy
+  const int64_t input_elems = tokens_as_a ? tpad * ldx : ntb * nkb * 512;
   std::unique_lock<std::mutex> input_guard, sum_guard;
   torch::Tensor own_inputs, own_sums;  // only when the shared scratch is busy
-  auto* xvp = static_cast<uint16_t*>(amx_input_scratch.acquire(ntb * nkb * 512 * 2, input_guard));
+  auto* xvp = static_cast<uint16_t*>(amx_input_scratch.acquire(input_elems * 2, input_guard));
   if (!xvp) {
-    own_inputs = torch::empty({ntb * nkb * 512}, x.options().dtype(torch::kBFloat16));
+    own_inputs = torch::empty({input_elems}, x.options().dtype(torch::kBFloat16));
     xvp = reinterpret_cast<uint16_t*>(own_inputs.data_ptr<at::BFloat16>());
   }
-  amx_inputs(xb.data_ptr<at::BFloat16>(), n, x.size(1), nkb, xvp);
+  if (tokens_as_a)
+    amx_input_rows(xb.data_ptr<at::BFloat16>(), n, x.size(1), ldx, tpad, xvp);
+  else
+    amx_inputs(xb.data_ptr<at::BFloat16>(), n, x.size(1), nkb, xvp);
   // rows per block and 32-column blocks per K chunk, the chunk's decoded tiles about AMX_TILE_BYTES: the whole
   // width with as many rows as fit (at least 32), or, from AMX_CHUNK_TOKENS tokens, AMX_ROWS rows in K chunks
   const int64_t whole = std::max<int64_t>(32, std::min<int64_t>(AMX_ROWS, AMX_TILE_BYTES / (cpad * 2) / 32 * 32));
@@ -1310,15 +1374,16 @@ void amx_linear(const torch::Tensor& mask, const torch::Tensor& values, const to
     RB = ((rows + even - 1) / even + 31) / 32 * 32;
     blocks = (rows + RB - 1) / RB;
   }
-  // partial sums between K chunks, [rows][tokens] as they leave the tiles
+  // partial sums between K chunks as they leave the tiles: [rows][tokens], or [tokens][rows] with tokens as A
   float* yTp = nullptr;
   if (KC < nkb) {
     yTp = static_cast<float*>(amx_sum_scratch.acquire(blocks * RB * tpad * 4, sum_guard));
     if (!yTp) {
-      own_sums = torch::empty({blocks * RB, tpad}, x.options().dtype(torch::kFloat));
+      own_sums = torch::empty({blocks * RB * tpad}, x.options().dtype(torch::kFloat));
       yTp = own_sums.data_ptr<float>();
     }
   }
+  const int64_t ldy = tokens_as_a ? blocks * RB : tpad;
   const Op op = make_op(mask, values, row_offsets, nullptr, nullptr, n);
   const AmxOut out{y.data_ptr(), n, bias, y.scalar_type()};
 #pragma omp parallel num_threads(nt)
@@ -1331,7 +1396,12 @@ void amx_linear(const torch::Tensor& mask, const torch::Tensor& values, const to
     if (abuf.size() < static_cast<size_t>(chunk + 32)) abuf.resize(chunk + 32);
     uint16_t* tiles = reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(abuf.data()) + 63) & ~uintptr_t(63));
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t b = 0; b < blocks; ++b) amx_block(op, xvp, ntb, yTp, tpad, b * RB, RB, KC, tiles, out);
+    for (int64_t b = 0; b < blocks; ++b) {
+      if (tokens_as_a)
+        amx_block<true>(op, xvp, ldx, ntb, yTp, ldy, b * RB, RB, KC, tiles, out);
+      else
+        amx_block<false>(op, xvp, 0, ntb, yTp, ldy, b * RB, RB, KC, tiles, out);
+    }
   }
 #endif
 }
@@ -1414,6 +1484,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("TILE") = TILE;
   m.attr("DECODE_NT") = DECODE_NT;
 #if ATP_AMX
+  m.def("amx_tokens_as_a", &amx_tokens_as_a, "whether the AMX path puts the tokens in the A tiles for this call",
+        py::arg("tokens"), py::arg("rows"), py::arg("cols"));
   m.attr("AMX_SLICE_TOKENS") = AMX_SLICE_TOKENS;
 #endif
 }

@@ -242,6 +242,34 @@ def test_amx_path_writes_each_output_dtype_as_torch_rounds_it():
         torch.testing.assert_close(y, y32.to(dtype), rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("rows,cols,tokens,tokens_as_a", [
+    (1100, 576, 40, False),    # weights as A, whole rows; a lone last token tile (40 = 2 x 16 + 8)
+    (1100, 4500, 261, False),  # weights as A in K chunks (4096 + 448 columns), a lone last token tile
+    (300, 576, 80, True),      # tokens as A, whole rows
+    (300, 4500, 261, True),    # tokens as A in K chunks, a lone last token tile
+    (45, 333, 37, True),       # tokens as A, partial row tile, partial column block, partial token tile
+])
+def test_amx_both_operand_layouts_match_dense(rows, cols, tokens, tokens_as_a):
+    """The AMX path puts the decoded weights or the tokens in the A tiles depending on the call's size; each layout,
+    whole or in K chunks, with partial tiles everywhere, gives dense's result in fp32 and torch's rounding of it in
+    bf16, bias included."""
+    kern = kernels.get()
+    if not (kern is not None and kernels.isa() == "avx512" and kernels.has_amx()):
+        pytest.skip("needs the AMX path")
+    assert kern.amx_tokens_as_a(tokens, rows, cols) == tokens_as_a
+    w = pruned_weight(rows, cols, 0.7, torch.bfloat16, seed=rows + cols, empty_rows=(1,), dense_rows=(rows - 2,))
+    p = fmt.pack(w)
+    bias = torch.randn(rows, generator=torch.Generator().manual_seed(cols))
+    x = torch.randn(tokens, cols, generator=torch.Generator().manual_seed(tokens)).to(torch.bfloat16)
+
+    def amx(inputs):
+        return kern.linear(inputs, p["mask"], p["values"], p["row_offsets"], bias, cols, 2, kernels.ISA_CODE)
+
+    y32 = amx(x.float())
+    torch.testing.assert_close(y32, F.linear(x.float(), w.float(), bias), rtol=1e-5, atol=2e-4)
+    assert torch.equal(amx(x), y32.to(torch.bfloat16))
+
+
 def test_amx_scratch_kept_across_calls_never_leaks_a_previous_call():
     """The AMX path keeps its inputs-as-tiles and partial sums between calls: a smaller call after a larger one (the
     scratch holding the larger call's data past the smaller's end), then a larger one again, each equal to a call on
