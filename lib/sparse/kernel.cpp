@@ -947,7 +947,8 @@ inline void amx_decode_rows(const Op& op, int64_t r0, int64_t RB, int64_t kb0, i
 //
 // Which operand is A (amx_linear chooses): weights as A (TokensAsA false) decode rows straight into A tiles, the
 // inputs are laid out as B tiles (amx_inputs: a transpose per 16 tokens x 32 columns) and every finished unit is
-// transposed into y; tokens as A (true) read the inputs as they are (a row-major copy: amx_input_rows), transpose
+// transposed into y; tokens as A (true) read the inputs as they are (x itself, or a row-major copy where a tile load
+// would read past x's rows or its row stride is a multiple of 4 KiB: amx_linear), transpose
 // each decoded 16 x 32 block of weights into a B tile instead, and write finished units into y row by row. The
 // first transposes per token, the second per weight: the second wins once the tokens outnumber about a third of
 // the weight's smaller side (amx_linear's rule).
@@ -955,8 +956,8 @@ inline void amx_decode_rows(const Op& op, int64_t r0, int64_t RB, int64_t kb0, i
 // A unit's sums are written into y only after the next unit's multiplies are issued, so the vector work of the
 // write runs while the tile unit works (SmolLM2-sized layers 12-15% faster).
 template <bool TokensAsA>
-void amx_block(const Op& op, const uint16_t* xv, int64_t ldx, int64_t ntb, float* yT, int64_t ldy, int64_t r0,
-               int64_t RB, int64_t KC, uint16_t* wbuf, const AmxOut& out) {
+void amx_block(const Op& op, const uint16_t* xv, int64_t ldx, const uint16_t* tail, int64_t ntb, float* yT,
+               int64_t ldy, int64_t r0, int64_t RB, int64_t KC, uint16_t* wbuf, const AmxOut& out) {
   alignas(64) float done[2][4 * 256];  // two units' finished sums, on their way from the tiles to y
   struct Finished {
     const float* sums = nullptr;
@@ -995,8 +996,10 @@ void amx_block(const Op& op, const uint16_t* xv, int64_t ldx, int64_t ntb, float
     for (int64_t tb = 0; tb < ntb; tb += 2) {
       const bool pair = tb + 1 < ntb;  // an odd last token tile (up to 16 tokens in all, say) goes alone
       // the token tiles' first step, and the distance between steps and between rows of a tile (bytes)
-      const uint16_t* x0 = TokensAsA ? xv + tb * 16 * ldx + kb0 * 32 : xv + tb * cpad * 16 + kb0 * 512;
-      const uint16_t* x1 = TokensAsA ? x0 + 16 * ldx : x0 + cpad * 16;
+      // (tokens as A: token tile i is rows 16i.. of xv, row stride ldx, except a partial last one, padded in `tail`)
+      const auto token_rows = [&](int64_t i) { return tail && i == ntb - 1 ? tail : xv + i * 16 * ldx; };
+      const uint16_t* x0 = TokensAsA ? token_rows(tb) + kb0 * 32 : xv + tb * cpad * 16 + kb0 * 512;
+      const uint16_t* x1 = TokensAsA ? (pair ? token_rows(tb + 1) + kb0 * 32 : x0) : x0 + cpad * 16;
       constexpr int64_t x_step = TokensAsA ? 32 : 512;
       const int64_t x_stride = TokensAsA ? ldx * 2 : 64;
       for (int64_t s = 0; s < RB; s += 32) {
@@ -1348,18 +1351,31 @@ void amx_linear(const torch::Tensor& mask, const torch::Tensor& values, const to
   const auto xb = x.to(torch::kBFloat16).contiguous();
   // tokens as A once they outnumber a third of the weight's smaller side (amx_block says why)
   const bool tokens_as_a = amx_tokens_as_a(n, rows, x.size(1));
-  const int64_t ldx = cpad + 32;  // tokens as A: the row stride of the inputs' copy
-  const int64_t input_elems = tokens_as_a ? tpad * ldx : ntb * nkb * 512;
+  // Tokens as A read x itself when its rows are whole 32-column blocks and their stride is not a multiple of 4 KiB
+  // (then the 16 rows of a tile would share one L1 set); a partial last token tile goes through `tail`, padded with
+  // zeros to 16 rows. Otherwise a copy, padded, with 64 more bytes per row (SmolLM2's 576-wide layers at 512
+  // tokens: the copy and its parallel region were 15% of the call).
+  const int64_t cols = x.size(1);
+  const bool direct = tokens_as_a && cols == cpad && (cols * 2) % 4096 != 0;
+  const int64_t ldx = direct ? cols : cpad + 32;
+  const int64_t input_elems = direct ? 0 : tokens_as_a ? tpad * ldx : ntb * nkb * 512;
+  torch::Tensor tail;
+  if (direct && n % TILE) {
+    tail = torch::zeros({TILE, ldx}, xb.options());
+    tail.narrow(0, 0, n % TILE).copy_(xb.narrow(0, n - n % TILE, n % TILE));
+  }
+  const uint16_t* tailp = tail.defined() ? reinterpret_cast<const uint16_t*>(tail.data_ptr<at::BFloat16>()) : nullptr;
   std::unique_lock<std::mutex> input_guard, sum_guard;
   torch::Tensor own_inputs, own_sums;  // only when the shared scratch is busy
-  auto* xvp = static_cast<uint16_t*>(amx_input_scratch.acquire(input_elems * 2, input_guard));
+  auto* xvp = direct ? const_cast<uint16_t*>(reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>()))
+                     : static_cast<uint16_t*>(amx_input_scratch.acquire(input_elems * 2, input_guard));
   if (!xvp) {
     own_inputs = torch::empty({input_elems}, x.options().dtype(torch::kBFloat16));
     xvp = reinterpret_cast<uint16_t*>(own_inputs.data_ptr<at::BFloat16>());
   }
-  if (tokens_as_a)
+  if (tokens_as_a && !direct)
     amx_input_rows(xb.data_ptr<at::BFloat16>(), n, x.size(1), ldx, tpad, xvp);
-  else
+  else if (!tokens_as_a)
     amx_inputs(xb.data_ptr<at::BFloat16>(), n, x.size(1), nkb, xvp);
   // rows per block and 32-column blocks per K chunk, the chunk's decoded tiles about AMX_TILE_BYTES: the whole
   // width with as many rows as fit (at least 32), or, from AMX_CHUNK_TOKENS tokens, AMX_ROWS rows in K chunks
@@ -1398,9 +1414,9 @@ void amx_linear(const torch::Tensor& mask, const torch::Tensor& values, const to
 #pragma omp for schedule(dynamic, 1)
     for (int64_t b = 0; b < blocks; ++b) {
       if (tokens_as_a)
-        amx_block<true>(op, xvp, ldx, ntb, yTp, ldy, b * RB, RB, KC, tiles, out);
+        amx_block<true>(op, xvp, ldx, tailp, ntb, yTp, ldy, b * RB, RB, KC, tiles, out);
       else
-        amx_block<false>(op, xvp, 0, ntb, yTp, ldy, b * RB, RB, KC, tiles, out);
+        amx_block<false>(op, xvp, 0, nullptr, ntb, yTp, ldy, b * RB, RB, KC, tiles, out);
     }
   }
 #endif

@@ -245,8 +245,11 @@ def test_amx_path_writes_each_output_dtype_as_torch_rounds_it():
 @pytest.mark.parametrize("rows,cols,tokens,tokens_as_a", [
     (1100, 576, 40, False),    # weights as A, whole rows; a lone last token tile (40 = 2 x 16 + 8)
     (1100, 4500, 261, False),  # weights as A in K chunks (4096 + 448 columns), a lone last token tile
-    (300, 576, 80, True),      # tokens as A, whole rows
-    (300, 4500, 261, True),    # tokens as A in K chunks, a lone last token tile
+    (300, 576, 80, True),      # tokens as A, whole rows, x's rows read in place
+    (300, 576, 77, True),      # the same with a partial last token tile (padded apart)
+    (300, 4544, 261, True),    # tokens as A in K chunks, x in place, a lone partial last token tile
+    (300, 4500, 261, True),    # tokens as A in K chunks, x copied (4500 columns are no whole 64-column block)
+    (64, 2048, 50, True),      # x copied: its rows 4 KiB apart would share one L1 set
     (45, 333, 37, True),       # tokens as A, partial row tile, partial column block, partial token tile
 ])
 def test_amx_both_operand_layouts_match_dense(rows, cols, tokens, tokens_as_a):
