@@ -279,9 +279,9 @@ def workspace_bytes() -> int:
             + sparse_linear.scratch_bytes())
 
 
-def curve_repeats(args, tokens: int) -> int:
-    """Fewer pairs where one call takes seconds (fp32 above 512 tokens), never fewer than 3."""
-    return args.repeats if tokens <= 512 else max(3, args.repeats // 2)
+def curve_repeats(args, pair_seconds: float) -> int:
+    """Fewer pairs where one dense + sparse pair takes seconds (fp32 from 1024 tokens), never fewer than 3."""
+    return args.repeats if pair_seconds < 2.0 else max(3, args.repeats // 2)
 
 
 def bench_curve(args, dtype) -> dict:
@@ -312,11 +312,14 @@ def bench_curve(args, dtype) -> dict:
         xs = {i: torch.randn(tokens, i, generator=gen).to(dtype) for i in {i for _, _, i in LLAMA2_7B_BLOCK}}
         samples = {"dense": [], "sparse": []}
         with torch.inference_mode():
-            ref, out = run("dense", xs, {}), run("sparse", xs, {})  # warm-up; SparseLinear measures its paths here
+            started = time.perf_counter()
+            ref = run("dense", xs, {})
+            pair_seconds = 2 * (time.perf_counter() - started)  # about one dense + sparse pair
+            out = run("sparse", xs, {})  # warm-up; SparseLinear measures its paths here
             err = max(((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1.0)).item()
                       for a, b in zip(out, ref))
             del ref, out
-            for _ in range(curve_repeats(args, tokens)):
+            for _ in range(curve_repeats(args, pair_seconds)):
                 for kind in ("dense", "sparse"):
                     times: dict[str, float] = {}
                     run(kind, xs, times)

@@ -789,7 +789,12 @@ struct TileConfig {
   uint8_t rows[16];
 };
 
-constexpr int64_t AMX_ROWS = 128;        // most rows per block of the AMX path
+constexpr int64_t AMX_ROWS = 128;        // most rows per block of the AMX path through whole rows
+// Rows per block in K chunks of AMX_TILE_BYTES / (AMX_CHUNK_ROWS * 64) 32-column blocks (2048 columns): each block
+// reads all of the inputs, so more rows per block read them less often, while narrower chunks carry more partial
+// sums. The down projection (4096x11008) in bf16 at 1024-2048 tokens: 0.96-1.01x / 0.91-0.93x of dense with 128
+// rows and 4096-column chunks, 1.05-1.12x / 0.96-1.00x with 256 and 2048 (384 or 512 rows: slower).
+constexpr int64_t AMX_CHUNK_ROWS = 256;
 constexpr int64_t AMX_TILE_BYTES = 1 << 20;  // decoded tiles per block (reused for every token)
 constexpr int64_t AMX_CHUNK_TOKENS = 256;  // from this many tokens, wide weights go in K chunks (amx_block)
 // Most tokens per pass over the weight. Every block of rows reads all of its pass's input tiles (8 MB for 1024
@@ -937,13 +942,14 @@ inline void amx_decode_rows(const Op& op, int64_t r0, int64_t RB, int64_t kb0, i
   }
 }
 
-// One block of RB rows (a multiple of 32, at most AMX_ROWS) against every token, in units of 32 rows x 32 tokens
-// (2 x 2 tiles). The columns go in chunks of KC 32-column blocks, each decoded once and multiplied by every token,
-// the partial sums carried in yT between chunks (its layout is the tiles': [rows][tokens] with the weights as A,
-// [tokens][rows] with the tokens as A). With many tokens a wide weight (the down projection's 11008 columns) keeps
-// 128 rows per block instead of the 32 whose whole width fits in the scratch, so its inputs are read a quarter as
-// often (4096x11008 bf16 at 256-512 tokens: 22.3 -> 19.2 and 42.7 -> 34.8 ms); with few tokens the decoding
-// dominates and runs faster through whole rows (at 16 tokens: 3.5 ms whole, 4.8 ms chunked).
+// One block of RB rows (a multiple of 32: at most AMX_ROWS, or AMX_CHUNK_ROWS in K chunks) against every token, in
+// units of 32 rows x 32 tokens (2 x 2 tiles). The columns go in chunks of KC 32-column blocks, each decoded once and
+// multiplied by every token, the partial sums carried in yT between chunks (its layout is the tiles': [rows][tokens]
+// with the weights as A, [tokens][rows] with the tokens as A). With many tokens a wide weight (the down
+// projection's 11008 columns) goes in K chunks with more rows per block than the 32 whose whole width fits in the
+// scratch, so its inputs are read less often (4096x11008 bf16 at 256-512 tokens, 128 rows: 22.3 -> 19.2 and
+// 42.7 -> 34.8 ms; AMX_CHUNK_ROWS says why 256 now); with few tokens the decoding dominates and runs faster through
+// whole rows (at 16 tokens: 3.5 ms whole, 4.8 ms chunked).
 //
 // Which operand is A (amx_linear chooses): weights as A (TokensAsA false) decode rows straight into A tiles, the
 // inputs are laid out as B tiles (amx_inputs: a transpose per 16 tokens x 32 columns) and every finished unit is
@@ -977,7 +983,7 @@ void amx_block(const Op& op, const uint16_t* xv, int64_t ldx, const uint16_t* ta
   int unit = 0;
   const int64_t nkb = op.words * 2, cpad = op.words * 64;
   const at::BFloat16* vals = static_cast<const at::BFloat16*>(op.vals);
-  const at::BFloat16* cur[AMX_ROWS];
+  const at::BFloat16* cur[std::max(AMX_ROWS, AMX_CHUNK_ROWS)];
   for (int64_t i = 0; i < RB; ++i) cur[i] = vals + op.off[std::min(r0 + i, op.rows - 1)];
   TileConfig cfg;
   std::memset(&cfg, 0, sizeof(cfg));
@@ -1378,12 +1384,12 @@ void amx_linear(const torch::Tensor& mask, const torch::Tensor& values, const to
   else if (!tokens_as_a)
     amx_inputs(xb.data_ptr<at::BFloat16>(), n, x.size(1), nkb, xvp);
   // rows per block and 32-column blocks per K chunk, the chunk's decoded tiles about AMX_TILE_BYTES: the whole
-  // width with as many rows as fit (at least 32), or, from AMX_CHUNK_TOKENS tokens, AMX_ROWS rows in K chunks
+  // width with as many rows as fit (at least 32), or, from AMX_CHUNK_TOKENS tokens, AMX_CHUNK_ROWS rows in K chunks
   const int64_t whole = std::max<int64_t>(32, std::min<int64_t>(AMX_ROWS, AMX_TILE_BYTES / (cpad * 2) / 32 * 32));
   const bool chunked = n >= AMX_CHUNK_TOKENS && whole < AMX_ROWS;
   const int nt = at::get_num_threads();
-  int64_t RB = chunked ? AMX_ROWS : whole;
-  const int64_t KC = chunked ? std::max<int64_t>(1, AMX_TILE_BYTES / (AMX_ROWS * 64)) : nkb;
+  int64_t RB = chunked ? AMX_CHUNK_ROWS : whole;
+  const int64_t KC = chunked ? std::max<int64_t>(1, AMX_TILE_BYTES / (AMX_CHUNK_ROWS * 64)) : nkb;
   int64_t blocks = (rows + RB - 1) / RB;
   if (!chunked) {  // blocks of one size, as many per thread: 576 rows were 128 x 4 + 64 (3 blocks vs 2 on 2 threads)
     const int64_t even = (blocks + nt - 1) / nt * nt;

@@ -180,7 +180,7 @@ def test_amx_path_for_bf16_where_the_cpu_has_it(monkeypatch):
 
 def test_amx_path_in_k_chunks_matches_whole_rows_and_dense(monkeypatch):
     """From 256 tokens a weight wider than 4096 columns goes through the tile unit in K chunks (partial sums carried
-    in the output tiles, 128 rows per block): 4500 columns make a 4096-column chunk and a 448-column one, 40 rows
+    in the output tiles, 256 rows per block): 4500 columns make two 2048-column chunks and a 404-column one, 40 rows
     leave most of the block past the matrix, 261 tokens an odd lone token tile. Against dense and against the same
     weight with fewer tokens (whole rows, no chunks)."""
     if not (kernels.get() is not None and kernels.isa() == "avx512" and kernels.has_amx()):
@@ -244,7 +244,7 @@ def test_amx_path_writes_each_output_dtype_as_torch_rounds_it():
 
 @pytest.mark.parametrize("rows,cols,tokens,tokens_as_a", [
     (1100, 576, 40, False),    # weights as A, whole rows; a lone last token tile (40 = 2 x 16 + 8)
-    (1100, 4500, 261, False),  # weights as A in K chunks (4096 + 448 columns), a lone last token tile
+    (1100, 4500, 261, False),  # weights as A in K chunks (2048 + 2048 + 404 columns), a lone last token tile
     (300, 576, 80, True),      # tokens as A, whole rows, x's rows read in place
     (300, 576, 77, True),      # the same with a partial last token tile (padded apart)
     (300, 4544, 261, True),    # tokens as A in K chunks, x in place, a lone partial last token tile
