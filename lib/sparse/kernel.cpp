@@ -956,8 +956,8 @@ inline void amx_decode_rows(const Op& op, int64_t r0, int64_t RB, int64_t kb0, i
 // transposed into y; tokens as A (true) read the inputs as they are (x itself, or a row-major copy where a tile load
 // would read past x's rows or its row stride is a multiple of 4 KiB: amx_linear), transpose
 // each decoded 16 x 32 block of weights into a B tile instead, and write finished units into y row by row. The
-// first transposes per token, the second per weight: the second wins once the tokens outnumber about a third of
-// the weight's smaller side (amx_linear's rule).
+// first transposes per token, the second per weight: the second wins once the tokens outnumber about a quarter of
+// the weight's smaller side (amx_tokens_as_a).
 //
 // A unit's sums are written into y only after the next unit's multiplies are issued, so the vector work of the
 // write runs while the tile unit works (SmolLM2-sized layers 12-15% faster).
@@ -1286,17 +1286,20 @@ class Scratch {
     if (bytes > size_) {
       free_locked();
 #if defined(__linux__)
+      // whole huge pages from a 2 MiB boundary: map one more, start at the boundary (the slack is never touched)
       const size_t huge = size_t(2) << 20;
       const size_t size = (bytes + huge - 1) / huge * huge;
-      void* p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      void* p = mmap(nullptr, size + huge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
       if (p == MAP_FAILED) return nullptr;
-      madvise(p, size, MADV_HUGEPAGE);  // advice only: refused, the buffer works on small pages
+      map_ = p;
+      map_bytes_ = size + huge;
+      base_ = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(p) + huge - 1) & ~(uintptr_t(huge) - 1));
+      madvise(base_, size, MADV_HUGEPAGE);  // advice only: refused, the buffer works on small pages
 #else
       const size_t size = (bytes + 63) / 64 * 64;
-      void* p = std::aligned_alloc(64, size);
-      if (!p) return nullptr;
+      base_ = std::aligned_alloc(64, size);
+      if (!base_) return nullptr;
 #endif
-      base_ = p;
       size_ = size;
     }
     return base_;
@@ -1314,7 +1317,7 @@ class Scratch {
   void free_locked() {
     if (!base_) return;
 #if defined(__linux__)
-    munmap(base_, size_);
+    munmap(map_, map_bytes_);
 #else
     std::free(base_);
 #endif
@@ -1322,8 +1325,10 @@ class Scratch {
     size_ = 0;
   }
   std::mutex lock_;
-  void* base_ = nullptr;
+  void* base_ = nullptr;  // the buffer handed out
   size_t size_ = 0;
+  void* map_ = nullptr;  // Linux: the mapping around it
+  size_t map_bytes_ = 0;
 };
 Scratch amx_input_scratch, amx_sum_scratch;
 
