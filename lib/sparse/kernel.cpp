@@ -647,6 +647,60 @@ void decode_rows_avx512(const Op& op, int64_t r0, int64_t r1) {
   }
 }
 
+struct TransposeIndex {  // per round (bit d = 1 << round): the permutes' lane indices, built at compile time
+  alignas(64) int32_t lo[4][16] = {};
+  alignas(64) int32_t hi[4][16] = {};
+  constexpr TransposeIndex() {
+    for (int round = 0; round < 4; ++round)
+      for (int c = 0; c < 16; ++c) {
+        const int d = 1 << round;
+        lo[round][c] = (c & d) ? 16 + c - d : c;  // row i keeps its columns without bit d, takes row i + d's others
+        hi[round][c] = (c & d) ? 16 + c : c + d;
+      }
+  }
+};
+constexpr TransposeIndex TRANSPOSE_INDEX{};
+
+// 16 x 16 transpose of 32-bit lanes in registers: four rounds, each swapping one bit of the row index with the same
+// bit of the column index (two two-source permutes per pair of rows). Lays out the tiled kernel's fp32 inputs
+// (tile_inputs_avx512) and, on the AMX path, the B tiles (pairs of bf16 columns) and [rows][tokens] results.
+inline void transpose16(__m512i r[16]) {
+  for (int round = 0, d = 1; round < 4; ++round, d <<= 1) {
+    const __m512i lo_idx = _mm512_load_si512(TRANSPOSE_INDEX.lo[round]);
+    const __m512i hi_idx = _mm512_load_si512(TRANSPOSE_INDEX.hi[round]);
+    for (int i = 0; i < 16; ++i) {
+      if (i & d) continue;
+      const __m512i a = r[i], b = r[i + d];
+      r[i] = _mm512_permutex2var_epi32(a, lo_idx, b);
+      r[i + d] = _mm512_permutex2var_epi32(a, hi_idx, b);
+    }
+  }
+}
+
+// The tiled kernels' fp32 inputs in their grouped layout (see tiled_item_avx512): for each group of up to `per` tiles
+// (w = 16 x tiles tokens from token t0), [cpad][w] at out + t0 * cpad, zero past `cols` and past the last token.
+// 16 tokens x 16 columns at a time through the register transpose, groups and column blocks over the threads (torch's
+// pad + transposing copy ran on one thread, the other waiting: 13% of SmolLM2's 192x576 layer at 512 tokens).
+void tile_inputs_avx512(const float* x, int64_t n, int64_t cols, int64_t cpad, int64_t per, float* out) {
+  const int64_t ntiles = (n + TILE - 1) / TILE, groups = (ntiles + per - 1) / per, blocks = cpad / 16;
+#pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
+  for (int64_t i = 0; i < groups * blocks; ++i) {
+    const int64_t g = i / blocks, c0 = i % blocks * 16, t0 = g * per * TILE;
+    const int64_t tiles = std::min(per, ntiles - g * per), w = tiles * TILE;
+    const __mmask16 keep = cols - c0 >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << std::max<int64_t>(0, cols - c0)) - 1);
+    float* dst = out + t0 * cpad + c0 * w;
+    for (int64_t j = 0; j < tiles; ++j) {
+      __m512i v[16];
+      for (int k = 0; k < 16; ++k) {
+        const int64_t t = t0 + j * TILE + k;
+        v[k] = t < n ? _mm512_castps_si512(_mm512_maskz_loadu_ps(keep, x + t * cols + c0)) : _mm512_setzero_si512();
+      }
+      transpose16(v);
+      for (int k = 0; k < 16; ++k) _mm512_storeu_si512(dst + k * w + j * TILE, v[k]);
+    }
+  }
+}
+
 template <typename T> inline __m512 bcast(const T* v);
 template <> inline __m512 bcast<float>(const float* v) { return _mm512_set1_ps(*v); }
 template <> inline __m512 bcast<at::BFloat16>(const at::BFloat16* v) {
@@ -802,35 +856,6 @@ constexpr int64_t AMX_CHUNK_TOKENS = 256;  // from this many tokens, wide weight
 // 4096x11008 at 2048 tokens took 139 ms in one pass, 2 x 55 ms in two (decoding the weight twice costs less).
 constexpr int64_t AMX_SLICE_TOKENS = 1024;
 
-struct TransposeIndex {  // per round (bit d = 1 << round): the permutes' lane indices, built at compile time
-  alignas(64) int32_t lo[4][16] = {};
-  alignas(64) int32_t hi[4][16] = {};
-  constexpr TransposeIndex() {
-    for (int round = 0; round < 4; ++round)
-      for (int c = 0; c < 16; ++c) {
-        const int d = 1 << round;
-        lo[round][c] = (c & d) ? 16 + c - d : c;  // row i keeps its columns without bit d, takes row i + d's others
-        hi[round][c] = (c & d) ? 16 + c : c + d;
-      }
-  }
-};
-constexpr TransposeIndex TRANSPOSE_INDEX{};
-
-// 16 x 16 transpose of 32-bit lanes in registers: four rounds, each swapping one bit of the row index with the same
-// bit of the column index (two two-source permutes per pair of rows). Builds the B tiles (token pairs of columns)
-// and turns the tile unit's [rows][tokens] results into [tokens][rows].
-inline void transpose16(__m512i r[16]) {
-  for (int round = 0, d = 1; round < 4; ++round, d <<= 1) {
-    const __m512i lo_idx = _mm512_load_si512(TRANSPOSE_INDEX.lo[round]);
-    const __m512i hi_idx = _mm512_load_si512(TRANSPOSE_INDEX.hi[round]);
-    for (int i = 0; i < 16; ++i) {
-      if (i & d) continue;
-      const __m512i a = r[i], b = r[i + d];
-      r[i] = _mm512_permutex2var_epi32(a, lo_idx, b);
-      r[i + d] = _mm512_permutex2var_epi32(a, hi_idx, b);
-    }
-  }
-}
 
 // 32 fp32 results (two vectors of 16 rows) into y's dtype, one token's 32 consecutive outputs, stored under mask
 // `keep` (rows inside the matrix): one 64-byte store for bf16 and fp16, so the two halves of a line are not written
@@ -1245,6 +1270,12 @@ torch::Tensor tile_inputs(const torch::Tensor& x2, int64_t cpad, int64_t isa) {
   }
   const int64_t per = group_tiles(isa);
   auto out = torch::empty({ntiles * TILE * cpad}, x2.options());
+#if ATP_X86
+  if (isa == ISA_AVX512) {
+    tile_inputs_avx512(x2.data_ptr<float>(), n, x2.size(1), cpad, per, out.data_ptr<float>());
+    return out;
+  }
+#endif
   for (int64_t t0 = 0; t0 < n; t0 += per * TILE) {
     const int64_t w = std::min<int64_t>(per, ntiles - t0 / TILE) * TILE, rows = std::min(w, n - t0);
     auto part = at::constant_pad_nd(x2.narrow(0, t0, rows), {0, pad, 0, w - rows});
