@@ -533,6 +533,49 @@ void tiled_item_avx2_g(const Op& op, const float* xg, int64_t G, int64_t t0, int
   }
 }
 
+// 8 x 8 transpose of fp32 lanes in registers (unpack pairs, then quads, then 128-bit halves).
+inline void transpose8(__m256 r[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+  }
+}
+
+// tile_inputs_avx512's layout with AVX2: 8 tokens x 8 columns at a time through transpose8, groups and column
+// blocks over the threads.
+void tile_inputs_avx2(const float* x, int64_t n, int64_t cols, int64_t cpad, int64_t per, float* out) {
+  const int64_t ntiles = (n + TILE - 1) / TILE, groups = (ntiles + per - 1) / per, blocks = cpad / 8;
+#pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
+  for (int64_t i = 0; i < groups * blocks; ++i) {
+    const int64_t g = i / blocks, c0 = i % blocks * 8, t0 = g * per * TILE;
+    const int64_t tiles = std::min(per, ntiles - g * per), w = tiles * TILE;
+    const int64_t have = std::max<int64_t>(0, std::min<int64_t>(8, cols - c0));
+    const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(have)),
+                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    float* dst = out + t0 * cpad + c0 * w;
+    for (int64_t j = 0; j < w; j += 8) {  // 8 tokens at a time
+      __m256 v[8];
+      for (int k = 0; k < 8; ++k) {
+        const int64_t t = t0 + j + k;
+        v[k] = t < n && have ? _mm256_maskload_ps(x + t * cols + c0, keep) : _mm256_setzero_ps();
+      }
+      transpose8(v);
+      for (int k = 0; k < 8; ++k) _mm256_storeu_ps(dst + k * w + j, v[k]);
+    }
+  }
+}
+
 ATP_TARGET_END
 
 // ------------------------------------------------------------------------------------------ AVX-512
@@ -1273,6 +1316,10 @@ torch::Tensor tile_inputs(const torch::Tensor& x2, int64_t cpad, int64_t isa) {
 #if ATP_X86
   if (isa == ISA_AVX512) {
     tile_inputs_avx512(x2.data_ptr<float>(), n, x2.size(1), cpad, per, out.data_ptr<float>());
+    return out;
+  }
+  if (isa == ISA_AVX2) {
+    tile_inputs_avx2(x2.data_ptr<float>(), n, x2.size(1), cpad, per, out.data_ptr<float>());
     return out;
   }
 #endif
