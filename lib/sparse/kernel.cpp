@@ -81,6 +81,16 @@ constexpr int GROUP_TILES_AVX2 = 4;  // AVX2: 4 tiles (64 tokens) are 8 accumula
 constexpr int64_t TILED_ROWS = ATP_TILED_ROWS;
 inline int64_t group_tiles(int64_t isa) { return isa == ISA_AVX512 ? GROUP_TILES : GROUP_TILES_AVX2; }
 
+// Work item i of tile_inputs_avx512 / tile_inputs_avx2 (groups x column blocks of `width` columns): its group's
+// tokens (`w` of them from t0, in `tiles` tiles of 16) and its first column c0.
+struct InputBlock {
+  int64_t c0, t0, tiles, w;
+};
+inline InputBlock input_block(int64_t i, int64_t blocks, int64_t width, int64_t per, int64_t ntiles) {
+  const int64_t g = i / blocks, tiles = std::min(per, ntiles - g * per);
+  return {i % blocks * width, g * per * TILE, tiles, tiles * TILE};
+}
+
 // Columns per block of the tiled kernels. Each work item streams its group's inputs once, block by block, so more
 // rows per item mean less input traffic (128 tokens x 11008 columns are 5.6 MB, more than L2): measured on 2048
 // rows at 512-1024 tokens (1 thread, fp32, 70%, AVX-512), 16 rows per item ran at 0.71-0.97x dense, 48 rows
@@ -558,8 +568,7 @@ void tile_inputs_avx2(const float* x, int64_t n, int64_t cols, int64_t cpad, int
   const int64_t ntiles = (n + TILE - 1) / TILE, groups = (ntiles + per - 1) / per, blocks = cpad / 8;
 #pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
   for (int64_t i = 0; i < groups * blocks; ++i) {
-    const int64_t g = i / blocks, c0 = i % blocks * 8, t0 = g * per * TILE;
-    const int64_t tiles = std::min(per, ntiles - g * per), w = tiles * TILE;
+    const auto [c0, t0, tiles, w] = input_block(i, blocks, 8, per, ntiles);
     const int64_t have = std::max<int64_t>(0, std::min<int64_t>(8, cols - c0));
     const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(have)),
                                             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
@@ -728,8 +737,7 @@ void tile_inputs_avx512(const float* x, int64_t n, int64_t cols, int64_t cpad, i
   const int64_t ntiles = (n + TILE - 1) / TILE, groups = (ntiles + per - 1) / per, blocks = cpad / 16;
 #pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
   for (int64_t i = 0; i < groups * blocks; ++i) {
-    const int64_t g = i / blocks, c0 = i % blocks * 16, t0 = g * per * TILE;
-    const int64_t tiles = std::min(per, ntiles - g * per), w = tiles * TILE;
+    const auto [c0, t0, tiles, w] = input_block(i, blocks, 16, per, ntiles);
     const __mmask16 keep = cols - c0 >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << std::max<int64_t>(0, cols - c0)) - 1);
     float* dst = out + t0 * cpad + c0 * w;
     for (int64_t j = 0; j < tiles; ++j) {
