@@ -273,12 +273,6 @@ def pruned_block(level, dtype, seed):
     return dense, sparse
 
 
-def workspace_bytes() -> int:
-    """What the sparse side holds besides its packed weights: the dense path's workspaces and the AMX scratch."""
-    return (sum(b.numel() * b.element_size() for b in sparse_linear._workspaces.values())
-            + sparse_linear.scratch_bytes())
-
-
 def curve_repeats(args, pair_seconds: float) -> int:
     """Fewer pairs where one dense + sparse pair takes seconds (fp32 from 1024 tokens), never fewer than 3."""
     return args.repeats if pair_seconds < 2.0 else max(3, args.repeats // 2)
@@ -324,7 +318,7 @@ def bench_curve(args, dtype) -> dict:
                     times: dict[str, float] = {}
                     run(kind, xs, times)
                     samples[kind].append(times)
-        peak_workspace = max(peak_workspace, workspace_bytes())
+        peak_workspace = max(peak_workspace, sparse_linear.workspace_bytes())
         pairs = list(zip(samples["dense"], samples["sparse"]))
         bucket = sparse_linear.token_bucket(tokens)
         chosen = {f"{c['out_features']}x{c['in_features']}": c["path"] for c in sparse_linear.choices()

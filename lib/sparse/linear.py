@@ -85,6 +85,11 @@ def scratch_bytes() -> int:
     return int(kern.scratch_bytes()) if kern is not None else 0
 
 
+def workspace_bytes() -> int:
+    """Everything held besides the packed weights: the dense path's workspaces and the AMX path's scratch."""
+    return sum(b.numel() * b.element_size() for b in _workspaces.values()) + scratch_bytes()
+
+
 def token_bucket(n: int) -> int:
     """The power of two at or above n: calls within a bucket share one measured choice."""
     return 1 << max(0, math.ceil(math.log2(max(1, n))))

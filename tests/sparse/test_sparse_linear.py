@@ -292,7 +292,7 @@ def test_amx_scratch_kept_across_calls_never_leaks_a_previous_call():
     fresh = []
     for x in calls:
         fresh.append(amx(x))
-        assert kern.scratch_bytes() > 0
+        assert kern.scratch_bytes() > 0 and sparse_linear.workspace_bytes() >= kern.scratch_bytes()
         kern.release_scratch()
         assert kern.scratch_bytes() == 0
     kept = [amx(x) for x in calls]
@@ -367,6 +367,9 @@ def test_dense_workspace_is_shared_and_bounded(policy):
         module(torch.randn(8, module.in_features))
     assert list(sparse_linear._workspaces) == [torch.float32]
     assert sparse_linear._workspaces[torch.float32].numel() == 50 * 100
+    assert sparse_linear.workspace_bytes() == 50 * 100 * 4 + sparse_linear.scratch_bytes()
+    sparse_linear.clear_workspaces()
+    assert sparse_linear.workspace_bytes() == 0
     assert not any(k.startswith("_") or k == "weight" for k in dict(big.named_buffers()))
 
 
