@@ -902,10 +902,11 @@ constexpr int64_t AMX_ROWS = 128;        // most rows per block of the AMX path 
 constexpr int64_t AMX_CHUNK_ROWS = 256;
 constexpr int64_t AMX_TILE_BYTES = 1 << 20;  // decoded tiles per block (reused for every token)
 constexpr int64_t AMX_CHUNK_TOKENS = 256;  // from this many tokens, wide weights go in K chunks (amx_block)
-// Most tokens per pass over the weight. Every block of rows reads all of its pass's input tiles (8 MB for 1024
-// tokens at 4096 columns, 22 MB at 11008), and beyond ~1024 tokens they come from memory for every block:
-// 4096x11008 at 2048 tokens took 139 ms in one pass, 2 x 55 ms in two (decoding the weight twice costs less).
-constexpr int64_t AMX_SLICE_TOKENS = 1024;
+// Most tokens per pass over the weight (each pass decodes the whole weight once). Two passes of 1024 tokens were
+// faster at 2048 while the K chunks' partial sums were strided through a [tokens][rows] array (4096x11008: 139 ms
+// in one pass, 2 x 55 ms in two); with each unit's sums in one prefetched 4 KiB piece (amx_block), one pass is
+// faster (85-87 ms against 90-91 ms in two).
+constexpr int64_t AMX_SLICE_TOKENS = 2048;
 
 
 // 32 fp32 results (two vectors of 16 rows) into y's dtype, one token's 32 consecutive outputs, stored under mask
@@ -1020,8 +1021,11 @@ inline void amx_decode_rows(const Op& op, int64_t r0, int64_t RB, int64_t kb0, i
 
 // One block of RB rows (a multiple of 32: at most AMX_ROWS, or AMX_CHUNK_ROWS in K chunks) against every token, in
 // units of 32 rows x 32 tokens (2 x 2 tiles). The columns go in chunks of KC 32-column blocks, each decoded once and
-// multiplied by every token, the partial sums carried in yT between chunks (its layout is the tiles': [rows][tokens]
-// with the weights as A, [tokens][rows] with the tokens as A). With many tokens a wide weight (the down
+// multiplied by every token, the partial sums carried in yT between chunks: each unit's four tiles in one 4 KiB
+// piece, the pieces in the order the units run (block, token pair, 32 rows), so that the next unit's piece can be
+// prefetched while this one multiplies. (Tiles strided through a [tokens][rows] array put each of their 16 rows
+// on another page, missed at every chunk: the down projection at 2048 tokens spent a fifth of its time there.)
+// With many tokens a wide weight (the down
 // projection's 11008 columns) goes in K chunks with more rows per block than the 32 whose whole width fits in the
 // scratch, so its inputs are read less often (4096x11008 bf16 at 256-512 tokens, 128 rows: 22.3 -> 19.2 and
 // 42.7 -> 34.8 ms; AMX_CHUNK_ROWS says why 256 now); with few tokens the decoding dominates and runs faster through
@@ -1039,7 +1043,7 @@ inline void amx_decode_rows(const Op& op, int64_t r0, int64_t RB, int64_t kb0, i
 // write runs while the tile unit works (SmolLM2-sized layers 12-15% faster).
 template <bool TokensAsA>
 void amx_block(const Op& op, const uint16_t* xv, int64_t ldx, const uint16_t* tail, int64_t ntb, float* yT,
-               int64_t ldy, int64_t r0, int64_t RB, int64_t KC, uint16_t* wbuf, const AmxOut& out) {
+               int64_t r0, int64_t RB, int64_t KC, uint16_t* wbuf, const AmxOut& out) {
   alignas(64) float done[2][4 * 256];  // two units' finished sums, on their way from the tiles to y
   struct Finished {
     const float* sums = nullptr;
@@ -1057,7 +1061,7 @@ void amx_block(const Op& op, const uint16_t* xv, int64_t ldx, const uint16_t* ta
     pending.sums = nullptr;
   };
   int unit = 0;
-  const int64_t nkb = op.words * 2, cpad = op.words * 64;
+  const int64_t nkb = op.words * 2, cpad = op.words * 64, npairs = (ntb + 1) / 2, strips = RB / 32;
   const at::BFloat16* vals = static_cast<const at::BFloat16*>(op.vals);
   const at::BFloat16* cur[std::max(AMX_ROWS, AMX_CHUNK_ROWS)];
   for (int64_t i = 0; i < RB; ++i) cur[i] = vals + op.off[std::min(r0 + i, op.rows - 1)];
@@ -1085,8 +1089,11 @@ void amx_block(const Op& op, const uint16_t* xv, int64_t ldx, const uint16_t* ta
       constexpr int64_t x_step = TokensAsA ? 32 : 512;
       const int64_t x_stride = TokensAsA ? ldx * 2 : 64;
       for (int64_t s = 0; s < RB; s += 32) {
-        // partial sums (K chunks only): sum 1 at +16, sum 2 at +16 rows of yT, sum 3 at both
-        float* c = !yT ? nullptr : TokensAsA ? yT + tb * 16 * ldy + r0 + s : yT + (r0 + s) * ldy + tb * 16;
+        // this unit's partial sums (K chunks only): sums 0-3 at 0, 256, 512, 768
+        float* c = !yT ? nullptr : yT + (((r0 / RB) * npairs + tb / 2) * strips + s / 32) * 1024;
+        // and the next unit's, on their way into L1 while this one multiplies (none after the block's last)
+        const char* next_c = c && (tb + 2 < ntb || s + 32 < RB) ? reinterpret_cast<const char*>(c + 1024) : nullptr;
+        const int64_t lines_per_step = (64 + nk - 1) / nk;
         const uint16_t* w0 = wbuf + s * nk * 32;  // rows s.. and s + 16.., each [nk][16][32]
         const uint16_t* w1 = w0 + 16 * nk * 32;
         const uint16_t* a0 = TokensAsA ? x0 : w0;
@@ -1102,12 +1109,15 @@ void amx_block(const Op& op, const uint16_t* xv, int64_t ldx, const uint16_t* ta
           _tile_zero(2);
           _tile_zero(3);
         } else {
-          _tile_loadd(0, c, ldy * 4);
-          if (use_b1) _tile_loadd(1, c + 16, ldy * 4);
-          if (use_a1) _tile_loadd(2, c + 16 * ldy, ldy * 4);
-          if (pair) _tile_loadd(3, c + 16 * ldy + 16, ldy * 4);
+          _tile_loadd(0, c, 64);
+          if (use_b1) _tile_loadd(1, c + 256, 64);
+          if (use_a1) _tile_loadd(2, c + 512, 64);
+          if (pair) _tile_loadd(3, c + 768, 64);
         }
         for (int64_t kb = 0; kb < nk; ++kb) {
+          if (next_c)
+            for (int64_t line = kb * lines_per_step; line < std::min<int64_t>(64, (kb + 1) * lines_per_step); ++line)
+              _mm_prefetch(next_c + line * 64, _MM_HINT_T0);
           _tile_loadd(4, a0 + kb * a_step, a_stride);
           _tile_loadd(6, b0 + kb * b_step, b_stride);
           _tile_dpbf16ps(0, 4, 6);
@@ -1123,10 +1133,10 @@ void amx_block(const Op& op, const uint16_t* xv, int64_t ldx, const uint16_t* ta
         }
         write_pending();  // the previous unit's sums, while this unit's multiplies run
         if (kb1 < nkb) {  // partial sums, carried to the next chunk
-          _tile_stored(0, c, ldy * 4);
-          if (use_b1) _tile_stored(1, c + 16, ldy * 4);
-          if (use_a1) _tile_stored(2, c + 16 * ldy, ldy * 4);
-          if (pair) _tile_stored(3, c + 16 * ldy + 16, ldy * 4);
+          _tile_stored(0, c, 64);
+          if (use_b1) _tile_stored(1, c + 256, 64);
+          if (use_a1) _tile_stored(2, c + 512, 64);
+          if (pair) _tile_stored(3, c + 768, 64);
         } else {  // finished: into `done` (write_tiles' layout), written into y after the next unit's multiplies
           float* sums = done[unit++ & 1];
           _tile_stored(0, sums, 64);
@@ -1487,16 +1497,16 @@ void amx_linear(const torch::Tensor& mask, const torch::Tensor& values, const to
     RB = ((rows + even - 1) / even + 31) / 32 * 32;
     blocks = (rows + RB - 1) / RB;
   }
-  // partial sums between K chunks as they leave the tiles: [rows][tokens], or [tokens][rows] with tokens as A
+  // partial sums between K chunks, 4 KiB per unit of 32 rows x 32 tokens (amx_block)
   float* yTp = nullptr;
   if (KC < nkb) {
-    yTp = static_cast<float*>(amx_sum_scratch.acquire(blocks * RB * tpad * 4, sum_guard));
+    const int64_t sum_elems = blocks * RB * ((ntb + 1) / 2 * 32);
+    yTp = static_cast<float*>(amx_sum_scratch.acquire(sum_elems * 4, sum_guard));
     if (!yTp) {
-      own_sums = torch::empty({blocks * RB * tpad}, x.options().dtype(torch::kFloat));
+      own_sums = torch::empty({sum_elems}, x.options().dtype(torch::kFloat));
       yTp = own_sums.data_ptr<float>();
     }
   }
-  const int64_t ldy = tokens_as_a ? blocks * RB : tpad;
   const Op op = make_op(mask, values, row_offsets, nullptr, nullptr, n);
   const AmxOut out{y.data_ptr(), n, bias, y.scalar_type()};
 #pragma omp parallel num_threads(nt)
@@ -1511,9 +1521,9 @@ void amx_linear(const torch::Tensor& mask, const torch::Tensor& values, const to
 #pragma omp for schedule(dynamic, 1)
     for (int64_t b = 0; b < blocks; ++b) {
       if (tokens_as_a)
-        amx_block<true>(op, xvp, ldx, tailp, ntb, yTp, ldy, b * RB, RB, KC, tiles, out);
+        amx_block<true>(op, xvp, ldx, tailp, ntb, yTp, b * RB, RB, KC, tiles, out);
       else
-        amx_block<false>(op, xvp, 0, nullptr, ntb, yTp, ldy, b * RB, RB, KC, tiles, out);
+        amx_block<false>(op, xvp, 0, nullptr, ntb, yTp, b * RB, RB, KC, tiles, out);
     }
   }
 #endif

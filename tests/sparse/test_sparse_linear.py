@@ -356,6 +356,33 @@ def test_amx_row_blocks_split_evenly_over_threads_and_cover_every_row(rows, thre
     torch.testing.assert_close(y, F.linear(x.float(), w.float()), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("rows,tokens", [(1100, 261), (600, 300)])  # weights as A, tokens as A
+@pytest.mark.parametrize("threads", [2, 3])
+def test_amx_k_chunk_partial_sums_never_shared_between_threads(rows, tokens, threads):
+    """In K chunks every unit of 32 rows x 32 tokens keeps its partial sums in its own piece of the scratch while
+    the threads run their row blocks side by side: at 2 and 3 threads the result is bit-identical to 1 thread's
+    and matches dense, in both operand layouts."""
+    kern = kernels.get()
+    if not (kern is not None and kernels.isa() == "avx512" and kernels.has_amx()):
+        pytest.skip("needs the AMX path")
+    w = pruned_weight(rows, 4500, 0.7, torch.bfloat16, seed=rows + threads)
+    p = fmt.pack(w)
+    x = torch.randn(tokens, 4500, generator=torch.Generator().manual_seed(tokens)).float()
+
+    def amx(n_threads):
+        before = torch.get_num_threads()
+        torch.set_num_threads(n_threads)
+        try:
+            return kern.linear(x, p["mask"], p["values"], p["row_offsets"], None, 4500, 2, kernels.ISA_CODE)
+        finally:
+            torch.set_num_threads(before)
+
+    one = amx(1)
+    for _ in range(3):
+        assert torch.equal(amx(threads), one)
+    torch.testing.assert_close(one, F.linear(x.bfloat16().float(), w.float()), rtol=1e-5, atol=2e-4)
+
+
 def test_dense_workspace_is_shared_and_bounded(policy):
     """The dense path unpacks into one workspace per dtype (the largest Linear's size), never a copy per layer."""
     if kernels.get() is None or policy != "dense":
