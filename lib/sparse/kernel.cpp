@@ -865,13 +865,60 @@ void densify_rows_avx512(const Op& op, T* out, int64_t cols, int64_t r0, int64_t
 ATP_TARGET_END
 #endif  // ATP_X86
 
-// Tokens as A from n >= min(rows, columns) / AMX_TOKENS_AS_A_DIV tokens (amx_block says why). Measured with each
-// rule paired against dense: the 7B block gains from 1024 tokens (0.98x -> 1.05x, and 0.94x -> 0.99x at 2048) and
-// loses 3% at 512; SmolLM2's 192-1536-wide layers gain from 64-256 tokens.
+// ------------------------------------------------------------------------------------- the AMX path's plan
+// (amx_block says what the choices mean; they are plain arithmetic, outside the AMX code)
+constexpr int64_t AMX_ROWS = 128;        // most rows per block of the AMX path through whole rows
+// Rows per block in K chunks of AMX_TILE_BYTES / (AMX_CHUNK_ROWS * 64) 32-column blocks (2048 columns): each block
+// reads all of the inputs, so more rows per block read them less often, while narrower chunks carry more partial
+// sums. The down projection (4096x11008) in bf16 at 1024-2048 tokens: 0.96-1.01x / 0.91-0.93x of dense with 128
+// rows and 4096-column chunks, 1.05-1.12x / 0.96-1.00x with 256 and 2048 (384 or 512 rows: slower).
+constexpr int64_t AMX_CHUNK_ROWS = 256;
+constexpr int64_t AMX_TILE_BYTES = 1 << 20;  // decoded tiles per block (reused for every token)
+// From this many tokens, wide weights go in K chunks (amx_block). 4096x11008 in bf16, whole rows against K chunks:
+// 32 tokens 3.2 / 3.5 ms, 48 3.9 / 3.8, 64 5.5-6.0 / 4.9-5.4, 128 9.7 / 8.0-8.4 (256 until the partial sums were
+// stored per unit and prefetched).
+constexpr int64_t AMX_CHUNK_TOKENS = 48;
+// Most tokens per pass over the weight (each pass decodes the whole weight once). Two passes of 1024 tokens were
+// faster at 2048 while the K chunks' partial sums were strided through a [tokens][rows] array (4096x11008: 139 ms
+// in one pass, 2 x 55 ms in two); with each unit's sums in one prefetched 4 KiB piece (amx_block), one pass is
+// faster (85-87 ms against 90-91 ms in two).
+constexpr int64_t AMX_SLICE_TOKENS = 2048;
+// Tokens as A from n >= min(rows, columns) / AMX_TOKENS_AS_A_DIV tokens, weights through whole rows. Measured with
+// each rule paired against dense: the 7B block gains from 1024 tokens (0.98x -> 1.05x, and 0.94x -> 0.99x at 2048)
+// and loses 3% at 512; SmolLM2's 192-1536-wide layers gain from 64-256 tokens.
 #ifndef AMX_TOKENS_AS_A_DIV
 #define AMX_TOKENS_AS_A_DIV 4
 #endif
-bool amx_tokens_as_a(int64_t n, int64_t rows, int64_t cols) { return n * AMX_TOKENS_AS_A_DIV >= std::min(rows, cols); }
+
+struct AmxPlan {
+  bool chunked;           // K chunks (a wide weight, enough tokens)
+  bool tokens_as_a;       // which operand the A tiles hold
+  int64_t block_rows;     // rows per block, a multiple of 32
+  int64_t blocks;         // as many per thread
+  int64_t chunk_kb;       // 32-column blocks per K chunk (all of them without chunks)
+};
+
+AmxPlan amx_plan(int64_t n, int64_t rows, int64_t cols, int threads) {
+  AmxPlan plan;
+  const int64_t cpad = (cols + 63) / 64 * 64;
+  // the whole width with as many rows as fit in AMX_TILE_BYTES (at least 32), or AMX_CHUNK_ROWS rows in K chunks
+  const int64_t whole = std::max<int64_t>(32, std::min<int64_t>(AMX_ROWS, AMX_TILE_BYTES / (cpad * 2) / 32 * 32));
+  plan.chunked = n >= AMX_CHUNK_TOKENS && whole < AMX_ROWS;
+  // In K chunks the weights stay A: the inputs, laid out once as B tiles, are then read block after block as
+  // contiguous 1 KiB tiles instead of 16 rows far apart (4096x11008 at 1024 / 2048 tokens: 1.19-1.22x / 1.01-1.13x
+  // of dense with tokens as A, 1.29-1.30x / 1.11-1.18x with weights as A).
+  plan.tokens_as_a = !plan.chunked && n * AMX_TOKENS_AS_A_DIV >= std::min(rows, cols);
+  // blocks of one size, as many per thread: 576 rows were 128 x 4 + 64 (3 blocks against 2 on 2 threads), 320 rows
+  // in K chunks 256 + 64
+  const int64_t most = plan.chunked ? AMX_CHUNK_ROWS : whole;
+  const int64_t even = ((rows + most - 1) / most + threads - 1) / threads * threads;
+  plan.block_rows = ((rows + even - 1) / even + 31) / 32 * 32;
+  plan.blocks = (rows + plan.block_rows - 1) / plan.block_rows;
+  plan.chunk_kb = plan.chunked ? std::max<int64_t>(1, AMX_TILE_BYTES / (AMX_CHUNK_ROWS * 64)) : cpad / 32;
+  return plan;
+}
+
+bool amx_tokens_as_a(int64_t n, int64_t rows, int64_t cols) { return amx_plan(n, rows, cols, 1).tokens_as_a; }
 
 #if ATP_AMX
 // ------------------------------------------------------------------------------------------ AMX (bf16 x bf16)
@@ -894,19 +941,6 @@ struct TileConfig {
   uint8_t rows[16];
 };
 
-constexpr int64_t AMX_ROWS = 128;        // most rows per block of the AMX path through whole rows
-// Rows per block in K chunks of AMX_TILE_BYTES / (AMX_CHUNK_ROWS * 64) 32-column blocks (2048 columns): each block
-// reads all of the inputs, so more rows per block read them less often, while narrower chunks carry more partial
-// sums. The down projection (4096x11008) in bf16 at 1024-2048 tokens: 0.96-1.01x / 0.91-0.93x of dense with 128
-// rows and 4096-column chunks, 1.05-1.12x / 0.96-1.00x with 256 and 2048 (384 or 512 rows: slower).
-constexpr int64_t AMX_CHUNK_ROWS = 256;
-constexpr int64_t AMX_TILE_BYTES = 1 << 20;  // decoded tiles per block (reused for every token)
-constexpr int64_t AMX_CHUNK_TOKENS = 256;  // from this many tokens, wide weights go in K chunks (amx_block)
-// Most tokens per pass over the weight (each pass decodes the whole weight once). Two passes of 1024 tokens were
-// faster at 2048 while the K chunks' partial sums were strided through a [tokens][rows] array (4096x11008: 139 ms
-// in one pass, 2 x 55 ms in two); with each unit's sums in one prefetched 4 KiB piece (amx_block), one pass is
-// faster (85-87 ms against 90-91 ms in two).
-constexpr int64_t AMX_SLICE_TOKENS = 2048;
 
 
 // 32 fp32 results (two vectors of 16 rows) into y's dtype, one token's 32 consecutive outputs, stored under mask
@@ -1025,19 +1059,18 @@ inline void amx_decode_rows(const Op& op, int64_t r0, int64_t RB, int64_t kb0, i
 // piece, the pieces in the order the units run (block, token pair, 32 rows), so that the next unit's piece can be
 // prefetched while this one multiplies. (Tiles strided through a [tokens][rows] array put each of their 16 rows
 // on another page, missed at every chunk: the down projection at 2048 tokens spent a fifth of its time there.)
-// With many tokens a wide weight (the down
-// projection's 11008 columns) goes in K chunks with more rows per block than the 32 whose whole width fits in the
-// scratch, so its inputs are read less often (4096x11008 bf16 at 256-512 tokens, 128 rows: 22.3 -> 19.2 and
-// 42.7 -> 34.8 ms; AMX_CHUNK_ROWS says why 256 now); with few tokens the decoding dominates and runs faster through
-// whole rows (at 16 tokens: 3.5 ms whole, 4.8 ms chunked).
+// From AMX_CHUNK_TOKENS tokens a wide weight (the down projection's 11008 columns) goes in K chunks with more rows
+// per block than the 32 whose whole width fits in the scratch, so its inputs are read less often (4096x11008 bf16
+// at 256-512 tokens, 128 rows: 22.3 -> 19.2 and 42.7 -> 34.8 ms; AMX_CHUNK_ROWS says why 256 now); with fewer
+// tokens the decoding dominates and the partial sums' traffic does not pay.
 //
-// Which operand is A (amx_linear chooses): weights as A (TokensAsA false) decode rows straight into A tiles, the
+// Which operand is A (amx_plan chooses): weights as A (TokensAsA false) decode rows straight into A tiles, the
 // inputs are laid out as B tiles (amx_inputs: a transpose per 16 tokens x 32 columns) and every finished unit is
 // transposed into y; tokens as A (true) read the inputs as they are (x itself, or a row-major copy where a tile load
 // would read past x's rows or its row stride is a multiple of 4 KiB: amx_linear), transpose
 // each decoded 16 x 32 block of weights into a B tile instead, and write finished units into y row by row. The
 // first transposes per token, the second per weight: the second wins once the tokens outnumber about a quarter of
-// the weight's smaller side (amx_tokens_as_a).
+// the weight's smaller side, except in K chunks (amx_plan).
 //
 // A unit's sums are written into y only after the next unit's multiplies are issued, so the vector work of the
 // write runs while the tile unit works (SmolLM2-sized layers 12-15% faster).
@@ -1088,6 +1121,19 @@ void amx_block(const Op& op, const uint16_t* xv, int64_t ldx, const uint16_t* ta
       const uint16_t* x1 = TokensAsA ? (pair ? token_rows(tb + 1) + kb0 * 32 : x0) : x0 + cpad * 16;
       constexpr int64_t x_step = TokensAsA ? 32 : 512;
       const int64_t x_stride = TokensAsA ? ldx * 2 : 64;
+      // In K chunks (weights as A: amx_plan) every block reads all the inputs, so each pair's first strip read
+      // them from memory: the next pair's input tiles for this chunk (or the first pair's for the next chunk) go
+      // into L2 while this pair's strips run, spread over all their steps (4096x11008 at 1024-2048 tokens: 5-10%)
+      const char* next_x[2] = {nullptr, nullptr};
+      int64_t next_x_lines = 0;  // 64-byte lines per token tile
+      if (!TokensAsA && yT && (tb + 2 < ntb || kb1 < nkb)) {
+        const bool same_chunk = tb + 2 < ntb;
+        const int64_t t = same_chunk ? tb + 2 : 0, k = same_chunk ? kb0 : kb1;
+        next_x[0] = reinterpret_cast<const char*>(xv + t * cpad * 16 + k * 512);
+        if (t + 1 < ntb) next_x[1] = next_x[0] + cpad * 32;
+        next_x_lines = (same_chunk ? nk : std::min(KC, nkb - kb1)) * 16;
+      }
+      const int64_t x_lines_per_step = (2 * next_x_lines + strips * nk - 1) / (strips * nk);
       for (int64_t s = 0; s < RB; s += 32) {
         // this unit's partial sums (K chunks only): sums 0-3 at 0, 256, 512, 768
         float* c = !yT ? nullptr : yT + (((r0 / RB) * npairs + tb / 2) * strips + s / 32) * 1024;
@@ -1118,6 +1164,13 @@ void amx_block(const Op& op, const uint16_t* xv, int64_t ldx, const uint16_t* ta
           if (next_c)
             for (int64_t line = kb * lines_per_step; line < std::min<int64_t>(64, (kb + 1) * lines_per_step); ++line)
               _mm_prefetch(next_c + line * 64, _MM_HINT_T0);
+          if (next_x_lines) {
+            const int64_t first = ((s / 32) * nk + kb) * x_lines_per_step;
+            for (int64_t l = first; l < std::min(2 * next_x_lines, first + x_lines_per_step); ++l) {
+              const bool second = l >= next_x_lines;
+              if (next_x[second]) _mm_prefetch(next_x[second] + (l - second * next_x_lines) * 64, _MM_HINT_T1);
+            }
+          }
           _tile_loadd(4, a0 + kb * a_step, a_stride);
           _tile_loadd(6, b0 + kb * b_step, b_stride);
           _tile_dpbf16ps(0, 4, 6);
@@ -1456,8 +1509,9 @@ void amx_linear(const torch::Tensor& mask, const torch::Tensor& values, const to
 #if ATP_AMX
   const int64_t ntb = (n + TILE - 1) / TILE, tpad = ntb * TILE, nkb = cpad / 32;
   const auto xb = x.to(torch::kBFloat16).contiguous();
-  // tokens as A once they outnumber a third of the weight's smaller side (amx_block says why)
-  const bool tokens_as_a = amx_tokens_as_a(n, rows, x.size(1));
+  const int nt = at::get_num_threads();
+  const AmxPlan plan = amx_plan(n, rows, x.size(1), nt);
+  const bool tokens_as_a = plan.tokens_as_a;
   // Tokens as A read x itself when its rows are whole 32-column blocks and their stride is not a multiple of 4 KiB
   // (then the 16 rows of a tile would share one L1 set); a partial last token tile goes through `tail`, padded with
   // zeros to 16 rows. Otherwise a copy, padded, with 64 more bytes per row (SmolLM2's 576-wide layers at 512
@@ -1484,19 +1538,7 @@ void amx_linear(const torch::Tensor& mask, const torch::Tensor& values, const to
     amx_input_rows(xb.data_ptr<at::BFloat16>(), n, x.size(1), ldx, tpad, xvp);
   else if (!tokens_as_a)
     amx_inputs(xb.data_ptr<at::BFloat16>(), n, x.size(1), nkb, xvp);
-  // rows per block and 32-column blocks per K chunk, the chunk's decoded tiles about AMX_TILE_BYTES: the whole
-  // width with as many rows as fit (at least 32), or, from AMX_CHUNK_TOKENS tokens, AMX_CHUNK_ROWS rows in K chunks
-  const int64_t whole = std::max<int64_t>(32, std::min<int64_t>(AMX_ROWS, AMX_TILE_BYTES / (cpad * 2) / 32 * 32));
-  const bool chunked = n >= AMX_CHUNK_TOKENS && whole < AMX_ROWS;
-  const int nt = at::get_num_threads();
-  int64_t RB = chunked ? AMX_CHUNK_ROWS : whole;
-  const int64_t KC = chunked ? std::max<int64_t>(1, AMX_TILE_BYTES / (AMX_CHUNK_ROWS * 64)) : nkb;
-  int64_t blocks = (rows + RB - 1) / RB;
-  if (!chunked) {  // blocks of one size, as many per thread: 576 rows were 128 x 4 + 64 (3 blocks vs 2 on 2 threads)
-    const int64_t even = (blocks + nt - 1) / nt * nt;
-    RB = ((rows + even - 1) / even + 31) / 32 * 32;
-    blocks = (rows + RB - 1) / RB;
-  }
+  const int64_t RB = plan.block_rows, KC = plan.chunk_kb, blocks = plan.blocks;
   // partial sums between K chunks, 4 KiB per unit of 32 rows x 32 tokens (amx_block)
   float* yTp = nullptr;
   if (KC < nkb) {
@@ -1610,5 +1652,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("amx_tokens_as_a", &amx_tokens_as_a, "whether the AMX path puts the tokens in the A tiles for this call",
         py::arg("tokens"), py::arg("rows"), py::arg("cols"));
   m.attr("AMX_SLICE_TOKENS") = AMX_SLICE_TOKENS;
+  m.attr("AMX_CHUNK_TOKENS") = AMX_CHUNK_TOKENS;
 #endif
 }

@@ -179,19 +179,20 @@ def test_amx_path_for_bf16_where_the_cpu_has_it(monkeypatch):
 
 
 def test_amx_path_in_k_chunks_matches_whole_rows_and_dense(monkeypatch):
-    """From 256 tokens a weight wider than 4096 columns goes through the tile unit in K chunks (partial sums carried
-    in the output tiles, 256 rows per block): 4500 columns make two 2048-column chunks and a 404-column one, 40 rows
-    leave most of the block past the matrix, 261 tokens an odd lone token tile. Against dense and against the same
-    weight with fewer tokens (whole rows, no chunks)."""
+    """From AMX_CHUNK_TOKENS tokens a weight wider than 4096 columns goes through the tile unit in K chunks
+    (partial sums carried between chunks, 256 rows per block): 4500 columns make two 2048-column chunks and a
+    404-column one, 40 rows leave most of the block past the matrix, 261 tokens an odd lone token tile. Against
+    dense and against the same weight with fewer tokens than that (whole rows, no chunks)."""
     if not (kernels.get() is not None and kernels.isa() == "avx512" and kernels.has_amx()):
         pytest.skip("needs the AMX path")
+    few = kernels.get().AMX_CHUNK_TOKENS - 1
     monkeypatch.setattr(sparse_linear, "_policy", "sparse")
     w = pruned_weight(40, 4500, 0.7, torch.bfloat16, seed=5, empty_rows=(7,), dense_rows=(39,))
     bias = torch.randn(40).to(torch.bfloat16)
     x = torch.randn(261, 4500, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
     chunked = check(w, bias, x, torch.bfloat16)
-    whole = check(w, bias, x[:100], torch.bfloat16)
-    assert torch.allclose(chunked[:100].float(), whole.float(), atol=0.05, rtol=0.02)
+    whole = check(w, bias, x[:few], torch.bfloat16)
+    assert torch.allclose(chunked[:few].float(), whole.float(), atol=0.05, rtol=0.02)
 
 
 def test_amx_path_goes_in_token_slices_beyond_its_pass_size():
@@ -245,10 +246,12 @@ def test_amx_path_writes_each_output_dtype_as_torch_rounds_it():
 @pytest.mark.parametrize("rows,cols,tokens,tokens_as_a", [
     (1100, 576, 40, False),    # weights as A, whole rows; a lone last token tile (40 = 2 x 16 + 8)
     (1100, 4500, 261, False),  # weights as A in K chunks (2048 + 2048 + 404 columns), a lone last token tile
+    (1100, 4500, 65, False),   # the same just past AMX_CHUNK_TOKENS, a lone partial last token tile
     (300, 576, 80, True),      # tokens as A, whole rows, x's rows read in place
     (300, 576, 77, True),      # the same with a partial last token tile (padded apart)
-    (300, 4544, 261, True),    # tokens as A in K chunks, x in place, a lone partial last token tile
-    (300, 4500, 261, True),    # tokens as A in K chunks, x copied (4500 columns are no whole 64-column block)
+    (300, 4544, 261, False),   # in K chunks the weights stay A even with many tokens; 300 rows = 2 x 160
+    (300, 4500, 1100, False),  # the same with 4500 columns (no whole 64-column block), 35 token tiles
+    (300, 4096, 261, True),    # tokens as A, x copied: its rows 8 KiB apart would share one L1 set
     (64, 2048, 50, True),      # x copied: its rows 4 KiB apart would share one L1 set
     (45, 333, 37, True),       # tokens as A, partial row tile, partial column block, partial token tile
 ])
@@ -281,7 +284,7 @@ def test_amx_scratch_kept_across_calls_never_leaks_a_previous_call():
     if not (kern is not None and kernels.isa() == "avx512" and kernels.has_amx()):
         pytest.skip("needs the AMX path")
     g = torch.Generator().manual_seed(11)
-    w = pruned_weight(70, 4500, 0.7, torch.bfloat16, seed=12)  # wider than a K chunk: partial sums from 256 tokens
+    w = pruned_weight(70, 4500, 0.7, torch.bfloat16, seed=12)  # wider than a K chunk: partial sums at 300 tokens
     p = fmt.pack(w)
 
     def amx(inputs):
