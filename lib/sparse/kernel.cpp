@@ -874,10 +874,11 @@ constexpr int64_t AMX_ROWS = 128;        // most rows per block of the AMX path 
 // rows and 4096-column chunks, 1.05-1.12x / 0.96-1.00x with 256 and 2048 (384 or 512 rows: slower).
 constexpr int64_t AMX_CHUNK_ROWS = 256;
 constexpr int64_t AMX_TILE_BYTES = 1 << 20;  // decoded tiles per block (reused for every token)
-// From this many tokens, wide weights go in K chunks (amx_block). 4096x11008 in bf16, whole rows against K chunks:
-// 32 tokens 3.2 / 3.5 ms, 48 3.9 / 3.8, 64 5.5-6.0 / 4.9-5.4, 128 9.7 / 8.0-8.4 (256 until the partial sums were
-// stored per unit and prefetched).
-constexpr int64_t AMX_CHUNK_TOKENS = 48;
+// From this many tokens, weights wider than one K chunk go in K chunks (amx_block). In bf16, whole rows against K
+// chunks: 4096x11008 at 32 tokens 3.2 / 3.5 ms, 48 3.9 / 3.8, 64 5.5-6.0 / 4.9-5.4, 128 9.7 / 8.0-8.4; 4096x4096 at
+// 48 1.4 / 1.5, 64-128 equal, 256-2048 1.02-1.10x faster in chunks (256 tokens and wider than 4096 columns until
+// the partial sums were stored per unit and prefetched).
+constexpr int64_t AMX_CHUNK_TOKENS = 64;
 // Most tokens per pass over the weight (each pass decodes the whole weight once). Two passes of 1024 tokens were
 // faster at 2048 while the K chunks' partial sums were strided through a [tokens][rows] array (4096x11008: 139 ms
 // in one pass, 2 x 55 ms in two); with each unit's sums in one prefetched 4 KiB piece (amx_block), one pass is
@@ -903,10 +904,12 @@ AmxPlan amx_plan(int64_t n, int64_t rows, int64_t cols, int threads) {
   const int64_t cpad = (cols + 63) / 64 * 64;
   // the whole width with as many rows as fit in AMX_TILE_BYTES (at least 32), or AMX_CHUNK_ROWS rows in K chunks
   const int64_t whole = std::max<int64_t>(32, std::min<int64_t>(AMX_ROWS, AMX_TILE_BYTES / (cpad * 2) / 32 * 32));
-  plan.chunked = n >= AMX_CHUNK_TOKENS && whole < AMX_ROWS;
+  const int64_t chunk_kb = std::max<int64_t>(1, AMX_TILE_BYTES / (AMX_CHUNK_ROWS * 64));
+  plan.chunked = n >= AMX_CHUNK_TOKENS && cpad / 32 > chunk_kb;
   // In K chunks the weights stay A: the inputs, laid out once as B tiles, are then read block after block as
   // contiguous 1 KiB tiles instead of 16 rows far apart (4096x11008 at 1024 / 2048 tokens: 1.19-1.22x / 1.01-1.13x
-  // of dense with tokens as A, 1.29-1.30x / 1.11-1.18x with weights as A).
+  // of dense with tokens as A, 1.29-1.30x / 1.11-1.18x with weights as A; 11008x4096 at 2048, tokens as A through
+  // whole rows 1.07x, weights as A in chunks 1.18x).
   plan.tokens_as_a = !plan.chunked && n * AMX_TOKENS_AS_A_DIV >= std::min(rows, cols);
   // blocks of one size, as many per thread: 576 rows were 128 x 4 + 64 (3 blocks against 2 on 2 threads), 320 rows
   // in K chunks 256 + 64
@@ -914,7 +917,7 @@ AmxPlan amx_plan(int64_t n, int64_t rows, int64_t cols, int threads) {
   const int64_t even = ((rows + most - 1) / most + threads - 1) / threads * threads;
   plan.block_rows = ((rows + even - 1) / even + 31) / 32 * 32;
   plan.blocks = (rows + plan.block_rows - 1) / plan.block_rows;
-  plan.chunk_kb = plan.chunked ? std::max<int64_t>(1, AMX_TILE_BYTES / (AMX_CHUNK_ROWS * 64)) : cpad / 32;
+  plan.chunk_kb = plan.chunked ? chunk_kb : cpad / 32;
   return plan;
 }
 

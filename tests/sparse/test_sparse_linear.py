@@ -251,7 +251,8 @@ def test_amx_path_writes_each_output_dtype_as_torch_rounds_it():
     (300, 576, 77, True),      # the same with a partial last token tile (padded apart)
     (300, 4544, 261, False),   # in K chunks the weights stay A even with many tokens; 300 rows = 2 x 160
     (300, 4500, 1100, False),  # the same with 4500 columns (no whole 64-column block), 35 token tiles
-    (300, 4096, 261, True),    # tokens as A, x copied: its rows 8 KiB apart would share one L1 set
+    (200, 4096, 60, True),     # tokens as A, x copied: its rows 8 KiB apart would share one L1 set
+    (200, 4096, 64, False),    # from AMX_CHUNK_TOKENS, 4096 columns go in two K chunks, weights as A
     (64, 2048, 50, True),      # x copied: its rows 4 KiB apart would share one L1 set
     (45, 333, 37, True),       # tokens as A, partial row tile, partial column block, partial token tile
 ])
