@@ -18,6 +18,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include <type_traits>
 #include <vector>
 #if defined(__linux__)
@@ -1058,9 +1061,9 @@ inline void amx_decode_rows(const Op& op, int64_t r0, int64_t RB, int64_t kb0, i
 
 // One block of RB rows (a multiple of 32: at most AMX_ROWS, or AMX_CHUNK_ROWS in K chunks) against every token, in
 // units of 32 rows x 32 tokens (2 x 2 tiles). The columns go in chunks of KC 32-column blocks, each decoded once and
-// multiplied by every token, the partial sums carried in yT between chunks: each unit's four tiles in one 4 KiB
-// piece, the pieces in the order the units run (block, token pair, 32 rows), so that the next unit's piece can be
-// prefetched while this one multiplies. (Tiles strided through a [tokens][rows] array put each of their 16 rows
+// multiplied by every token, the partial sums carried in yT (this thread's, for one block at a time) between
+// chunks: each unit's four tiles in one 4 KiB piece, the pieces in the order the units run (token pair, 32 rows),
+// so that the next unit's piece can be prefetched while this one multiplies. (Tiles strided through a [tokens][rows] array put each of their 16 rows
 // on another page, missed at every chunk: the down projection at 2048 tokens spent a fifth of its time there.)
 // From AMX_CHUNK_TOKENS tokens a wide weight (the down projection's 11008 columns) goes in K chunks with more rows
 // per block than the 32 whose whole width fits in the scratch, so its inputs are read less often (4096x11008 bf16
@@ -1097,7 +1100,7 @@ void amx_block(const Op& op, const uint16_t* xv, int64_t ldx, const uint16_t* ta
     pending.sums = nullptr;
   };
   int unit = 0;
-  const int64_t nkb = op.words * 2, cpad = op.words * 64, npairs = (ntb + 1) / 2, strips = RB / 32;
+  const int64_t nkb = op.words * 2, cpad = op.words * 64, strips = RB / 32;
   const at::BFloat16* vals = static_cast<const at::BFloat16*>(op.vals);
   const at::BFloat16* cur[std::max(AMX_ROWS, AMX_CHUNK_ROWS)];
   for (int64_t i = 0; i < RB; ++i) cur[i] = vals + op.off[std::min(r0 + i, op.rows - 1)];
@@ -1139,7 +1142,7 @@ void amx_block(const Op& op, const uint16_t* xv, int64_t ldx, const uint16_t* ta
       const int64_t x_lines_per_step = (2 * next_x_lines + strips * nk - 1) / (strips * nk);
       for (int64_t s = 0; s < RB; s += 32) {
         // this unit's partial sums (K chunks only): sums 0-3 at 0, 256, 512, 768
-        float* c = !yT ? nullptr : yT + (((r0 / RB) * npairs + tb / 2) * strips + s / 32) * 1024;
+        float* c = !yT ? nullptr : yT + ((tb / 2) * strips + s / 32) * 1024;
         // and the next unit's, on their way into L1 while this one multiplies (none after the block's last)
         const char* next_c = c && (tb + 2 < ntb || s + 32 < RB) ? reinterpret_cast<const char*>(c + 1024) : nullptr;
         const int64_t lines_per_step = (64 + nk - 1) / nk;
@@ -1542,10 +1545,12 @@ void amx_linear(const torch::Tensor& mask, const torch::Tensor& values, const to
   else if (!tokens_as_a)
     amx_inputs(xb.data_ptr<at::BFloat16>(), n, x.size(1), nkb, xvp);
   const int64_t RB = plan.block_rows, KC = plan.chunk_kb, blocks = plan.blocks;
-  // partial sums between K chunks, 4 KiB per unit of 32 rows x 32 tokens (amx_block)
+  // partial sums between K chunks, 4 KiB per unit of 32 rows x 32 tokens (amx_block), a block's worth per thread
+  // (one per block held 90 MB for 11008x4096 at 2048 tokens)
   float* yTp = nullptr;
+  const int64_t block_sums = RB * ((ntb + 1) / 2 * 32);
   if (KC < nkb) {
-    const int64_t sum_elems = blocks * RB * ((ntb + 1) / 2 * 32);
+    const int64_t sum_elems = nt * block_sums;
     yTp = static_cast<float*>(amx_sum_scratch.acquire(sum_elems * 4, sum_guard));
     if (!yTp) {
       own_sums = torch::empty({sum_elems}, x.options().dtype(torch::kFloat));
@@ -1563,12 +1568,18 @@ void amx_linear(const torch::Tensor& mask, const torch::Tensor& values, const to
     const int64_t chunk = RB * std::min(nkb, KC) * 32;
     if (abuf.size() < static_cast<size_t>(chunk + 32)) abuf.resize(chunk + 32);
     uint16_t* tiles = reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(abuf.data()) + 63) & ~uintptr_t(63));
+#ifdef _OPENMP
+    const int slot = omp_get_thread_num();
+#else
+    const int slot = 0;
+#endif
+    float* sums = yTp ? yTp + slot * block_sums : nullptr;  // this thread's partial sums, one block at a time
 #pragma omp for schedule(dynamic, 1)
     for (int64_t b = 0; b < blocks; ++b) {
       if (tokens_as_a)
-        amx_block<true>(op, xvp, ldx, tailp, ntb, yTp, b * RB, RB, KC, tiles, out);
+        amx_block<true>(op, xvp, ldx, tailp, ntb, sums, b * RB, RB, KC, tiles, out);
       else
-        amx_block<false>(op, xvp, 0, nullptr, ntb, yTp, b * RB, RB, KC, tiles, out);
+        amx_block<false>(op, xvp, 0, nullptr, ntb, sums, b * RB, RB, KC, tiles, out);
     }
   }
 #endif
