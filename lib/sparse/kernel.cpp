@@ -870,7 +870,11 @@ ATP_TARGET_END
 
 // ------------------------------------------------------------------------------------- the AMX path's plan
 // (amx_block says what the choices mean; they are plain arithmetic, outside the AMX code)
-constexpr int64_t AMX_ROWS = 128;        // most rows per block of the AMX path through whole rows
+// Most rows per block of the AMX path through whole rows (fewer where AMX_TILE_BYTES holds fewer: 128 at 4096
+// columns). Every block reads all the inputs, so narrow weights want many rows per block: SmolLM2's layers (576 and
+// 1536 columns) at 1024 / 2048 tokens went 1.23-1.29x / 0.87-0.93x -> 1.33-1.44x / 1.09-1.13x of dense from 128
+// to 512 rows (1024 rows: no better).
+constexpr int64_t AMX_ROWS = 512;
 // Rows per block in K chunks of AMX_TILE_BYTES / (AMX_CHUNK_ROWS * 64) 32-column blocks (2048 columns): each block
 // reads all of the inputs, so more rows per block read them less often, while narrower chunks carry more partial
 // sums. The down projection (4096x11008) in bf16 at 1024-2048 tokens: 0.96-1.01x / 0.91-0.93x of dense with 128
@@ -914,8 +918,8 @@ AmxPlan amx_plan(int64_t n, int64_t rows, int64_t cols, int threads) {
   // of dense with tokens as A, 1.29-1.30x / 1.11-1.18x with weights as A; 11008x4096 at 2048, tokens as A through
   // whole rows 1.07x, weights as A in chunks 1.18x).
   plan.tokens_as_a = !plan.chunked && n * AMX_TOKENS_AS_A_DIV >= std::min(rows, cols);
-  // blocks of one size, as many per thread: 576 rows were 128 x 4 + 64 (3 blocks against 2 on 2 threads), 320 rows
-  // in K chunks 256 + 64
+  // blocks of one size, as many per thread: 576 rows on 2 threads are 2 x 288, not 512 + 64; 320 rows in K chunks
+  // 2 x 160, not 256 + 64
   const int64_t most = plan.chunked ? AMX_CHUNK_ROWS : whole;
   const int64_t even = ((rows + most - 1) / most + threads - 1) / threads * threads;
   plan.block_rows = ((rows + even - 1) / even + 31) / 32 * 32;

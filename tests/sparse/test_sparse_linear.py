@@ -343,8 +343,8 @@ def test_amx_scratch_busy_in_another_thread_gives_the_same_results():
 @pytest.mark.parametrize("rows", [31, 192, 576, 600, 1100])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_amx_row_blocks_split_evenly_over_threads_and_cover_every_row(rows, threads):
-    """The AMX path sizes its row blocks so each thread gets as many of one size (576 rows on 2 threads: 6 x 96,
-    not 4 x 128 + 64): every row is computed once, at any thread count, as dense computes it."""
+    """The AMX path sizes its row blocks so each thread gets as many of one size (576 rows on 2 threads: 2 x 288,
+    not 512 + 64; 1100 rows: 4 x 288): every row is computed once, at any thread count, as dense computes it."""
     kern = kernels.get()
     if not (kern is not None and kernels.isa() == "avx512" and kernels.has_amx()):
         pytest.skip("needs the AMX path")
