@@ -47,16 +47,22 @@ def isas():
     return kernels.supported_isas() if kernels.get() is not None else ["torch"]
 
 
-@pytest.fixture(params=["avx512", "avx2", "cpp", "torch"])
+@pytest.fixture(params=["avx512", "avx2", "avx2-blend", "cpp", "torch"])
 def isa(request):
-    """Every test runs on each instruction set this machine has (the others are skipped, not faked)."""
-    if request.param not in isas():
-        pytest.skip(f"{request.param} not available on this machine")
-    previous = kernels.set_isa(request.param)
+    """Every test runs on each instruction set this machine has (the others are skipped, not faked); the AVX2
+    decode in both of its ways of zeroing lanes (by AND, Intel's; by blend, AMD's) whatever this CPU's vendor."""
+    name = request.param.split("-")[0]
+    if name not in isas():
+        pytest.skip(f"{name} not available on this machine")
+    previous = kernels.set_isa(name)
+    kern = kernels.get()
+    zeroing = kern.set_avx2_zero_by_and(request.param != "avx2-blend") if kern is not None else None
     try:
-        yield request.param
+        yield name
     finally:
         kernels.set_isa(previous)
+        if zeroing is not None:
+            kern.set_avx2_zero_by_and(zeroing)
 
 
 @pytest.fixture(params=["sparse", "dense"])
