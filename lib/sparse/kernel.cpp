@@ -243,8 +243,8 @@ ATP_TARGET_BEGIN("avx2,fma,f16c,popcnt")
 // Expansion table, one 32-byte row per mask byte b: lane i <- packed value number popcount(b & ((1 << i) - 1))
 // when bit i is set, else -128 (sign bit set: the lane gets zeroed; vpermps reads only the low 3 bits). int32 rows
 // (8 KiB) load straight into the permute's index; byte rows (2 KiB) cost a widening shuffle per 8 columns on the
-// same port as the permute (AVX2 decode, 7B block, emulated AVX2 machine: 12.3-13.9 -> 12.4-13.0 ms with the AND
-// below, in cache 5-7% fewer cycles).
+// same port as the permute (with the and-not below: in cache 5-7% fewer cycles per 8 columns; the 7B block's decode
+// on the emulated AVX2 machine 2.61-2.66x -> 2.67-2.74x of dense).
 struct alignas(32) SelectTable {
   int32_t idx[256][8];
   SelectTable() {
@@ -285,7 +285,7 @@ inline float hsum8(__m256 a) {
   return _mm_cvtss_f32(s);
 }
 
-// One row against NT tokens. Per 8 columns: a byte-indexed table row, 8 packed values, one permute + blend (the
+// One row against NT tokens. Per 8 columns: a table row, 8 packed values, one permute and the zeroing (expand8: the
 // expanded weights), then one FMA per token. Mask bytes come out of one 64-bit word by shifts, the value pointer
 // advances by popcount. U accumulators per token keep the FMA chains independent.
 template <typename T, int NT, bool ZeroByAnd>
@@ -913,7 +913,7 @@ struct AmxPlan {
   bool chunked;           // K chunks (a wide weight, enough tokens)
   bool tokens_as_a;       // which operand the A tiles hold
   int64_t block_rows;     // rows per block, a multiple of 32
-  int64_t blocks;         // as many per thread
+  int64_t blocks;         // a multiple of the threads where the rows allow
   int64_t chunk_kb;       // 32-column blocks per K chunk (all of them without chunks)
 };
 
@@ -1078,12 +1078,13 @@ inline void amx_decode_rows(const Op& op, int64_t r0, int64_t RB, int64_t kb0, i
 // units of 32 rows x 32 tokens (2 x 2 tiles). The columns go in chunks of KC 32-column blocks, each decoded once and
 // multiplied by every token, the partial sums carried in yT (this thread's, for one block at a time) between
 // chunks: each unit's four tiles in one 4 KiB piece, the pieces in the order the units run (token pair, 32 rows),
-// so that the next unit's piece can be prefetched while this one multiplies. (Tiles strided through a [tokens][rows] array put each of their 16 rows
-// on another page, missed at every chunk: the down projection at 2048 tokens spent a fifth of its time there.)
-// From AMX_CHUNK_TOKENS tokens a wide weight (the down projection's 11008 columns) goes in K chunks with more rows
-// per block than the 32 whose whole width fits in the scratch, so its inputs are read less often (4096x11008 bf16
-// at 256-512 tokens, 128 rows: 22.3 -> 19.2 and 42.7 -> 34.8 ms; AMX_CHUNK_ROWS says why 256 now); with fewer
-// tokens the decoding dominates and the partial sums' traffic does not pay.
+// so that the next unit's piece can be prefetched while this one multiplies. (Tiles strided through a
+// [tokens][rows] array put each of their 16 rows on another page, missed at every chunk: the down projection at
+// 2048 tokens spent a fifth of its time there.) From AMX_CHUNK_TOKENS tokens a weight wider than one chunk (2048
+// columns) goes in K chunks with more rows per block than whole rows would fit (32 of the down projection's 11008
+// columns), so its inputs are read less often (4096x11008 bf16 at 256-512 tokens, 128 rows: 22.3 -> 19.2 and
+// 42.7 -> 34.8 ms; AMX_CHUNK_ROWS says why 256 now); with fewer tokens the decoding dominates and the partial sums'
+// traffic does not pay.
 //
 // Which operand is A (amx_plan chooses): weights as A (TokensAsA false) decode rows straight into A tiles, the
 // inputs are laid out as B tiles (amx_inputs: a transpose per 16 tokens x 32 columns) and every finished unit is
@@ -1461,7 +1462,7 @@ torch::Tensor spmm(torch::Tensor mask, torch::Tensor values, torch::Tensor row_o
 
 bool has_amx() { return amx_ready(); }
 
-// The AMX path's inputs laid out as tiles and its partial sums (22 MB and 16 MB for 1024 tokens on the 7B block's
+// The AMX path's inputs laid out as tiles and its partial sums (45 MB and 4 MB for 2048 tokens on the 7B block's
 // down projection), kept across calls on transparent huge pages where Linux offers them: a fresh buffer per call
 // paid its page faults every time, and on 4 KiB pages the tile loads walked the page tables every 4 KiB (the 7B
 // block in bf16 at 1024-2048 tokens: 3-4% faster). It only grows; release_scratch() frees it. A call that finds
