@@ -185,10 +185,10 @@ def test_amx_path_for_bf16_where_the_cpu_has_it(monkeypatch):
 
 
 def test_amx_path_in_k_chunks_matches_whole_rows_and_dense(monkeypatch):
-    """From AMX_CHUNK_TOKENS tokens a weight wider than 4096 columns goes through the tile unit in K chunks
-    (partial sums carried between chunks, 256 rows per block): 4500 columns make two 2048-column chunks and a
-    404-column one, 40 rows leave most of the block past the matrix, 261 tokens an odd lone token tile. Against
-    dense and against the same weight with fewer tokens than that (whole rows, no chunks)."""
+    """From AMX_CHUNK_TOKENS tokens a weight wider than one 2048-column chunk goes through the tile unit in K chunks
+    (partial sums carried between chunks): 4500 columns make two 2048-column chunks and a 404-column one, 40 rows
+    one 64-row block with 24 rows past the matrix, 261 tokens an odd lone token tile. Against dense and against the
+    same weight with fewer tokens than that (whole rows, no chunks)."""
     if not (kernels.get() is not None and kernels.isa() == "avx512" and kernels.has_amx()):
         pytest.skip("needs the AMX path")
     few = kernels.get().AMX_CHUNK_TOKENS - 1
@@ -366,12 +366,12 @@ def test_amx_row_blocks_split_evenly_over_threads_and_cover_every_row(rows, thre
     torch.testing.assert_close(y, F.linear(x.float(), w.float()), rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("rows,tokens", [(1100, 261), (600, 300)])  # weights as A, tokens as A
+@pytest.mark.parametrize("rows,tokens", [(1100, 261), (600, 300)])  # 4-5 row blocks, a lone token tile or not
 @pytest.mark.parametrize("threads", [2, 3])
 def test_amx_k_chunk_partial_sums_never_shared_between_threads(rows, tokens, threads):
     """In K chunks every unit of 32 rows x 32 tokens keeps its partial sums in its own piece of the scratch while
-    the threads run their row blocks side by side: at 2 and 3 threads the result is bit-identical to 1 thread's
-    and matches dense, in both operand layouts."""
+    the threads run their row blocks side by side: at 2 and 3 threads (other row blocks, the same order of sums
+    per output) the result is bit-identical to 1 thread's and matches dense."""
     kern = kernels.get()
     if not (kern is not None and kernels.isa() == "avx512" and kernels.has_amx()):
         pytest.skip("needs the AMX path")
