@@ -393,6 +393,37 @@ def test_amx_k_chunk_partial_sums_never_shared_between_threads(rows, tokens, thr
     torch.testing.assert_close(one, F.linear(x.bfloat16().float(), w.float()), rtol=1e-5, atol=2e-4)
 
 
+@pytest.mark.parametrize("rows,cols,tokens,threads,tall", [
+    (400, 576, 300, 1, True),    # 3 groups (the last of 3 tiles) x 3 items: tall
+    (400, 576, 300, 3, True),    # 9 items for 3 threads
+    (193, 576, 270, 1, True),    # a tall item of one row after a full one
+    (400, 576, 100, 2, False),   # one group: 3 tall items would leave a thread idle
+    (200, 2100, 300, 1, False),  # wider than 2048 columns
+])
+def test_tiled_kernel_tall_and_standard_items_match_dense(rows, cols, tokens, threads, tall):
+    """The AVX-512 tiled kernel takes work items of 192 rows (wider column blocks) where that leaves two items per
+    thread and the weight is at most 2048 wide, else 96: both kinds, with partial last items and groups, as dense."""
+    kern = kernels.get()
+    if kern is None or "avx512" not in kernels.supported_isas():
+        pytest.skip("needs the AVX-512 kernel")
+    previous = kernels.set_isa("avx512")
+    try:
+        assert kern.tiled_item_rows(tokens, rows, cols, threads, kernels.ISA_CODE) == (192 if tall else 96)
+        w = pruned_weight(rows, cols, 0.6, torch.float32, seed=rows + tokens, empty_rows=(1,), dense_rows=(rows - 1,))
+        p = fmt.pack(w)
+        x = torch.randn(tokens, cols, generator=torch.Generator().manual_seed(cols))
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            y = kern.linear(x, p["mask"], p["values"], p["row_offsets"], None, cols, 1, kernels.ISA_CODE)
+        finally:
+            torch.set_num_threads(before)
+    finally:
+        kernels.set_isa(previous)
+    ref = F.linear(x, w)
+    assert (y - ref).abs().max().item() <= TOL[torch.float32] * max(1.0, ref.abs().max().item())
+
+
 def test_dense_workspace_is_shared_and_bounded(policy):
     """The dense path unpacks into one workspace per dtype (the largest Linear's size), never a copy per layer."""
     if kernels.get() is None or policy != "dense":
