@@ -1,9 +1,10 @@
 // Bitmask-packed sparse Linear kernels (see format.py for the layout). fp32 accumulation for every value dtype.
 //
 // One extension, three instruction sets chosen at run time (the `isa` argument of every entry point; kernels.py
-// picks the best the CPU has, ATP_SPARSE_ISA forces one): 2 = AVX-512 (F, BW, VL, VBMI2 + BMI2), 1 = AVX2 (+FMA,
-// F16C), 0 = portable C++. The file is compiled for the baseline x86-64 (no -march=native); the SIMD code sits in
-// regions compiled for their instruction set (function-level target attributes), so one build runs on any CPU.
+// picks the best the CPU has, ATP_SPARSE_ISA forces one): 2 = AVX-512 (F, BW, VL, DQ + BMI2; bf16/fp16 values also
+// need VBMI2, else they take AVX2), 1 = AVX2 (+FMA, F16C), 0 = portable C++. The file is compiled for the baseline
+// x86-64 (no -march=native); the SIMD code sits in regions compiled for their instruction set (function-level
+// target attributes), so one build runs on any CPU. The AVX-512 region may use VBMI2 only in code for 16-bit values.
 //
 // decode:  y[t, r] = sum_j W[r, j] x[t, j] for a few tokens: one pass over each packed row, the expanded weights
 //          reused for up to 4 tokens at a time (more tokens: the row is re-read from L1).
@@ -1293,7 +1294,7 @@ int64_t detect_isa() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-      __builtin_cpu_supports("avx512vbmi2") && __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("avx2") &&
+      __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("avx2") &&
       __builtin_cpu_supports("fma"))
     return ISA_AVX512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("popcnt"))
@@ -1304,11 +1305,25 @@ int64_t detect_isa() {
 
 const int64_t BEST_ISA = detect_isa();
 
+// VBMI2's 16-bit expand-loads (Ice Lake, Zen 4 and later; not Skylake-SP / Cascade Lake): the AVX-512 kernels
+// need them for bf16 and fp16 values only (fp32 expands with AVX-512 F). Without them those values take the AVX2
+// kernels: widening the values to expand them as 32-bit lanes instead ran the bf16 decode at 1.51x dense against
+// 2.43x (7B shapes, 70%). set_avx512_vbmi2(false) lets the tests run this CPU as one without.
+bool cpu_vbmi2() {
+#if ATP_X86
+  __builtin_cpu_init();
+  return BEST_ISA == ISA_AVX512 && __builtin_cpu_supports("avx512vbmi2");
+#else
+  return false;
+#endif
+}
+bool use_vbmi2 = cpu_vbmi2();
+
 // AMX-TILE + AMX-BF16 reported by the CPU and the tile state granted to this process by Linux (asked once).
 bool amx_ready() {
 #if ATP_AMX
   static const bool ready = [] {
-    if (BEST_ISA != ISA_AVX512) return false;  // the row decode uses AVX-512 expand-loads
+    if (!cpu_vbmi2()) return false;  // the row decode uses VBMI2's 16-bit expand-loads
     unsigned a = 0, b = 0, c = 0, d = 0;
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !((d >> 22) & 1u) || !((d >> 24) & 1u)) return false;
     return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
@@ -1319,9 +1334,12 @@ bool amx_ready() {
 #endif
 }
 
-int64_t checked_isa(int64_t isa) {
+// The instruction set a call on these values runs: the one asked for, except 16-bit values on AVX-512 without
+// VBMI2, which take AVX2.
+int64_t checked_isa(int64_t isa, const torch::Tensor& values) {
   TORCH_CHECK(isa >= ISA_SCALAR && isa <= ISA_AVX512, "isa must be 0 (C++), 1 (AVX2) or 2 (AVX-512)");
   TORCH_CHECK(isa <= BEST_ISA, "this CPU does not support the requested instruction set (best: ", BEST_ISA, ")");
+  if (isa == ISA_AVX512 && values.element_size() == 2 && !use_vbmi2) return ISA_AVX2;
   return isa;
 }
 
@@ -1432,7 +1450,7 @@ torch::Tensor spmv(torch::Tensor mask, torch::Tensor values, torch::Tensor row_o
   check(mask, values, row_offsets);
   TORCH_CHECK(x.dtype() == torch::kFloat && x.dim() == 2 && x.is_contiguous() && x.size(1) == mask.size(1) * 64,
               "x: fp32 [ntok, words*64] contiguous");
-  isa = checked_isa(isa);
+  isa = checked_isa(isa, values);
   auto y = torch::empty({x.size(0), mask.size(0)}, x.options());
   const Op op = make_op(mask, values, row_offsets, x.data_ptr<float>(), y.data_ptr<float>(), x.size(0));
   ATP_DISPATCH(values, decode_run, op, isa);
@@ -1475,7 +1493,7 @@ torch::Tensor spmm(torch::Tensor mask, torch::Tensor values, torch::Tensor row_o
   check(mask, values, row_offsets);
   TORCH_CHECK(x.dtype() == torch::kFloat && x.dim() == 2 && x.size(1) <= mask.size(1) * 64,
               "x: fp32 [ntok, in_features]");
-  isa = checked_isa(isa);
+  isa = checked_isa(isa, values);
   const int64_t ntok = x.size(0);
   auto y = torch::empty({ntok, mask.size(0)}, x.options());
   if (ntok == 0) return y;
@@ -1485,7 +1503,16 @@ torch::Tensor spmm(torch::Tensor mask, torch::Tensor values, torch::Tensor row_o
   return y;
 }
 
-bool has_amx() { return amx_ready(); }
+bool has_amx() { return amx_ready() && use_vbmi2; }
+
+bool has_vbmi2() { return use_vbmi2; }
+
+// Returns the previous setting; only switches VBMI2 off on a CPU that has it (on one without it stays off).
+bool set_avx512_vbmi2(bool on) {
+  const bool before = use_vbmi2;
+  use_vbmi2 = on && cpu_vbmi2();
+  return before;
+}
 
 // The AMX path's inputs laid out as tiles and its partial sums (45 MB and 4 MB for 2048 tokens on the 7B block's
 // down projection), kept across calls on transparent huge pages where Linux offers them: a fresh buffer per call
@@ -1558,7 +1585,7 @@ void release_scratch() {
 void amx_linear(const torch::Tensor& mask, const torch::Tensor& values, const torch::Tensor& row_offsets,
                 const torch::Tensor& x, const float* bias, torch::Tensor& y) {
   check(mask, values, row_offsets);
-  TORCH_CHECK(amx_ready(), "AMX is not available on this CPU (or not granted by the OS)");
+  TORCH_CHECK(has_amx(), "AMX is not available on this CPU (or not granted by the OS)");
   TORCH_CHECK(values.scalar_type() == torch::kBFloat16 && x.dim() == 2 && x.size(1) <= mask.size(1) * 64,
               "amx: bf16 values, x [ntok, in_features]");
   const int64_t n = x.size(0), rows = mask.size(0), cpad = mask.size(1) * 64;
@@ -1687,7 +1714,7 @@ torch::Tensor densify_into(torch::Tensor mask, torch::Tensor values, torch::Tens
   TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.size(0) == mask.size(0) &&
                   out.size(1) <= mask.size(1) * 64 && out.scalar_type() == values.scalar_type(),
               "out: contiguous [rows, cols] of the values' dtype");
-  isa = checked_isa(isa);
+  isa = checked_isa(isa, values);
   const int64_t cols = out.size(1);
   const Op op = make_op(mask, values, row_offsets, nullptr, nullptr, 0);
   switch (values.scalar_type()) {
@@ -1718,6 +1745,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_avx2_zero_by_and", &set_avx2_zero_by_and,
         "AVX2 decode: zero the clear lanes by AND (true) or by blend (false); returns the previous setting",
         py::arg("by_and"));
+  m.def("has_vbmi2", &has_vbmi2, "AVX-512 VBMI2 in use (bf16/fp16 values on the AVX-512 kernels; else AVX2)");
+  m.def("set_avx512_vbmi2", &set_avx512_vbmi2, "switch VBMI2 off (or back on where the CPU has it); returns the "
+        "previous setting", py::arg("on"));
   m.def("has_amx", &has_amx, "AMX-BF16 usable here (CPU support and the OS's permission)");
   m.def("densify", &densify, "dense weight of a bitmask-packed matrix", py::arg("mask"), py::arg("values"),
         py::arg("row_offsets"), py::arg("cols"), py::arg("isa"));

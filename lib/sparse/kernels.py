@@ -5,7 +5,8 @@ directory (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions), so later pr
 for the baseline x86-64 with -O3 -fopenmp, not -march=native: the SIMD code sits in functions compiled for their own
 instruction set, and the extension picks one at run time from what the CPU reports:
 
-* ``avx512``: AVX-512 F/BW/VL/DQ/VBMI2 + BMI2 (Intel Ice Lake and later, AMD Zen 4 and later): expand-loads;
+* ``avx512``: AVX-512 F/BW/VL/DQ + BMI2 (Intel Skylake-SP and later, AMD Zen 4 and later): expand-loads; bf16 and
+  fp16 values also need VBMI2 (Ice Lake and later, Zen 4 and later), without it they take the AVX2 kernels;
 * ``avx2``: AVX2 + FMA (Intel Haswell and later, AMD Zen): byte-table permutes;
 * ``cpp``: portable C++ (any CPU the compiler targets);
 * ``torch``: no C++ at all, SparseLinear's pure-PyTorch path (correct, slow: it unpacks the weight every call).
@@ -21,7 +22,7 @@ import platform
 import sys
 import threading
 
-KERNEL_NAME = "atp_sparse_bitmask_v16"
+KERNEL_NAME = "atp_sparse_bitmask_v17"
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernel.cpp")
 ISA_CODES = {"cpp": 0, "avx2": 1, "avx512": 2}
 ISA_NAMES = ("avx512", "avx2", "cpp", "torch")  # best first
@@ -160,6 +161,8 @@ def describe() -> str:
     name = isa()
     if name == "torch":
         return f"pure PyTorch ({_reason or 'forced'})"
+    if name == "avx512" and not _module.has_vbmi2():
+        return "C++ AVX-512 (OpenMP; bf16/fp16 values on AVX2: no VBMI2)"
     return f"C++ {ISA_LABELS[name]} (OpenMP)"
 
 

@@ -47,22 +47,27 @@ def isas():
     return kernels.supported_isas() if kernels.get() is not None else ["torch"]
 
 
-@pytest.fixture(params=["avx512", "avx2", "avx2-blend", "cpp", "torch"])
+@pytest.fixture(params=["avx512", "avx512-novbmi2", "avx2", "avx2-blend", "cpp", "torch"])
 def isa(request):
-    """Every test runs on each instruction set this machine has (the others are skipped, not faked); the AVX2
-    decode in both of its ways of zeroing lanes (by AND, Intel's; by blend, AMD's) whatever this CPU's vendor."""
+    """Every test runs on each instruction set this machine has (the others are skipped, not faked); AVX-512 also
+    as on a CPU without VBMI2 (Skylake-SP, Cascade Lake: bf16/fp16 values then take AVX2), and the AVX2 decode in
+    both of its ways of zeroing lanes (by AND, Intel's; by blend, AMD's) whatever this CPU's vendor."""
     name = request.param.split("-")[0]
     if name not in isas():
         pytest.skip(f"{name} not available on this machine")
     previous = kernels.set_isa(name)
     kern = kernels.get()
     zeroing = kern.set_avx2_zero_by_and(request.param != "avx2-blend") if kern is not None else None
+    vbmi2 = kern.set_avx512_vbmi2(request.param != "avx512-novbmi2") if kern is not None else None
+    sparse_linear.clear_choices()  # paths measured with VBMI2 (e.g. AMX) are keyed by the same instruction set
     try:
         yield name
     finally:
         kernels.set_isa(previous)
         if zeroing is not None:
             kern.set_avx2_zero_by_and(zeroing)
+            kern.set_avx512_vbmi2(vbmi2)
+        sparse_linear.clear_choices()
 
 
 @pytest.fixture(params=["sparse", "dense"])
@@ -139,6 +144,63 @@ def test_instruction_sets_agree(dtype):
         for y, ref in zip(outs, reference):
             scale = max(1.0, ref.abs().max().item())
             assert (y - ref).abs().max().item() <= TOL[dtype] * scale, name
+
+
+def test_avx512_without_vbmi2_runs_16bit_values_on_avx2_and_fp32_unchanged():
+    """On a CPU with AVX-512 but no VBMI2 the AVX-512 kernels still run fp32 values (their expand-loads are
+    AVX-512 F), while bf16/fp16 values, whose 16-bit expand-loads need VBMI2, take the AVX2 kernels bit for bit
+    (and the AMX path, which needs them too, is off)."""
+    kern = kernels.get()
+    if kern is None or "avx512" not in kernels.supported_isas():
+        pytest.skip("needs the AVX-512 kernel")
+    avx512, avx2 = kernels.ISA_CODES["avx512"], kernels.ISA_CODES["avx2"]
+    x = torch.randn(40, 333, generator=torch.Generator().manual_seed(1))
+
+    def run(dtype, code):
+        p = fmt.pack(pruned_weight(67, 333, 0.65, dtype, seed=4, empty_rows=(5,), dense_rows=(6,)))
+        pad = torch.cat([x, torch.zeros(40, p["mask"].shape[1] * 64 - 333)], 1)
+        return [kern.spmv(p["mask"], p["values"], p["row_offsets"], pad[:3].contiguous(), code),
+                kern.spmm(p["mask"], p["values"], p["row_offsets"], x, code),
+                kern.densify(p["mask"], p["values"], p["row_offsets"], 333, code)]
+
+    with_vbmi2 = {dt: run(dt, avx512) for dt in DTYPES}
+    on_avx2 = {dt: run(dt, avx2) for dt in DTYPES}
+    before = kern.set_avx512_vbmi2(False)
+    try:
+        assert not kern.has_vbmi2() and not kern.has_amx()
+        without = {dt: run(dt, avx512) for dt in DTYPES}
+    finally:
+        kern.set_avx512_vbmi2(before)
+    for a, b in zip(without[torch.float32], with_vbmi2[torch.float32]):
+        assert torch.equal(a, b)
+    for dt in (torch.bfloat16, torch.float16):
+        if kern.has_vbmi2():  # the two kernels sum in different orders: the routing is visible in the bits
+            assert not all(torch.equal(a, b) for a, b in zip(with_vbmi2[dt][:2], on_avx2[dt][:2]))
+        for a, b in zip(without[dt], on_avx2[dt]):
+            assert torch.equal(a, b)
+
+
+def test_vbmi2_instructions_only_in_code_for_16bit_values_and_amx():
+    """The AVX-512 region is compiled with VBMI2 allowed (for bf16/fp16 expand-loads), but a CPU without VBMI2 runs
+    its fp32 code: in the built extension, every VBMI2 instruction sits in a function for 16-bit values or AMX."""
+    import re
+    import shutil
+
+    kern = kernels.get()
+    if kern is None or shutil.which("objdump") is None:
+        pytest.skip("needs the built kernel and objdump")
+    listing = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", kern.__file__], capture_output=True,
+                             text=True, check=True).stdout
+    function, using = "", set()
+    for line in listing.splitlines():
+        header = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
+        if header:
+            function = header.group(1)
+        elif re.search(r"\s(vpexpand[bw]|vpcompress[bw]|vpshl[dv]|vpshr[dv])", line):
+            using.add(function)
+    if kernels.has_amx() or kern.has_vbmi2():
+        assert using, "no VBMI2 instruction found at all: the pattern no longer matches objdump's output"
+    assert all(re.search(r"BFloat16|Half|amx", f) for f in using), sorted(using)
 
 
 def test_measured_choice_is_cached_and_correct(monkeypatch):
