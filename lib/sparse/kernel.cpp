@@ -792,45 +792,17 @@ template <> inline __m512 bcast<at::BFloat16>(const at::BFloat16* v) {
 }
 template <> inline __m512 bcast<at::Half>(const at::Half* v) { return _mm512_cvtph_ps(_mm256_set1_epi16(raw16(v))); }
 
-// A row's nonzeros in the column block of `nq` 16-column groups from its mask words `m`, as byte offsets into the
-// block's inputs (compress of a column ramp by the 16 mask bits); returns how many.
-inline int64_t block_offsets(const uint16_t* m, int64_t nq, __m512i ramp, __m512i step, int32_t* offs) {
-  int64_t n = 0;
-  for (int64_t q = 0; q < nq; ++q) {
-    const unsigned k = m[q];
-    _mm512_storeu_si512(offs + n, _mm512_maskz_compress_epi32(static_cast<__mmask16>(k), ramp));
-    n += __builtin_popcount(k);
-    ramp = _mm512_add_epi32(ramp, step);
-  }
-  return n;
-}
-
-// acc[g] += each of the n nonzeros' value times its G input vectors, in column order (one FMA chain per vector).
-template <typename T, int G>
-inline void row_block(const T* v, const int32_t* offs, int64_t n, const char* slab, __m512* acc) {
-  for (int64_t j = 0; j < n; ++j) {
-    const __m512 b = bcast<T>(v + j);
-    const float* xp = reinterpret_cast<const float*>(slab + offs[j]);
-    for (int g = 0; g < G; ++g) acc[g] = _mm512_fmadd_ps(b, _mm512_loadu_ps(xp + 16 * g), acc[g]);
-  }
-}
-
 // One work item: rows [r0, r1) against one group of G tiles, its inputs stored column-major with the G*16 tokens
 // adjacent ([cpad][G*16] fp32, zero padded: tile_inputs), so that one nonzero's inputs are G*64 contiguous bytes.
-// Column block by column block, each row's nonzeros in the block are decoded into byte offsets (block_offsets),
-// then every nonzero costs one broadcast and G FMAs whose inputs come from L1. Partial sums live in `part` between
-// blocks. Below GROUP_TILES tiles (up to 112 tokens) rows go in pairs, their nonzeros interleaved (each row still
-// summed in column order): every row and block starts and drains its FMA chains, about 50 cycles that one row's
-// 16-32 nonzeros could not hide (a loop of 16 nonzeros ran at 9.8 cycles per nonzero, one of 1024 at 6.4; two rows
-// interleaved: 8.0 and 7.0 at 16 and 32 each). Measured on the 7B shapes at 70% (fp32, alternating builds, 2
-// threads): 32 tokens 1.33-2.15x -> 1.60-2.79x of dense, 64 tokens 1.60-2.22x -> 1.69-2.30x; at 256 tokens (full
-// groups of 8 tiles) no better, so full groups keep one row at a time.
+// Column block by column block, each row's nonzeros in the block are decoded into byte offsets (compress of a
+// column ramp by the 16 mask bits), then every nonzero costs one broadcast and G FMAs whose inputs come from L1.
+// Partial sums live in `part` between blocks.
 template <typename T, int G>
 void tiled_item_avx512(const Op& op, const float* xg, int64_t t0, int64_t r0, int64_t r1, int64_t KB) {
   constexpr int W = G * TILE;  // floats per column in this group
   const int64_t cpad = op.words * 64, nrows = r1 - r0;
   alignas(64) float part[TILED_TALL_ROWS][W];
-  alignas(64) int32_t offs[2][2048 + 16];
+  alignas(64) int32_t offs[2048 + 16];
   const T* cur[TILED_TALL_ROWS];
   start_tiled_item(op, r0, nrows, W, &part[0][0], cur);
   const __m512i step = _mm512_set1_epi32(16 * W * 4);
@@ -839,45 +811,46 @@ void tiled_item_avx512(const Op& op, const float* xg, int64_t t0, int64_t r0, in
   for (int64_t c0 = 0; c0 < cpad; c0 += KB) {
     const int64_t nq = std::min(KB, cpad - c0) / 16;
     const char* slab = reinterpret_cast<const char*>(xg + c0 * W);
-    int64_t i = 0;
-    for (; G < GROUP_TILES && i + 2 <= nrows; i += 2) {
+    for (int64_t i = 0; i < nrows; ++i) {
       const uint16_t* m = reinterpret_cast<const uint16_t*>(op.mask + (r0 + i) * op.words) + c0 / 16;
-      const int64_t na = block_offsets(m, nq, ramp, step, offs[0]);
-      const int64_t nb = block_offsets(m + op.words * 4, nq, ramp, step, offs[1]);
-      const T* va = cur[i];
-      const T* vb = cur[i + 1];
-      cur[i] = va + na;
-      cur[i + 1] = vb + nb;
-      __m512 a[G], b[G];
-      for (int g = 0; g < G; ++g) {
-        a[g] = _mm512_load_ps(part[i] + 16 * g);
-        b[g] = _mm512_load_ps(part[i + 1] + 16 * g);
+      int64_t n = 0;
+      __m512i col = ramp;
+      for (int64_t q = 0; q < nq; ++q) {
+        const unsigned k = m[q];
+        _mm512_storeu_si512(offs + n, _mm512_maskz_compress_epi32(static_cast<__mmask16>(k), col));
+        n += __builtin_popcount(k);
+        col = _mm512_add_epi32(col, step);
       }
-      const int64_t both = std::min(na, nb);
-      for (int64_t j = 0; j < both; ++j) {
-        const __m512 wa = bcast<T>(va + j), wb = bcast<T>(vb + j);
-        const float* xa = reinterpret_cast<const float*>(slab + offs[0][j]);
-        const float* xb = reinterpret_cast<const float*>(slab + offs[1][j]);
-        for (int g = 0; g < G; ++g) {
-          a[g] = _mm512_fmadd_ps(wa, _mm512_loadu_ps(xa + 16 * g), a[g]);
-          b[g] = _mm512_fmadd_ps(wb, _mm512_loadu_ps(xb + 16 * g), b[g]);
-        }
-      }
-      row_block<T, G>(va + both, offs[0] + both, na - both, slab, a);
-      row_block<T, G>(vb + both, offs[1] + both, nb - both, slab, b);
-      for (int g = 0; g < G; ++g) {
-        _mm512_store_ps(part[i] + 16 * g, a[g]);
-        _mm512_store_ps(part[i + 1] + 16 * g, b[g]);
-      }
-    }
-    for (; i < nrows; ++i) {  // full groups, and the odd last row
-      const uint16_t* m = reinterpret_cast<const uint16_t*>(op.mask + (r0 + i) * op.words) + c0 / 16;
-      const int64_t n = block_offsets(m, nq, ramp, step, offs[0]);
       const T* v = cur[i];
       cur[i] = v + n;
       __m512 a[G];
       for (int g = 0; g < G; ++g) a[g] = _mm512_load_ps(part[i] + 16 * g);
-      row_block<T, G>(v, offs[0], n, slab, a);
+      if (G >= 4) {
+        for (int64_t j = 0; j < n; ++j) {
+          const __m512 b = bcast<T>(v + j);
+          const float* xp = reinterpret_cast<const float*>(slab + offs[j]);
+          for (int g = 0; g < G; ++g) a[g] = _mm512_fmadd_ps(b, _mm512_loadu_ps(xp + 16 * g), a[g]);
+        }
+      } else {  // few tiles: two nonzeros per step, two sets of accumulators
+        __m512 c[G];
+        for (int g = 0; g < G; ++g) c[g] = _mm512_setzero_ps();
+        int64_t j = 0;
+        for (; j + 2 <= n; j += 2) {
+          const __m512 b0 = bcast<T>(v + j), b1 = bcast<T>(v + j + 1);
+          const float* x0 = reinterpret_cast<const float*>(slab + offs[j]);
+          const float* x1 = reinterpret_cast<const float*>(slab + offs[j + 1]);
+          for (int g = 0; g < G; ++g) {
+            a[g] = _mm512_fmadd_ps(b0, _mm512_loadu_ps(x0 + 16 * g), a[g]);
+            c[g] = _mm512_fmadd_ps(b1, _mm512_loadu_ps(x1 + 16 * g), c[g]);
+          }
+        }
+        if (j < n) {
+          const __m512 b0 = bcast<T>(v + j);
+          const float* x0 = reinterpret_cast<const float*>(slab + offs[j]);
+          for (int g = 0; g < G; ++g) a[g] = _mm512_fmadd_ps(b0, _mm512_loadu_ps(x0 + 16 * g), a[g]);
+        }
+        for (int g = 0; g < G; ++g) a[g] = _mm512_add_ps(a[g], c[g]);
+      }
       for (int g = 0; g < G; ++g) _mm512_store_ps(part[i] + 16 * g, a[g]);
     }
   }
