@@ -109,17 +109,16 @@ inline int64_t tiled_block_cols(int G, int64_t rows = TILED_ROWS, int64_t budget
   return std::min<int64_t>(2048, std::max<int64_t>(16, slab / (G * 64) / 16 * 16));
 }
 
-// Rows per work item of the tiled kernels. Every item re-reads its inputs block by block and pays a start per row
-// and block, so the AVX-512 kernel takes tall items (TILED_TALL_ROWS, wider column blocks) for weights at most
-// 2048 columns wide, wherever that still leaves two items per thread. Measured in fp32 (Xeon, AVX-512, 2 threads,
-// against dense, 96 -> 192 rows, alternating builds): SmolLM2's 192x576 at 512 tokens 0.72-0.78 -> 0.87-0.95x at
-// 50% and 0.90-0.94 -> 1.12-1.26x at 70%, its other layers up to 14% faster at 512-2048 tokens; 4096 columns
-// gained 2-4% at 70% but lost 8-11% at 50-60% (4096x4096, 128-512 tokens), and the 4096x11008 down projection lost
-// 5% at 70%: wider weights keep 96. With fewer than two items per thread a thread sat idle (192x576 at 128 tokens
-// 0.92 -> 0.62x).
+// Rows per work item of the tiled kernels. Every item pays a start (its partial sums zeroed, its inputs streamed
+// block by block, its sums written out), which a weight of few rows cannot spread over 96 of them: the AVX-512
+// kernel covers a weight of at most TILED_TALL_ROWS rows and 2048 columns with one item per token group (wider
+// column blocks) where that still gives every thread two items. Measured in fp32 (Xeon, AVX-512, 2 threads, against
+// dense, alternating builds in both orders): SmolLM2's 192x576 k/v projections at 512 tokens 0.74-0.78 -> 0.85-0.95x
+// at 50% and 0.90-0.94 -> 1.09-1.26x at 70%, at 2048 tokens 0.69 -> 0.81x and 0.78 -> 1.02x; its 576- and 1536-row
+// layers in 192-row items were no faster (-4% to +5% run to run), and with fewer than two items per thread a thread
+// sat idle (192x576 at 128 tokens 0.92 -> 0.62x).
 inline int64_t tiled_rows(int64_t rows, int64_t cols, int64_t groups, int64_t threads, int64_t isa) {
-  const bool tall = isa == ISA_AVX512 && cols <= 2048 &&
-                    groups * ((rows + TILED_TALL_ROWS - 1) / TILED_TALL_ROWS) >= 2 * threads;
+  const bool tall = isa == ISA_AVX512 && rows <= TILED_TALL_ROWS && cols <= 2048 && groups >= 2 * threads;
   return tall ? TILED_TALL_ROWS : TILED_ROWS;
 }
 

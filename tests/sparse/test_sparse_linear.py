@@ -456,15 +456,16 @@ def test_amx_k_chunk_partial_sums_never_shared_between_threads(rows, tokens, thr
 
 
 @pytest.mark.parametrize("rows,cols,tokens,threads,tall", [
-    (400, 576, 300, 1, True),    # 3 groups (the last of 3 tiles) x 3 items: tall
-    (400, 576, 300, 3, True),    # 9 items for 3 threads
-    (193, 576, 270, 1, True),    # a tall item of one row after a full one
-    (400, 576, 100, 2, False),   # one group: 3 tall items would leave a thread idle
-    (200, 2100, 300, 1, False),  # wider than 2048 columns
+    (192, 576, 300, 1, True),    # 3 token groups (the last of 3 tiles), one item each
+    (150, 576, 770, 3, True),    # 7 groups for 3 threads, rows short of a whole item
+    (192, 576, 100, 2, False),   # one group: one item would leave a thread idle
+    (193, 576, 300, 1, False),   # more rows than one item
+    (150, 2100, 300, 1, False),  # wider than 2048 columns
 ])
 def test_tiled_kernel_tall_and_standard_items_match_dense(rows, cols, tokens, threads, tall):
-    """The AVX-512 tiled kernel takes work items of 192 rows (wider column blocks) where that leaves two items per
-    thread and the weight is at most 2048 wide, else 96: both kinds, with partial last items and groups, as dense."""
+    """The AVX-512 tiled kernel covers a weight of at most 192 rows and 2048 columns with one work item per token
+    group where every thread still gets two items, else items of 96 rows: both kinds, with partial items and
+    groups, as dense."""
     kern = kernels.get()
     if kern is None or "avx512" not in kernels.supported_isas():
         pytest.skip("needs the AVX-512 kernel")
