@@ -83,7 +83,7 @@ constexpr int GROUP_TILES_AVX2 = 4;  // AVX2: 4 tiles (64 tokens) are 8 accumula
 #define ATP_TILED_L1 65536
 #endif
 constexpr int64_t TILED_ROWS = ATP_TILED_ROWS;
-// The AVX-512 tiled kernel's tall items (tiled_plan): twice the rows, their partial sums left to L2 and 32 KiB of
+// The AVX-512 tiled kernel's tall items (tiled_rows): twice the rows, their partial sums left to L2 and 32 KiB of
 // inputs per column block at 128 tokens.
 constexpr int64_t TILED_TALL_ROWS = 2 * TILED_ROWS;
 constexpr int64_t TILED_TALL_BYTES = 2 * ATP_TILED_L1;
@@ -1754,12 +1754,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("mask"), py::arg("values"), py::arg("row_offsets"), py::arg("out"), py::arg("isa"));
   m.attr("TILE") = TILE;
   m.attr("DECODE_NT") = DECODE_NT;
+  m.def("tiled_item_rows", &tiled_item_rows, "rows per work item of the tiled kernel for this call",
+        py::arg("ntok"), py::arg("rows"), py::arg("cols"), py::arg("threads"), py::arg("isa"));
 #if ATP_AMX
   m.def("amx_tokens_as_a", &amx_tokens_as_a, "whether the AMX path puts the tokens in the A tiles for this call",
         py::arg("tokens"), py::arg("rows"), py::arg("cols"));
   m.attr("AMX_SLICE_TOKENS") = AMX_SLICE_TOKENS;
   m.attr("AMX_CHUNK_TOKENS") = AMX_CHUNK_TOKENS;
-  m.def("tiled_item_rows", &tiled_item_rows, "rows per work item of the tiled kernel for this call",
-        py::arg("ntok"), py::arg("rows"), py::arg("cols"), py::arg("threads"), py::arg("isa"));
 #endif
 }
