@@ -117,9 +117,12 @@ inline int64_t tiled_block_cols(int G, int64_t rows = TILED_ROWS, int64_t budget
 // at 50% and 0.90-0.94 -> 1.09-1.26x at 70%, at 2048 tokens 0.69 -> 0.81x and 0.78 -> 1.02x; its 576- and 1536-row
 // layers in 192-row items were no faster (-4% to +5% run to run), and with fewer than two items per thread a thread
 // sat idle (192x576 at 128 tokens 0.92 -> 0.62x).
-inline int64_t tiled_rows(int64_t rows, int64_t cols, int64_t groups, int64_t threads, int64_t isa) {
+struct TiledItems {
+  int64_t rows, l1_budget;  // rows per item; bytes its partial sums and one block of inputs share (tiled_block_cols)
+};
+inline TiledItems tiled_rows(int64_t rows, int64_t cols, int64_t groups, int64_t threads, int64_t isa) {
   const bool tall = isa == ISA_AVX512 && rows <= TILED_TALL_ROWS && cols <= 2048 && groups >= 2 * threads;
-  return tall ? TILED_TALL_ROWS : TILED_ROWS;
+  return tall ? TiledItems{TILED_TALL_ROWS, TILED_TALL_BYTES} : TiledItems{TILED_ROWS, ATP_TILED_L1};
 }
 
 // What one call works on. Pointers are raw; the kernels below never allocate (except per-thread scratch).
@@ -962,7 +965,7 @@ bool amx_tokens_as_a(int64_t n, int64_t rows, int64_t cols) { return amx_plan(n,
 // Rows per work item the tiled kernel takes for this call (tiled_rows; for the tests).
 int64_t tiled_item_rows(int64_t ntok, int64_t rows, int64_t cols, int64_t threads, int64_t isa) {
   const int64_t ntiles = (ntok + TILE - 1) / TILE, per = group_tiles(isa);
-  return tiled_rows(rows, (cols + 63) / 64 * 64, (ntiles + per - 1) / per, threads, isa);
+  return tiled_rows(rows, (cols + 63) / 64 * 64, (ntiles + per - 1) / per, threads, isa).rows;
 }
 
 #if ATP_AMX
@@ -1383,15 +1386,15 @@ void tiled_run(const Op& op, int64_t isa) {
 #if ATP_X86
   if (isa == ISA_AVX512 || isa == ISA_AVX2) {  // op.x: the grouped layout (tile_inputs)
     const int64_t per = group_tiles(isa), groups = (ntiles + per - 1) / per;
-    const int64_t R = tiled_rows(op.rows, cpad, groups, nt, isa), items = (op.rows + R - 1) / R;
-    const int64_t budget = R == TILED_TALL_ROWS ? TILED_TALL_BYTES : ATP_TILED_L1;
+    const TiledItems plan = tiled_rows(op.rows, cpad, groups, nt, isa);
+    const int64_t R = plan.rows, items = (op.rows + R - 1) / R;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
     for (int64_t i = 0; i < groups * items; ++i) {
       const int64_t g = i / items, c = i % items;
       const int64_t G = std::min<int64_t>(per, ntiles - g * per);
       const float* xg = op.x + g * per * TILE * cpad;
       const int64_t t0 = g * per * TILE, r0 = c * R, r1 = std::min(op.rows, (c + 1) * R);
-      const int64_t kb = tiled_block_cols(static_cast<int>(G), R, budget);
+      const int64_t kb = tiled_block_cols(static_cast<int>(G), R, plan.l1_budget);
       if (isa == ISA_AVX512) tiled_item_avx512_g<T>(op, xg, G, t0, r0, r1, kb);
       else tiled_item_avx2_g<T>(op, xg, G, t0, r0, r1, kb);
     }
