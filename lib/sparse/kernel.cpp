@@ -83,10 +83,15 @@ constexpr int GROUP_TILES_AVX2 = 4;  // AVX2: 4 tiles (64 tokens) are 8 accumula
 #define ATP_TILED_L1 65536
 #endif
 constexpr int64_t TILED_ROWS = ATP_TILED_ROWS;
-// The AVX-512 tiled kernel's tall items (tiled_rows): twice the rows, their partial sums left to L2 and 32 KiB of
+// The tiled kernels' tall items (tiled_rows): twice the rows. AVX-512: their partial sums left to L2 and 32 KiB of
 // inputs per column block at 128 tokens.
 constexpr int64_t TILED_TALL_ROWS = 2 * TILED_ROWS;
 constexpr int64_t TILED_TALL_BYTES = 2 * ATP_TILED_L1;
+// The AVX2 kernel's budgets (its groups are half as wide, 64 tokens): 96-row items in 96-column blocks (24 KiB of
+// partial sums + 24 KiB of inputs at 64 tokens), tall items in 64-column blocks (48 + 16 KiB). Tuned (tiled_rows)
+// on a Xeon's 48 KiB L1d; a Zen 3 has 32 KiB (not measured there).
+constexpr int64_t TILED_L1_AVX2 = 48 * 1024;
+constexpr int64_t TILED_TALL_BYTES_AVX2 = 64 * 1024;
 inline int64_t group_tiles(int64_t isa) { return isa == ISA_AVX512 ? GROUP_TILES : GROUP_TILES_AVX2; }
 
 // Work item i of tile_inputs_avx512 / tile_inputs_avx2 (groups x column blocks of `width` columns): its group's
@@ -116,12 +121,20 @@ inline int64_t tiled_block_cols(int G, int64_t rows = TILED_ROWS, int64_t budget
 // dense, alternating builds in both orders): SmolLM2's 192x576 k/v projections at 512 tokens 0.74-0.78 -> 0.85-0.95x
 // at 50% and 0.90-0.94 -> 1.09-1.26x at 70%, at 2048 tokens 0.69 -> 0.81x and 0.78 -> 1.02x; its 576- and 1536-row
 // layers in 192-row items were no faster (-4% to +5% run to run), and with fewer than two items per thread a thread
-// sat idle (192x576 at 128 tokens 0.92 -> 0.62x).
+// sat idle (192x576 at 128 tokens 0.92 -> 0.62x). The AVX2 kernel takes tall items too, and both kinds of item
+// in narrower column blocks than AVX-512's (TILED_L1_AVX2). Measured as an AVX2-only process on the same Xeon (its
+// kernel against an AVX2-capped dense GEMM, builds in shuffled order): 192x576 and 192x1536 at 512-2048 tokens
+// 0.90-0.98 -> 1.05-1.10x at 50% and 1.16-1.28 -> 1.37-1.46x at 70% (tall items in 64-column blocks; 32 or 128
+// columns were slower); 96-row items in 96-column blocks instead of 160: the LLaMA-2-7B shapes with 11008 rows or
+// columns at 64-1024 tokens and 70% 1.20-1.74 -> 1.35-1.98x (11008x4096 at 256 tokens 1.32-1.38 -> 1.54-1.57x),
+// +3-8% at 50%, 4096x4096 and SmolLM2's 576-1536-row layers unchanged (+-3%).
 struct TiledItems {
   int64_t rows, l1_budget;  // rows per item; bytes its partial sums and one block of inputs share (tiled_block_cols)
 };
 inline TiledItems tiled_rows(int64_t rows, int64_t cols, int64_t groups, int64_t threads, int64_t isa) {
-  const bool tall = isa == ISA_AVX512 && rows <= TILED_TALL_ROWS && cols <= 2048 && groups >= 2 * threads;
+  const bool tall = rows <= TILED_TALL_ROWS && cols <= 2048 && groups >= 2 * threads;
+  if (isa == ISA_AVX2)
+    return tall ? TiledItems{TILED_TALL_ROWS, TILED_TALL_BYTES_AVX2} : TiledItems{TILED_ROWS, TILED_L1_AVX2};
   return tall ? TiledItems{TILED_TALL_ROWS, TILED_TALL_BYTES} : TiledItems{TILED_ROWS, ATP_TILED_L1};
 }
 
@@ -521,9 +534,9 @@ void tiled_item_avx2(const Op& op, const float* xg, int64_t t0, int64_t r0, int6
   constexpr int V = 2 * G;     // 8-float vectors per column
   constexpr int S = V >= 6 ? 1 : 2;
   const int64_t cpad = op.words * 64, nrows = r1 - r0;
-  alignas(32) float part[TILED_ROWS][W];
+  alignas(32) float part[TILED_TALL_ROWS][W];
   alignas(32) int32_t cols[2048 + 8];
-  const T* cur[TILED_ROWS];
+  const T* cur[TILED_TALL_ROWS];
   start_tiled_item(op, r0, nrows, W, &part[0][0], cur);
   const __m256i eight = _mm256_set1_epi32(8);
   for (int64_t c0 = 0; c0 < cpad; c0 += KB) {

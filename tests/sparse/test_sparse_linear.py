@@ -462,14 +462,15 @@ def test_amx_k_chunk_partial_sums_never_shared_between_threads(rows, tokens, thr
     (193, 576, 300, 1, False),   # more rows than one item
     (150, 2100, 300, 1, False),  # wider than 2048 columns
 ])
-def test_tiled_kernel_tall_and_standard_items_match_dense(rows, cols, tokens, threads, tall):
-    """The AVX-512 tiled kernel covers a weight of at most 192 rows and 2048 columns with one work item per token
-    group where every thread still gets two items, else items of 96 rows: both kinds, with partial items and
-    groups, as dense."""
+@pytest.mark.parametrize("vector_isa", ["avx512", "avx2"])
+def test_tiled_kernel_tall_and_standard_items_match_dense(rows, cols, tokens, threads, tall, vector_isa):
+    """The AVX-512 and AVX2 tiled kernels cover a weight of at most 192 rows and 2048 columns with one work item per
+    token group (128 or 64 tokens) where every thread still gets two items, else items of 96 rows: both kinds, with
+    partial items and groups, as dense."""
     kern = kernels.get()
-    if kern is None or "avx512" not in kernels.supported_isas():
-        pytest.skip("needs the AVX-512 kernel")
-    previous = kernels.set_isa("avx512")
+    if kern is None or vector_isa not in kernels.supported_isas():
+        pytest.skip(f"needs the {vector_isa} kernel")
+    previous = kernels.set_isa(vector_isa)
     try:
         assert kern.tiled_item_rows(tokens, rows, cols, threads, kernels.ISA_CODE) == (192 if tall else 96)
         w = pruned_weight(rows, cols, 0.6, torch.float32, seed=rows + tokens, empty_rows=(1,), dense_rows=(rows - 1,))
