@@ -456,14 +456,15 @@ def test_amx_k_chunk_partial_sums_never_shared_between_threads(rows, tokens, thr
 
 
 @pytest.mark.parametrize("rows,cols,tokens,threads,tall", [
-    (192, 576, 300, 1, True),    # 3 token groups (the last of 3 tiles), one item each
-    (150, 576, 770, 3, True),    # 7 groups for 3 threads, rows short of a whole item
-    (192, 576, 100, 2, False),   # one group: one item would leave a thread idle
+    (192, 576, 300, 1, True),    # 3 token groups of 128 (AVX-512) or 5 of 64 (AVX2), the last partial; one item each
+    (150, 576, 770, 3, True),    # 7 or 13 groups for 3 threads, rows short of a whole item
+    (192, 576, 100, 2, False),   # 1 or 2 groups: one item per group would leave a thread idle
     (193, 576, 300, 1, False),   # more rows than one item
     (150, 2100, 300, 1, False),  # wider than 2048 columns
 ])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("vector_isa", ["avx512", "avx2"])
-def test_tiled_kernel_tall_and_standard_items_match_dense(rows, cols, tokens, threads, tall, vector_isa):
+def test_tiled_kernel_tall_and_standard_items_match_dense(rows, cols, tokens, threads, tall, vector_isa, dtype):
     """The AVX-512 and AVX2 tiled kernels cover a weight of at most 192 rows and 2048 columns with one work item per
     token group (128 or 64 tokens) where every thread still gets two items, else items of 96 rows: both kinds, with
     partial items and groups, as dense."""
@@ -473,9 +474,9 @@ def test_tiled_kernel_tall_and_standard_items_match_dense(rows, cols, tokens, th
     previous = kernels.set_isa(vector_isa)
     try:
         assert kern.tiled_item_rows(tokens, rows, cols, threads, kernels.ISA_CODE) == (192 if tall else 96)
-        w = pruned_weight(rows, cols, 0.6, torch.float32, seed=rows + tokens, empty_rows=(1,), dense_rows=(rows - 1,))
+        w = pruned_weight(rows, cols, 0.6, dtype, seed=rows + tokens, empty_rows=(1,), dense_rows=(rows - 1,))
         p = fmt.pack(w)
-        x = torch.randn(tokens, cols, generator=torch.Generator().manual_seed(cols))
+        x = torch.randn(tokens, cols, generator=torch.Generator().manual_seed(cols)).to(dtype)
         before = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
@@ -484,8 +485,8 @@ def test_tiled_kernel_tall_and_standard_items_match_dense(rows, cols, tokens, th
             torch.set_num_threads(before)
     finally:
         kernels.set_isa(previous)
-    ref = F.linear(x, w)
-    assert (y - ref).abs().max().item() <= TOL[torch.float32] * max(1.0, ref.abs().max().item())
+    ref = F.linear(x.float(), w.float())
+    assert (y.float() - ref).abs().max().item() <= TOL[dtype] * max(1.0, ref.abs().max().item())
 
 
 def test_dense_workspace_is_shared_and_bounded(policy):
