@@ -92,6 +92,11 @@ constexpr int64_t TILED_TALL_BYTES = 2 * ATP_TILED_L1;
 // on a Xeon's 48 KiB L1d; a Zen 3 has 32 KiB (not measured there).
 constexpr int64_t TILED_L1_AVX2 = 48 * 1024;
 constexpr int64_t TILED_TALL_BYTES_AVX2 = 64 * 1024;
+// Both kernels' short items: a call of one token group of at most 96 tokens on a weight wider than 2048 columns,
+// in 48-row items whose partial sums and inputs share 48 KiB (tiled_rows).
+constexpr int64_t TILED_SHORT_TILES = 6;
+constexpr int64_t TILED_SHORT_ROWS = TILED_ROWS / 2;
+constexpr int64_t TILED_SHORT_BYTES = 48 * 1024;
 inline int64_t group_tiles(int64_t isa) { return isa == ISA_AVX512 ? GROUP_TILES : GROUP_TILES_AVX2; }
 
 // Work item i of tile_inputs_avx512 / tile_inputs_avx2 (groups x column blocks of `width` columns): its group's
@@ -114,24 +119,28 @@ inline int64_t tiled_block_cols(int G, int64_t rows = TILED_ROWS, int64_t budget
   return std::min<int64_t>(2048, std::max<int64_t>(16, slab / (G * 64) / 16 * 16));
 }
 
-// Rows per work item of the tiled kernels. Every item pays a start (its partial sums zeroed, its inputs streamed
-// block by block, its sums written out), which a weight of few rows cannot spread over 96 of them: the AVX-512
-// kernel covers a weight of at most TILED_TALL_ROWS rows and 2048 columns with one item per token group (wider
-// column blocks) where that still gives every thread two items. Measured in fp32 (Xeon, AVX-512, 2 threads, against
-// dense, alternating builds in both orders): SmolLM2's 192x576 k/v projections at 512 tokens 0.74-0.78 -> 0.85-0.95x
-// at 50% and 0.90-0.94 -> 1.09-1.26x at 70%, at 2048 tokens 0.69 -> 0.81x and 0.78 -> 1.02x; its 576- and 1536-row
-// layers in 192-row items were no faster (-4% to +5% run to run), and with fewer than two items per thread a thread
-// sat idle (192x576 at 128 tokens 0.92 -> 0.62x). The AVX2 kernel takes tall items too, and both kinds of item
-// in narrower column blocks than AVX-512's (TILED_L1_AVX2). Measured as an AVX2-only process on the same Xeon (its
-// kernel against an AVX2-capped dense GEMM, builds in shuffled order): 192x576 and 192x1536 at 512-2048 tokens
-// 0.90-0.98 -> 1.05-1.10x at 50% and 1.16-1.28 -> 1.37-1.46x at 70% (tall items in 64-column blocks; 32 or 128
-// columns were slower); 96-row items in 96-column blocks instead of 160: the LLaMA-2-7B shapes with 11008 rows or
-// columns at 64-1024 tokens and 70% 1.20-1.74 -> 1.35-1.98x (11008x4096 at 256 tokens 1.32-1.38 -> 1.54-1.57x),
-// +3-8% at 50%, 4096x4096 and SmolLM2's 576-1536-row layers unchanged (+-3%).
+// Rows per work item of the tiled kernels, and the L1 budget that sets their column blocks. Every item pays a start
+// (its partial sums zeroed, its inputs streamed block by block, its sums written out). Three kinds:
+// - standard: 96 rows per token group; AVX2 in 96-column blocks (TILED_L1_AVX2), AVX-512 in 32.
+// - tall: a weight of at most TILED_TALL_ROWS rows and 2048 columns (SmolLM2's 192x576 k/v projections) in one item
+//   per token group, where every thread still gets two items (else one sits idle: 192x576 at 128 tokens 0.92 ->
+//   0.62x); 96 rows could not spread the start.
+// - short: one token group of at most 96 tokens on a weight wider than 2048 columns, 48 rows in 48 KiB.
+// Measured against dense, 2 threads, Xeon (fp32; AVX2 as an AVX2-only process against an AVX2-capped dense GEMM):
+// tall, AVX-512, 192x576 at 512 tokens 0.74-0.78 -> 0.85-0.95x at 50% and 0.90-0.94 -> 1.09-1.26x at 70% (576- and
+// 1536-row layers in 192-row items: -4% to +5%); tall, AVX2, 192x576 and 192x1536 at 512-2048 tokens 0.90-0.98 ->
+// 1.05-1.10x at 50%, 1.16-1.28 -> 1.37-1.46x at 70% (in 64-column blocks; 32 or 128 were slower). AVX2 standard
+// items in 96-column blocks instead of 160: the 7B shapes with 11008 rows or columns at 64-1024 tokens, 70%, +13-20%
+// (11008x4096 at 256 tokens 1.32-1.38 -> 1.54-1.57x), +3-8% at 50%; 4096x4096 and SmolLM2's layers +-3%. Short, on
+// 11008x4096 and 4096x11008: AVX-512 at 32-96 tokens 0.94-1.17x -> 1.03-1.39x at 50% (mostly 1.2-1.3x), 1.40-1.81x
+// -> 1.66-2.19x at 70%, 4096x4096 +-5% at 70% and +0-25% at 50%; AVX2 at 32-64 tokens 0.87-1.09x -> 1.11-1.38x and
+// 1.36-1.90x -> 1.93-2.13x. They were 6% slower at 112 tokens (70%), mixed at 16, no better on SmolLM2's weights.
 struct TiledItems {
   int64_t rows, l1_budget;  // rows per item; bytes its partial sums and one block of inputs share (tiled_block_cols)
 };
-inline TiledItems tiled_rows(int64_t rows, int64_t cols, int64_t groups, int64_t threads, int64_t isa) {
+inline TiledItems tiled_rows(int64_t rows, int64_t cols, int64_t ntiles, int64_t threads, int64_t isa) {
+  const int64_t per = group_tiles(isa), groups = (ntiles + per - 1) / per;
+  if (cols > 2048 && ntiles <= std::min(TILED_SHORT_TILES, per)) return TiledItems{TILED_SHORT_ROWS, TILED_SHORT_BYTES};
   const bool tall = rows <= TILED_TALL_ROWS && cols <= 2048 && groups >= 2 * threads;
   if (isa == ISA_AVX2)
     return tall ? TiledItems{TILED_TALL_ROWS, TILED_TALL_BYTES_AVX2} : TiledItems{TILED_ROWS, TILED_L1_AVX2};
@@ -977,8 +986,8 @@ bool amx_tokens_as_a(int64_t n, int64_t rows, int64_t cols) { return amx_plan(n,
 
 // Rows per work item the tiled kernel takes for this call (tiled_rows; for the tests).
 int64_t tiled_item_rows(int64_t ntok, int64_t rows, int64_t cols, int64_t threads, int64_t isa) {
-  const int64_t ntiles = (ntok + TILE - 1) / TILE, per = group_tiles(isa);
-  return tiled_rows(rows, (cols + 63) / 64 * 64, (ntiles + per - 1) / per, threads, isa).rows;
+  const int64_t ntiles = (ntok + TILE - 1) / TILE;
+  return tiled_rows(rows, (cols + 63) / 64 * 64, ntiles, threads, isa).rows;
 }
 
 #if ATP_AMX
@@ -1399,7 +1408,7 @@ void tiled_run(const Op& op, int64_t isa) {
 #if ATP_X86
   if (isa == ISA_AVX512 || isa == ISA_AVX2) {  // op.x: the grouped layout (tile_inputs)
     const int64_t per = group_tiles(isa), groups = (ntiles + per - 1) / per;
-    const TiledItems plan = tiled_rows(op.rows, cpad, groups, nt, isa);
+    const TiledItems plan = tiled_rows(op.rows, cpad, ntiles, nt, isa);
     const int64_t R = plan.rows, items = (op.rows + R - 1) / R;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
     for (int64_t i = 0; i < groups * items; ++i) {
