@@ -598,3 +598,51 @@ def test_disabled_by_env(monkeypatch, capsys):
     finally:
         monkeypatch.delenv("ATP_SPARSE_KERNEL")
         kernels.reset()
+
+
+@pytest.mark.parametrize("scripted, rounds, path", [
+    # seconds per call in the order the rounds run them (tiled, dense, tiled, dense, ...)
+    ({"tiled": [3.0, 1.00, 1.00, 1.00], "dense": [9.0, 2.00, 0.90, 0.90]}, 2, "tiled"),   # clear after two
+    ({"tiled": [3.0, 1.00, 1.00, 1.00], "dense": [9.0, 1.02, 0.94, 0.94]}, 3, "dense"),   # close: a third decides
+    ({"tiled": [3.0, 1.00, 1.00, 0.99], "dense": [9.0, 1.01, 1.02, 1.00]}, 4, "tiled"),   # close to the end: four
+])
+def test_measuring_takes_more_rounds_while_the_two_fastest_are_close(monkeypatch, scripted, rounds, path):
+    """The choice is the fastest best time; a third and fourth round run only while the two fastest best times lie
+    within TUNE_CLOSE (a fake clock stands in for the timings, the calls still compute)."""
+    if kernels.get() is None:
+        pytest.skip("no C++ kernel")
+    monkeypatch.setattr(sparse_linear, "_policy", "auto")
+    durations = {p: list(v) for p, v in scripted.items()}
+    calls = []
+    clock = {"now": 0.0, "running": None}
+    real_run = SparseLinear._run
+
+    def timed_run(self, p, x, kern):
+        calls.append(p)
+        clock["running"] = durations[p].pop(0)
+        return real_run(self, p, x, kern)
+
+    class FakeTime:
+        @staticmethod
+        def perf_counter():
+            if clock["running"] is not None:  # the second reading of a call: its scripted duration has passed
+                clock["now"] += clock["running"]
+                clock["running"] = None
+            return clock["now"]
+
+    monkeypatch.setattr(SparseLinear, "_run", timed_run)
+    monkeypatch.setattr(sparse_linear, "time", FakeTime)
+    sparse_linear.clear_choices()
+    w = pruned_weight(48, 200, 0.7, torch.float32)
+    x = torch.randn(40, 200)
+    try:
+        y = SparseLinear(200, 48, **fmt.pack(w))(x)
+        (entry,) = sparse_linear.choices()
+    finally:
+        sparse_linear.clear_choices()
+    assert calls == ["tiled", "dense"] * rounds
+    assert entry["rounds"] == rounds and entry["path"] == path
+    assert entry["seconds"] == pytest.approx({p: min(scripted[p][:rounds]) for p in scripted})
+    assert (y - F.linear(x, w)).abs().max().item() <= TOL[torch.float32] * max(1.0, F.linear(x, w).abs().max().item())
+    assert sparse_linear.too_close_to_call({"a": 1.0, "b": 1.05}) and not sparse_linear.too_close_to_call(
+        {"a": 1.0, "b": 1.06}) and not sparse_linear.too_close_to_call({"a": 1.0})
