@@ -15,8 +15,9 @@ speedups the median of the paired dense/sparse ratios):
 The demo prunes in-script (per-row magnitude, or N:M); the speed of the format depends only on the density and
 the pattern, not on which weights were kept. Every record names the CPU model and the kernel's instruction set
 (--isa forces one: avx2 runs the AVX2 kernel on an AVX-512 machine, and then caps torch's own kernels, the dense
-side, at AVX2 too, so that both sides run as on an AVX2-only CPU; --dense_isa native leaves them). Output:
-results.json, results.md, speedup.png under --out.
+side, at AVX2 too, so that both sides run as on an AVX2-only CPU; --dense_isa native leaves them; --amx off keeps
+bf16 off the tile unit on both sides, as on an AVX-512 CPU without AMX). Output: results.json, results.md,
+speedup.png under --out.
 
   python scripts/bench_speedup.py --demo real --dtype float32
   python scripts/bench_speedup.py --skip_model --sparsities 0.7 --dtype bfloat16
@@ -87,6 +88,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dense_isa", choices=["match", "native"], default="match",
                    help="with --isa avx2: cap torch's MKL, oneDNN and ATen kernels at AVX2 too (match: both sides as "
                         "on an AVX2-only CPU) or leave them at the CPU's best (native)")
+    p.add_argument("--amx", choices=["on", "off"], default="on",
+                   help="off: bf16 without the tile unit on both sides, as on an AVX-512 CPU without AMX (this "
+                        "project's AMX path switched off; with --dense_isa match, torch's oneDNN capped at "
+                        "AVX512_CORE_BF16)")
     p.add_argument("--policy", choices=["auto", "sparse", "dense"], default="auto",
                    help="SparseLinear's path above 4 tokens: measured (auto), the kernels, or unpack + dense GEMM")
     args = p.parse_args(argv)
@@ -94,6 +99,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise BenchError("give --model or --demo real, not both")
     if not args.skip_model and not (args.model or args.demo):
         raise BenchError("give --model DIR or --demo real (or --skip_model)")
+    if args.amx == "off" and args.isa in ("avx2", "cpp", "torch"):
+        raise BenchError(f"--amx off: --isa {args.isa} never uses AMX")
     if args.skip_model and args.skip_layer:
         raise BenchError("--skip_model and --skip_layer together leave nothing to measure")
     if args.model and not os.path.isdir(args.model):
@@ -535,10 +542,10 @@ def bench_model(args, dtype) -> list[dict]:
 # ---------------------------------------------------------------- output
 
 def dense_side(env: dict) -> str:
-    """How torch's dense kernels ran: at the CPU's best, or capped at AVX2 (an AVX2-only CPU emulated)."""
+    """How torch's dense kernels ran: at the CPU's best, or capped (an AVX2-only CPU, or one without AMX, emulated)."""
     dense = env.get("dense_isa") or {}
     if dense.get("capped_at"):
-        return f"torch capped at {dense['capped_at']} (MKL, oneDNN, ATen)"
+        return f"torch capped at {dense['capped_at']} ({dense.get('libraries', 'MKL, oneDNN, ATen')})"
     return f"torch at {dense.get('aten_capability', 'its default')}"
 
 
@@ -947,6 +954,44 @@ def gpu_main(argv) -> int:
 AVX2_CAP_ENV = {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
 
 
+# What keeps torch's bf16 GEMM (oneDNN) off the tile unit: oneDNN reads it once, at its first primitive.
+NO_AMX_CAP_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}
+
+
+def onednn_bf16_kernel() -> str:
+    """The oneDNN implementation torch's bf16 GEMM runs here, e.g. 'brg_matmul:avx512_core_bf16' (from oneDNN's
+    verbose line for one small product, which oneDNN writes to file descriptor 1)."""
+    x = torch.ones(32, 64, dtype=torch.bfloat16)
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with tempfile.TemporaryFile(mode="w+") as capture:
+        os.dup2(capture.fileno(), 1)
+        try:
+            with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+                F.linear(x, x)
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+        capture.seek(0)
+        lines = [line.split(",") for line in capture.read().splitlines() if ",exec," in line]
+    return lines[-1][6] if lines and len(lines[-1]) > 6 else "unknown (no oneDNN matmul)"
+
+
+def cap_dense_isa_below_amx() -> dict:
+    """Keep torch's bf16 GEMM (oneDNN) off AMX for the rest of the process (before its first bf16 GEMM; a value the
+    user set is kept; ATen and MKL have no AMX code). Returns what the dense side runs, checked on one small bf16
+    product; when the cap came too late, the variable is taken back out."""
+    added = {name: value for name, value in NO_AMX_CAP_ENV.items() if name not in os.environ}
+    os.environ.update(added)
+    kernel = onednn_bf16_kernel()
+    applied = "amx" not in kernel.lower()
+    if not applied:
+        for name in added:
+            os.environ.pop(name, None)
+    return {"capped_at": "AVX512_CORE_BF16 (no AMX)", "libraries": "oneDNN",
+            "aten_capability": torch.backends.cpu.get_cpu_capability(), "applied": applied, "bf16_gemm": kernel, "variables": {name: os.environ.get(name) for name in NO_AMX_CAP_ENV}}
+
+
 def cap_dense_isa_at_avx2() -> dict:
     """Cap torch's kernels at AVX2 for the rest of the process (before its first op; a variable the user set
     already is kept). Returns what the dense side runs with: the variables and ATen's capability, which says
@@ -958,7 +1003,7 @@ def cap_dense_isa_at_avx2() -> dict:
     if not applied:
         for name in added:
             os.environ.pop(name, None)
-    return {"capped_at": "AVX2", "aten_capability": aten, "applied": applied,
+    return {"capped_at": "AVX2", "libraries": "MKL, oneDNN, ATen", "aten_capability": aten, "applied": applied,
             "variables": {name: os.environ.get(name) for name in AVX2_CAP_ENV}}
 
 
@@ -979,9 +1024,18 @@ def main(argv=None) -> int:
                   "process, so the dense side cannot be capped at AVX2; run the benchmark in a fresh process "
                   "(or pass --dense_isa native)", file=sys.stderr)
             return 2
+    if args.amx == "off" and args.dense_isa == "match":
+        dense_isa = cap_dense_isa_below_amx()
+        if not dense_isa["applied"]:
+            print(f"error: --amx off: torch's bf16 GEMM already runs {dense_isa['bf16_gemm']} in this process, so "
+                  "it cannot be kept off AMX; run the benchmark in a fresh process (or pass --dense_isa native)",
+                  file=sys.stderr)
+            return 2
     torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
     kernels.get()
+    if args.amx == "off":
+        kernels.set_amx(False)
     try:
         if args.isa != "auto":
             kernels.set_isa(args.isa)

@@ -12,7 +12,8 @@ instruction set, and the extension picks one at run time from what the CPU repor
 * ``torch``: no C++ at all, SparseLinear's pure-PyTorch path (correct, slow: it unpacks the weight every call).
 
 ``ATP_SPARSE_ISA=avx512|avx2|cpp|torch`` (or :func:`set_isa`) forces one; asking for one the CPU lacks prints one line
-and uses the best it has. When the build cannot run (no compiler, a failing one, ATP_SPARSE_KERNEL=off) one line is
+and uses the best it has. ``ATP_SPARSE_AMX=off`` (or :func:`set_amx`) keeps bf16 off the AMX path on a CPU that has
+it (bf16 then takes the tiled kernel, as on AVX-512 CPUs without AMX). When the build cannot run (no compiler, a failing one, ATP_SPARSE_KERNEL=off) one line is
 printed on stderr and `get()` returns None: SparseLinear then uses its pure-PyTorch path.
 """
 from __future__ import annotations
@@ -34,6 +35,7 @@ _lock = threading.Lock()
 _isa = "torch"      # the instruction set in use (set when the module loads, or by set_isa)
 ISA_CODE = 0        # its code, read by SparseLinear.forward on every call
 _use_kernel = True  # False when the isa is "torch"
+_amx_enabled = os.environ.get("ATP_SPARSE_AMX", "").strip().lower() not in ("off", "0", "no", "false")
 
 
 def _build():
@@ -139,9 +141,18 @@ def supported_isas() -> list[str]:
 
 
 def has_amx() -> bool:
-    """The CPU has AMX-BF16 and the OS granted this process the tile state (the bf16 `amx` path)."""
+    """The bf16 `amx` path is usable: the CPU has AMX-BF16, the OS granted this process the tile state, and it was
+    not switched off (ATP_SPARSE_AMX=off, set_amx(False))."""
     module = get()
-    return bool(module is not None and module.has_amx())
+    return bool(_amx_enabled and module is not None and module.has_amx())
+
+
+def set_amx(enabled: bool) -> bool:
+    """Allow (True) or forbid (False) the AMX path from now on (tests, benchmarks); returns the previous setting.
+    SparseLinear keys its measured choices by the candidate paths, so choices made with AMX are not reused."""
+    global _amx_enabled
+    previous, _amx_enabled = _amx_enabled, bool(enabled)
+    return previous
 
 
 def set_isa(name: str) -> str:

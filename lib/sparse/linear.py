@@ -204,7 +204,7 @@ class SparseLinear(nn.Module):
         if len(paths) == 1:
             return self._run(paths[0], x, kern)
         key = (self.out_features, self.in_features, self.values.dtype, x.dtype, token_bucket(n),
-               torch.get_num_threads(), kernels.ISA_CODE)
+               torch.get_num_threads(), kernels.ISA_CODE, paths)  # paths: with or without AMX (kernels.set_amx)
         entry = _choices.get(key)
         if entry is not None:
             return self._run(entry["path"], x, kern)

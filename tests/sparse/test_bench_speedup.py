@@ -31,6 +31,8 @@ def run(*args, timeout=240):
     ["--skip_model", "--tokens", "0"],
     ["--skip_model", "--curve_level", "0.5,0.6"],
     ["--skip_model", "--isa", "neon"],
+    ["--skip_model", "--isa", "avx2", "--amx", "off"],
+    ["--skip_model", "--amx", "maybe"],
 ])
 def test_bad_input_one_error_line_exit_2(args, capsys):
     assert load_script("bench_speedup").main(args) == 2
@@ -189,3 +191,51 @@ def test_isa_avx2_after_torch_picked_a_wider_isa_is_one_error_and_leaves_the_env
     assert len(lines) == 1 and lines[0].startswith("error: --isa avx2: torch's kernels already run at")
     assert not any(name in os.environ for name in ("MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA",
                                                    "ATEN_CPU_CAPABILITY"))
+
+
+NO_AMX_RUN = """
+import json, sys
+sys.path.insert(0, {tests!r})
+from conftest import load_script
+bench = load_script("bench_speedup")
+bench.LLAMA2_7B_BLOCK = [("q", 48, 64), ("down", 64, 80)]
+code = bench.main(["--skip_model", "--sparsities", "0.7", "--repeats", "1", "--prefill_tokens", "40", "--tokens", "40",
+                   "--threads", "1", "--dtype", "bfloat16", "--amx", "off", "--out", {out!r}])
+print(json.dumps({{"code": code}}))
+"""
+
+
+def test_amx_off_keeps_both_sides_off_the_tile_unit_in_a_fresh_process(tmp_path):
+    """--amx off: this project's bf16 calls take the tiled kernel and torch's bf16 GEMM runs a oneDNN kernel without
+    AMX (checked on a small product and recorded), so both sides run as on an AVX-512 CPU without AMX."""
+    out = tmp_path / "out"
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("ONEDNN_MAX_CPU_ISA", "ATP_SPARSE_AMX")}
+    result = subprocess.run([sys.executable, "-c", NO_AMX_RUN.format(tests=str(REPO / "tests"), out=str(out))],
+                            cwd=REPO, capture_output=True, text=True, timeout=240, env=env)
+    assert result.returncode == 0 and json.loads(result.stdout.splitlines()[-1]) == {"code": 0}, result.stderr
+    saved = json.loads((out / "results.json").read_text())
+    environment = saved["environment"]
+    assert environment["amx"] is False
+    assert environment["dense_isa"]["applied"] is True and "amx" not in environment["dense_isa"]["bf16_gemm"].lower()
+    assert environment["dense_isa"]["variables"] == {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}
+    paths = {c["path"] for c in saved["curve"]["choices"]}
+    assert "amx" not in paths and paths <= {"tiled", "dense"} and paths
+    assert "torch capped at AVX512_CORE_BF16 (no AMX) (oneDNN)" in (out / "results.md").read_text()
+
+
+def test_amx_off_after_torch_used_amx_is_one_error_and_leaves_the_environment(monkeypatch, capsys):
+    """Where torch's bf16 GEMM already ran on AMX in this process, oneDNN cannot be capped any more: one error line,
+    exit 2, and the variable is not left behind."""
+    import os
+    import torch
+    import torch.nn.functional as F
+    bench = load_script("bench_speedup")
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    x = torch.ones(32, 64, dtype=torch.bfloat16)
+    F.linear(x, x)
+    if "amx" not in bench.onednn_bf16_kernel().lower():
+        pytest.skip("torch's bf16 GEMM does not run on AMX here")
+    assert bench.main(["--skip_model", "--amx", "off", "--sparsities", "0.7"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: --amx off: torch's bf16 GEMM already runs")
+    assert "ONEDNN_MAX_CPU_ISA" not in os.environ

@@ -246,6 +246,30 @@ def test_amx_path_for_bf16_where_the_cpu_has_it(monkeypatch):
         assert y.is_contiguous()
 
 
+def test_amx_switched_off_takes_the_tiled_kernel_and_measures_anew(monkeypatch):
+    """kernels.set_amx(False) (ATP_SPARSE_AMX=off): bf16 calls take the tiled kernel as on a CPU without AMX, and a
+    choice measured with the AMX path is not reused without it (nor the other way round)."""
+    if not (kernels.get() is not None and kernels.isa() == "avx512" and kernels.has_amx()):
+        pytest.skip("needs the AVX-512 kernel on a CPU with AMX")
+    monkeypatch.setattr(sparse_linear, "_policy", "auto")
+    sparse_linear.clear_choices()
+    w = pruned_weight(64, 96, 0.7, torch.bfloat16)
+    x = torch.randn(40, 96).to(torch.bfloat16)
+    previous = kernels.set_amx(False)
+    try:
+        assert not kernels.has_amx()
+        assert sparse_linear.candidate_paths(40, torch.bfloat16, torch.bfloat16) == ("tiled", "dense")
+        check(w, None, x, torch.bfloat16)
+        kernels.set_amx(True)
+        assert sparse_linear.candidate_paths(40, torch.bfloat16, torch.bfloat16) == ("amx", "dense")
+        check(w, None, x, torch.bfloat16)
+        assert sorted(tuple(sorted(c["seconds"])) for c in sparse_linear.choices()) == [("amx", "dense"),
+                                                                                      ("dense", "tiled")]
+    finally:
+        kernels.set_amx(previous)
+        sparse_linear.clear_choices()
+
+
 def test_amx_path_in_k_chunks_matches_whole_rows_and_dense(monkeypatch):
     """From AMX_CHUNK_TOKENS tokens a weight wider than one 2048-column chunk goes through the tile unit in K chunks
     (partial sums carried between chunks): 4500 columns make two 2048-column chunks and a 404-column one, 40 rows
