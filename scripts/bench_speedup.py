@@ -553,7 +553,8 @@ def markdown(result: dict) -> str:
     env = result["environment"]
     lines = [f"Measured {env['date']} on {env['cpu']} ({env['threads']} thread(s), shared machine), "
              f"dtype {result['dtype']}, torch {env['torch']}, kernel: {env['kernel']}"
-             f"{' + AMX' if env.get('amx') else ''}, dense side: {dense_side(env)}, "
+             f"{' + AMX' if env.get('amx') else ''}, dense side: {dense_side(env)}"
+             f"{' (bf16 GEMM: ' + env['dense_bf16_gemm'] + ')' if env.get('dense_bf16_gemm') else ''}, "
              f"path policy: {env.get('policy', 'auto')}.",
              "Speedup = dense time / sparse time, dense and sparse run back to back, median of the ratios over "
              f"{result['repeats']} repeats (times: medians). Bound = dense bytes / sparse bytes read per decoded token (the gain of a memory-bound decode; a speedup above "
@@ -1057,6 +1058,8 @@ def main(argv=None) -> int:
                               "isa": kernels.isa(), "amx": kernels.has_amx() and kernels.isa() == "avx512",
                               "dense_isa": dense_isa or {"aten_capability": torch.backends.cpu.get_cpu_capability(),
                                                          "capped_at": None},
+                              "dense_bf16_gemm": (dense_isa or {}).get("bf16_gemm") or (
+                                  onednn_bf16_kernel() if dtype == torch.bfloat16 else None),
                               "kernel": kernels.describe(),
                               "policy": sparse_linear.policy(),
                               "transparent_huge_pages": pages.thp_mode(),

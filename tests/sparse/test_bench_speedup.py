@@ -220,7 +220,8 @@ def test_amx_off_keeps_both_sides_off_the_tile_unit_in_a_fresh_process(tmp_path)
     assert environment["dense_isa"]["variables"] == {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}
     paths = {c["path"] for c in saved["curve"]["choices"]}
     assert "amx" not in paths and paths <= {"tiled", "dense"} and paths
-    assert "torch capped at AVX512_CORE_BF16 (no AMX) (oneDNN)" in (out / "results.md").read_text()
+    assert environment["dense_bf16_gemm"] == environment["dense_isa"]["bf16_gemm"]
+    assert "torch capped at AVX512_CORE_BF16 (no AMX) (oneDNN) (bf16 GEMM: " in (out / "results.md").read_text()
 
 
 def test_amx_off_after_torch_used_amx_is_one_error_and_leaves_the_environment(monkeypatch, capsys):
