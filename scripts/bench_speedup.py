@@ -962,6 +962,8 @@ NO_AMX_CAP_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}
 def onednn_bf16_kernel() -> str:
     """The oneDNN implementation torch's bf16 GEMM runs here, e.g. 'brg_matmul:avx512_core_bf16' (from oneDNN's
     verbose line for one small product, which oneDNN writes to file descriptor 1)."""
+    if not torch.backends.mkldnn.is_available():
+        return "unknown (torch built without oneDNN)"
     x = torch.ones(32, 64, dtype=torch.bfloat16)
     sys.stdout.flush()
     saved = os.dup(1)
