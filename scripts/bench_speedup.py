@@ -980,34 +980,40 @@ def onednn_bf16_kernel() -> str:
     return lines[-1][6] if lines and len(lines[-1]) > 6 else "unknown (no oneDNN matmul)"
 
 
-def cap_dense_isa_below_amx() -> dict:
-    """Keep torch's bf16 GEMM (oneDNN) off AMX for the rest of the process (before its first bf16 GEMM; a value the
-    user set is kept; ATen and MKL have no AMX code). Returns what the dense side runs, checked on one small bf16
-    product; when the cap came too late, the variable is taken back out."""
-    added = {name: value for name, value in NO_AMX_CAP_ENV.items() if name not in os.environ}
+def _cap_for_this_process(variables: dict, came_in_time) -> tuple[bool, dict]:
+    """Set the variables torch's libraries read once (a value the user set is kept), ask `came_in_time()` whether
+    they took effect, and take the added ones back out when they did not. Returns (applied, the variables)."""
+    added = {name: value for name, value in variables.items() if name not in os.environ}
     os.environ.update(added)
-    kernel = onednn_bf16_kernel()
-    applied = "amx" not in kernel.lower()
+    applied = came_in_time()
     if not applied:
         for name in added:
             os.environ.pop(name, None)
+    return applied, {name: os.environ.get(name) for name in variables}
+
+
+def cap_dense_isa_below_amx() -> dict:
+    """Keep torch's bf16 GEMM (oneDNN) off AMX for the rest of the process (before its first bf16 GEMM; ATen and
+    MKL have no AMX code). Returns what the dense side runs, checked on one small bf16 product."""
+    seen = {}
+
+    def off_amx() -> bool:
+        seen["kernel"] = onednn_bf16_kernel()
+        return "amx" not in seen["kernel"].lower()
+
+    applied, variables = _cap_for_this_process(NO_AMX_CAP_ENV, off_amx)
     return {"capped_at": "AVX512_CORE_BF16 (no AMX)", "libraries": "oneDNN",
-            "aten_capability": torch.backends.cpu.get_cpu_capability(), "applied": applied, "bf16_gemm": kernel, "variables": {name: os.environ.get(name) for name in NO_AMX_CAP_ENV}}
+            "aten_capability": torch.backends.cpu.get_cpu_capability(), "applied": applied,
+            "bf16_gemm": seen["kernel"], "variables": variables}
 
 
 def cap_dense_isa_at_avx2() -> dict:
-    """Cap torch's kernels at AVX2 for the rest of the process (before its first op; a variable the user set
-    already is kept). Returns what the dense side runs with: the variables and ATen's capability, which says
-    whether the cap came in time; when it did not, the variables are taken back out."""
-    added = {name: value for name, value in AVX2_CAP_ENV.items() if name not in os.environ}
-    os.environ.update(added)
-    aten = torch.backends.cpu.get_cpu_capability()
-    applied = aten.upper() == "AVX2"
-    if not applied:
-        for name in added:
-            os.environ.pop(name, None)
-    return {"capped_at": "AVX2", "libraries": "MKL, oneDNN, ATen", "aten_capability": aten, "applied": applied,
-            "variables": {name: os.environ.get(name) for name in AVX2_CAP_ENV}}
+    """Cap torch's kernels at AVX2 for the rest of the process (before its first op). Returns what the dense side
+    runs with: the variables and ATen's capability, which says whether the cap came in time."""
+    applied, variables = _cap_for_this_process(
+        AVX2_CAP_ENV, lambda: torch.backends.cpu.get_cpu_capability().upper() == "AVX2")
+    return {"capped_at": "AVX2", "libraries": "MKL, oneDNN, ATen",
+            "aten_capability": torch.backends.cpu.get_cpu_capability(), "applied": applied, "variables": variables}
 
 
 def main(argv=None) -> int:

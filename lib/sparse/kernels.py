@@ -13,8 +13,9 @@ instruction set, and the extension picks one at run time from what the CPU repor
 
 ``ATP_SPARSE_ISA=avx512|avx2|cpp|torch`` (or :func:`set_isa`) forces one; asking for one the CPU lacks prints one line
 and uses the best it has. ``ATP_SPARSE_AMX=off`` (or :func:`set_amx`) keeps bf16 off the AMX path on a CPU that has
-it (bf16 then takes the tiled kernel, as on AVX-512 CPUs without AMX). When the build cannot run (no compiler, a failing one, ATP_SPARSE_KERNEL=off) one line is
-printed on stderr and `get()` returns None: SparseLinear then uses its pure-PyTorch path.
+it (bf16 then takes the tiled kernel, as on AVX-512 CPUs without AMX). When the build cannot run (no compiler, a
+failing one, ATP_SPARSE_KERNEL=off) one line is printed on stderr and `get()` returns None: SparseLinear then uses
+its pure-PyTorch path.
 """
 from __future__ import annotations
 
