@@ -17,7 +17,9 @@ transformers one:
   dense, and fused 3-D mixture-of-experts tensors, whose zeros are kept but not packed);
 * ``sparse_manifest.json`` (for people and tools; loading does not need it): ``{"format": ..., "sparse_modules":
   {name: {in_features, out_features, bias, sparsity}}, "tied": {alias: canonical}, "dtype": ...,
-  "dense_fused_experts": [name, ...]}``.
+  "dense_fused_experts": [name, ...]}``;
+* ``README.md``, a model card for whoever receives the directory: what is packed, why plain transformers refuses
+  it, and the lines that load it (`model_card`).
 
 Loading: `lib.sparse.register()` teaches transformers the "atp_sparse" quantization method (hf_quantizer.py);
 after it, ``AutoModelForCausalLM.from_pretrained(directory)`` returns the model with SparseLinear modules and
@@ -45,6 +47,7 @@ from .linear import SparseLinear
 FORMAT_V1 = "atp-bitmask-v1"
 MANIFEST = "sparse_manifest.json"
 WEIGHTS = "model.safetensors"
+MODEL_CARD = "README.md"
 _PACKED = ("mask", "values", "row_offsets")
 
 
@@ -118,6 +121,8 @@ def save_compressed(model: nn.Module, tokenizer, directory: str,
                     "dense_fused_experts": fused}
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1)
+        with open(os.path.join(tmp, MODEL_CARD), "w") as f:
+            f.write(model_card(type(model).__name__, manifest))
         model.config.save_pretrained(tmp)
         quantization = hfq.AtpSparseConfig(sparse_modules=list(packed), dense_fused_experts=fused).to_dict()
         _edit_config(tmp, lambda c: c.update(quantization_config=quantization, dtype=dtype_name))
@@ -133,6 +138,50 @@ def save_compressed(model: nn.Module, tokenizer, directory: str,
     return {"directory": directory, "bytes": size, "sparse_modules": len(packed),
             "dense_tensors": len(tensors) - sum(len(e["tensors"]) for e in packed.values()),
             "dense_fused_experts": len(fused)}
+
+
+def model_card(model_class: str, manifest: dict) -> str:
+    """README.md of a compressed directory: what it holds and how to load it (from the manifest alone)."""
+    modules = manifest["sparse_modules"].values()
+    weights = sum(m["in_features"] * m["out_features"] for m in modules)
+    zeros = sum(m["sparsity"] * m["in_features"] * m["out_features"] for m in modules)
+    packed = (f"{len(manifest['sparse_modules'])} decoder-block Linears are stored bitmask-packed "
+              f"({zeros / weights:.1%} of their {weights:,} weights are zero; per module in `{MANIFEST}`); every "
+              f"other tensor is stored dense." if weights else
+              "No Linear was sparse enough to be stored packed: every tensor is stored dense.")
+    refusal = ("Plain transformers refuses this directory on purpose (a size-mismatch `RuntimeError`): it does not "
+               "know the packed\nformat, and reading it as dense weights would leave those Linears randomly "
+               "initialised. Load it with the ATP\nlayer-wise sparsity project (the repository that wrote it) "
+               "importable:" if weights else
+               "Plain transformers loads it as it is (it warns about the unknown `quantization_config`); with the "
+               "ATP layer-wise\nsparsity project (the repository that wrote it) importable:")
+    fused = manifest.get("dense_fused_experts") or []
+    experts = f" The {len(fused)} fused mixture-of-experts tensors are stored dense, zeros included." if fused else ""
+    return f"""---
+library_name: transformers
+tags:
+- sparse
+- {hfq.QUANT_METHOD}
+---
+# A pruned {model_class}, compressed ({manifest["format"]}, {manifest["dtype"]})
+
+{packed}{experts}
+
+{refusal}
+
+```python
+import lib.sparse
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+lib.sparse.register()  # teaches transformers the "{hfq.QUANT_METHOD}" format
+model = AutoModelForCausalLM.from_pretrained("path/to/this/directory")
+tokenizer = AutoTokenizer.from_pretrained("path/to/this/directory")
+```
+
+The packed Linears become `SparseLinear` modules (CPU kernels; `dtype=` float32, bfloat16 or float16) and their
+dense weights are never built; `model.save_pretrained` writes this format back, `model.dequantize()` turns them
+into dense `nn.Linear` modules. `lib.sparse.checkpoint.load_compressed(directory)` returns model and tokenizer.
+"""
 
 
 def _edit_config(directory: str, edit) -> None:

@@ -99,8 +99,36 @@ def test_the_directory_says_what_it_is(compressed):
     assert is_compressed_dir(str(compressed))
 
 
-def test_plain_transformers_refuses_both_directories(compressed, round_trip):
-    """Without this project (nothing of `lib` importable in the child), from_pretrained raises, and says why."""
+def test_the_model_card_says_what_is_packed_and_its_code_loads_it(compressed, dense):
+    card = (compressed / "README.md").read_text()
+    linears = [m for m in dense.model.layers.modules() if isinstance(m, nn.Linear)]
+    weights = sum(m.weight.numel() for m in linears)
+    zeros = sum(int((m.weight == 0).sum()) for m in linears)
+    assert f"{NUM_LINEARS} decoder-block Linears are stored bitmask-packed" in card
+    assert f"({zeros / weights:.1%} of their {weights:,} weights are zero" in card
+    assert "# A pruned LlamaForCausalLM, compressed (atp-bitmask-v2, float32)" in card
+    assert "Plain transformers refuses this directory on purpose" in card
+    code = card.split("```python\n")[1].split("```")[0].replace("path/to/this/directory", str(compressed))
+    namespace = {}
+    exec(code, namespace)  # the card's own lines, as a reader would paste them
+    model = namespace["model"]
+    assert sum(isinstance(m, SparseLinear) for m in model.modules()) == NUM_LINEARS
+    torch.testing.assert_close(logits(model, IDS), logits(dense, IDS), rtol=1e-4, atol=1e-4)
+    assert namespace["tokenizer"].get_vocab()
+
+
+@pytest.fixture(scope="module")
+def nothing_packed(tmp_path_factory, dense, tok):
+    directory = tmp_path_factory.mktemp("hf") / "nothing_packed"
+    save_compressed(dense, tok, str(directory), min_sparsity=0.99)
+    return directory
+
+
+def test_plain_transformers_refuses_packed_directories(compressed, round_trip, nothing_packed):
+    """Without this project (nothing of `lib` importable in the child), from_pretrained raises, and says why; a
+    directory where nothing was packed loads, as its model card says."""
+    assert "Plain transformers loads it as it is" in (nothing_packed / "README.md").read_text()
+    assert "No Linear was sparse enough to be stored packed" in (nothing_packed / "README.md").read_text()
     script = textwrap.dedent("""
         import sys
         from transformers import AutoModelForCausalLM
@@ -114,14 +142,16 @@ def test_plain_transformers_refuses_both_directories(compressed, round_trip):
     """)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", NO_COLOR="1")
-    run = subprocess.run([sys.executable, "-c", script, str(compressed), str(round_trip)], cwd=compressed.parent,
+    run = subprocess.run([sys.executable, "-c", script, str(compressed), str(round_trip), str(nothing_packed)],
+                         cwd=compressed.parent,
                          env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
     assert lines[-1] == "lib imported: False"
     refusals = [line for line in lines if line.startswith("REFUSED RuntimeError")]
     assert len(refusals) == 2 and "ignore_mismatched_sizes" in refusals[0], run.stdout
-    assert run.stderr.count("Unknown quantization type, got atp_sparse") == 2
+    assert f"LOADED {nothing_packed}" in lines
+    assert run.stderr.count("Unknown quantization type, got atp_sparse") == 3
     assert "Reinit due to size mismatch - ckpt: torch.Size([0]) vs model:torch.Size([64, 64])" in run.stderr
 
 
@@ -264,6 +294,9 @@ def test_fused_moe_experts_stay_dense_tensors(tmp_path, tok):
     save_compressed(moe, tok, str(tmp_path / "moe"))
     quant = json.loads((tmp_path / "moe" / "config.json").read_text())["quantization_config"]
     assert len(quant["dense_fused_experts"]) == 4 and len(quant["sparse_modules"]) == 8
+    card = (tmp_path / "moe" / "README.md").read_text()
+    assert "8 decoder-block Linears are stored bitmask-packed" in card
+    assert "The 4 fused mixture-of-experts tensors are stored dense, zeros included." in card
     lib.sparse.register()
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "moe")
     for name in quant["dense_fused_experts"]:
