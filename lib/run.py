@@ -296,7 +296,9 @@ def write_outputs(config: RunConfig, loaded: LoadedModel, results: dict, timings
         if saved.get("dense_fused_experts"):
             _log(f"compressed checkpoint: {saved['dense_fused_experts']} fused expert tensor(s) stored dense "
                  f"with their zeros (the packed format holds 2-D Linears only)")
-        _log(f"pruned model saved to {saved['directory']}")
+        how = (" (compressed: lib.sparse.register(), then from_pretrained; its README.md says more)"
+               if config.outputs.save_format == "compressed" else "")
+        _log(f"pruned model saved to {saved['directory']}{how}")
     if config.outputs.results:
         write_results(config, results)
         _log(f"results written to {config.outputs.results}")

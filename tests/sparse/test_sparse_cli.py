@@ -18,6 +18,8 @@ def test_cli_compressed_checkpoint_matches_the_dense_one(cli, model_dir, text_fi
     saved = json.loads((tmp_path / "run.json").read_text())["saved_model"]
     dense_bytes = sum(p.stat().st_size for p in (tmp_path / "dense").iterdir())
     assert saved["bytes"] < 0.75 * dense_bytes and saved["sparse_modules"] == 4 * 7
+    assert "lib.sparse.register()" in (tmp_path / "packed" / "README.md").read_text()
+    assert f"pruned model saved to {tmp_path / 'packed'} (compressed: lib.sparse.register(), then" in out
 
     from transformers import AutoModelForCausalLM
     dense = AutoModelForCausalLM.from_pretrained(tmp_path / "dense").eval()
