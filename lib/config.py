@@ -16,6 +16,7 @@ from .errors import IllegalAllocationError, UserError
 from .outputs import check_output_paths, check_writable_file, resolved
 from .pruning.masks import parse_sparsity_type
 from .pruning.pruner import PRUNERS, Pruner
+from .sparse.markers import is_compressed_dir
 
 HUB_CALIBRATION = "c4"
 HUB_EVALUATION = "wikitext2"
@@ -191,7 +192,7 @@ def _check_model(config: ModelConfig) -> None:
         parse_device(config.device)
     except ValueError as exc:
         raise setting_error("device", exc) from None
-    if config.model is not None and os.path.isfile(os.path.join(config.model, "sparse_manifest.json")):
+    if config.model is not None and is_compressed_dir(config.model):
         raise UserError(f"{config.model} is a compressed checkpoint (--save_format compressed): it is already "
                         f"pruned and its Linears are packed. Run it with lib.sparse.load_compressed, or "
                         f"from_pretrained after lib.sparse.register() (README, 'Speed'); to prune again, start "

@@ -43,9 +43,9 @@ from . import format as fmt
 from .convert import DEFAULT_MIN_SPARSITY, block_linears, fused_expert_tensors, weight_sparsity
 from . import hf_quantizer as hfq
 from .linear import SparseLinear
+from .markers import FORMAT, FORMAT_V1, MANIFEST, QUANT_METHOD, quant_method
+from .markers import is_compressed_dir  # noqa: F401 - part of this module's API
 
-FORMAT_V1 = "atp-bitmask-v1"
-MANIFEST = "sparse_manifest.json"
 WEIGHTS = "model.safetensors"
 MODEL_CARD = "README.md"
 _PACKED = ("mask", "values", "row_offsets")
@@ -114,9 +114,9 @@ def save_compressed(model: nn.Module, tokenizer, directory: str,
             tensors[key] = t.detach().cpu().contiguous()
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         dtype_name = str(dtype).replace("torch.", "")
-        save_file(tensors, os.path.join(tmp, WEIGHTS), metadata={"format": "pt", "atp_sparse_format": hfq.FORMAT})
+        save_file(tensors, os.path.join(tmp, WEIGHTS), metadata={"format": "pt", "atp_sparse_format": FORMAT})
         fused = fused_expert_tensors(model)
-        manifest = {"format": hfq.FORMAT, "dtype": dtype_name,
+        manifest = {"format": FORMAT, "dtype": dtype_name,
                     "sparse_modules": {n: e["meta"] for n, e in packed.items()}, "tied": tied,
                     "dense_fused_experts": fused}
         with open(os.path.join(tmp, MANIFEST), "w") as f:
@@ -161,7 +161,7 @@ def model_card(model_class: str, manifest: dict) -> str:
 library_name: transformers
 tags:
 - sparse
-- {hfq.QUANT_METHOD}
+- {QUANT_METHOD}
 ---
 # A pruned {model_class}, compressed ({manifest["format"]}, {manifest["dtype"]})
 
@@ -173,7 +173,7 @@ tags:
 import lib.sparse
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-lib.sparse.register()  # teaches transformers the "{hfq.QUANT_METHOD}" format
+lib.sparse.register()  # teaches transformers the "{QUANT_METHOD}" format
 model = AutoModelForCausalLM.from_pretrained("path/to/this/directory")
 tokenizer = AutoTokenizer.from_pretrained("path/to/this/directory")
 ```
@@ -194,20 +194,6 @@ def _edit_config(directory: str, edit) -> None:
         f.write("\n")
 
 
-def _quant_method(directory: str) -> str | None:
-    try:
-        with open(os.path.join(directory, "config.json")) as f:
-            quantization = json.load(f).get("quantization_config")
-    except (OSError, ValueError):
-        return None
-    return quantization.get("quant_method") if isinstance(quantization, dict) else None
-
-
-def is_compressed_dir(directory: str) -> bool:
-    """A save_compressed directory (either version), or a save_pretrained one of a model loaded from one."""
-    return os.path.isfile(os.path.join(directory, MANIFEST)) or _quant_method(directory) == "atp_sparse"
-
-
 def load_compressed(directory: str, dtype: torch.dtype | None = None, device_map=None):
     """(model, tokenizer) from a compressed directory, the converted Linears as SparseLinear, in eval mode.
 
@@ -220,7 +206,7 @@ def load_compressed(directory: str, dtype: torch.dtype | None = None, device_map
     from ..models.loading import auto_model_class
     from . import register
 
-    if _quant_method(directory) is None and os.path.isfile(os.path.join(directory, MANIFEST)):
+    if quant_method(directory) is None and os.path.isfile(os.path.join(directory, MANIFEST)):
         model = _load_v1(directory, dtype)
     else:
         register()

@@ -42,9 +42,8 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from . import format as fmt
 from .linear import SparseLinear
+from .markers import FORMAT, QUANT_METHOD
 
-QUANT_METHOD = "atp_sparse"
-FORMAT = "atp-bitmask-v2"
 PACKED = ("mask", "values", "row_offsets")
 
 

@@ -93,6 +93,9 @@ CASES = {
                                  2, "1 unexpected weight(s) (model.layers.9.odd.weight)", True),
     "a compressed checkpoint as the model": (lambda t, m: ["--model", compressed_checkpoint(t, m)], 2,
                                              "is a compressed checkpoint (--save_format compressed)", False),
+    "a compressed model's save_pretrained as the model": (
+        lambda t, m: ["--model", compressed_checkpoint(t, m, manifest=False)], 2,
+        "is a compressed checkpoint (--save_format compressed)", False),
     # flags that would be ignored or contradict each other
     "2:4 with another sparsity": (["--sparsity_type", "2:4", "--sparsity_ratio", "0.3"], 2,
                                   "--sparsity_ratio 0.3 contradicts --sparsity_type 2:4", False),
@@ -156,12 +159,19 @@ def edited_checkpoint(tmp, model_dir, drop: str | None = None, add: str | None =
     return path
 
 
-def compressed_checkpoint(tmp, model_dir):
-    """A directory laid out as --save_format compressed writes it (its manifest is what identifies it)."""
+def compressed_checkpoint(tmp, model_dir, manifest=True):
+    """A directory laid out as --save_format compressed writes it (identified by its manifest), or, without the
+    manifest, as save_pretrained writes a model loaded from one (identified by config.json's quantization_config)."""
     path = tmp / "ckpt-compressed"
     shutil.copytree(model_dir("llama"), path)
-    (path / "sparse_manifest.json").write_text('{"format": "atp-bitmask-v1", "sparse_modules": {}}',
-                                               encoding="utf-8")
+    if manifest:
+        (path / "sparse_manifest.json").write_text('{"format": "atp-bitmask-v1", "sparse_modules": {}}',
+                                                   encoding="utf-8")
+    else:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        config["quantization_config"] = {"quant_method": "atp_sparse", "format": "atp-bitmask-v2",
+                                         "sparse_modules": []}
+        (path / "config.json").write_text(json.dumps(config), encoding="utf-8")
     return path
 
 
