@@ -175,3 +175,28 @@ def test_a_checkpoint_with_corrupted_mask_bytes_is_refused_on_load(tmp_path, tok
     save_file(tensors, str(weights), metadata=metadata)
     with pytest.raises(ValueError, match="corrupt"):
         load_compressed(str(tmp_path / "c"))
+
+
+def test_a_saved_compressed_model_evaluates_like_the_dense_one(tmp_path):
+    """README's "Evaluating a saved compressed checkpoint": perplexity and lm-eval zero-shot (the offline smoke task)
+    of the loaded compressed model against the pruned dense model it was saved from."""
+    from lib.demo.models import tiny_demo_model
+    from lib.eval.perplexity import perplexity
+    from lib.eval.zeroshot import evaluate_zero_shot
+    dense, tokenizer = tiny_demo_model()
+    with torch.no_grad():
+        for module in dense.model.layers.modules():
+            if isinstance(module, nn.Linear):
+                module.weight[lowest_per_row_mask(module.weight.abs(), 0.6)] = 0
+    save_compressed(dense, tokenizer, str(tmp_path / "c"))
+    model, tok = load_compressed(str(tmp_path / "c"))
+    assert sum(isinstance(m, SparseLinear) for m in model.modules()) > 0
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with open(os.path.join(repo, "data", "austen_eval.txt"), encoding="utf-8") as f:
+        tokens = tok(f.read()[:20000], return_tensors="pt").input_ids
+    ppl = perplexity(model, tokens, seqlen=128, max_windows=4, progress=False)
+    assert ppl == pytest.approx(perplexity(dense, tokens, seqlen=128, max_windows=4, progress=False), rel=1e-4)
+    tasks = os.path.join(repo, "tasks")
+    got = evaluate_zero_shot(model, tok, ["tiny_mc"], tasks_dir=tasks, batch_size=4)["tasks"]["tiny_mc"]
+    ref = evaluate_zero_shot(dense, tokenizer, ["tiny_mc"], tasks_dir=tasks, batch_size=4)["tasks"]["tiny_mc"]
+    assert (got["acc"], got["acc_norm"]) == (ref["acc"], ref["acc_norm"])
