@@ -159,7 +159,8 @@ class AtpSparseHfQuantizer(HfQuantizer):
                 continue
             raise ValueError(f"{QUANT_METHOD} checkpoints run on the CPU only (SparseLinear's kernels are CPU "
                              f"kernels); device_map={device_map!r} would place modules on {device!r}. Use "
-                             f"device_map='cpu' or no device_map")
+                             f"device_map='cpu' or no device_map; for dense weights on {device!r}, load on the CPU, "
+                             f"then model.dequantize().to({device!r})")
 
     def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
         if dtype not in fmt.SUPPORTED_DTYPES:
