@@ -192,8 +192,10 @@ def test_a_saved_compressed_model_evaluates_like_the_dense_one(tmp_path):
     model, tok = load_compressed(str(tmp_path / "c"))
     assert sum(isinstance(m, SparseLinear) for m in model.modules()) > 0
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from lib.data import evaluation_tokens
     with open(os.path.join(repo, "data", "austen_eval.txt"), encoding="utf-8") as f:
-        tokens = tok(f.read()[:20000], return_tensors="pt").input_ids
+        (tmp_path / "eval.txt").write_text(f.read()[:20000], encoding="utf-8")
+    tokens, _ = evaluation_tokens(str(tmp_path / "eval.txt"), tok)
     ppl = perplexity(model, tokens, seqlen=128, max_windows=4, progress=False)
     assert ppl == pytest.approx(perplexity(dense, tokens, seqlen=128, max_windows=4, progress=False), rel=1e-4)
     tasks = os.path.join(repo, "tasks")
