@@ -42,7 +42,7 @@ from ..outputs import make_parents, publish_directory, remove_empty
 from . import format as fmt
 from .convert import DEFAULT_MIN_SPARSITY, block_linears, fused_expert_tensors, weight_sparsity
 from . import hf_quantizer as hfq
-from .linear import SparseLinear
+from .linear import SparseLinear, replaces_exactly
 from .markers import FORMAT, FORMAT_V1, MANIFEST, QUANT_METHOD, quant_method
 from .markers import is_compressed_dir  # noqa: F401 - part of this module's API
 
@@ -59,6 +59,8 @@ def _packed_modules(model: nn.Module, min_sparsity: float) -> dict[str, dict]:
             tensors = {k: getattr(module, k) for k in _PACKED}
             sparsity = 1.0 - module.density
         else:
+            if not replaces_exactly(module):
+                continue
             if module.weight.dtype not in fmt.SUPPORTED_DTYPES or module.weight.device.type == "meta":
                 continue
             sparsity = weight_sparsity(module.weight)

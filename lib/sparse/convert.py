@@ -1,9 +1,10 @@
 """Converting the pruned nn.Linear modules of a loaded transformers model into SparseLinear, in place.
 
 Only Linears inside the decoder blocks are candidates; the embeddings and lm_head stay dense, and so do fused
-mixture-of-experts tensors (3-D parameters; the kernel takes 2-D Linears), which the summary lists. A Linear stays dense, with its reason in the summary, when its sparsity is
-below `min_sparsity` (there the packed form saves too few bytes to pay for the unpacking work), or when its
-dtype has no kernel. `model.generate()` works unchanged afterwards.
+mixture-of-experts tensors (3-D parameters; the kernel takes 2-D Linears), which the summary lists. A Linear
+stays dense, with its reason in the summary, when its sparsity is below `min_sparsity` (there the packed form
+saves too few bytes to pay for the unpacking work), when its dtype has no kernel, or when its class overrides
+nn.Linear's forward (a SparseLinear would compute something else). `model.generate()` works unchanged afterwards.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from . import format as fmt
 from . import kernels
 from . import linear as sparse_linear
 from . import semi_structured
-from .linear import SparseLinear
+from .linear import SparseLinear, own_forward_reason, replaces_exactly
 from .semi_structured import SemiStructuredLinear
 
 DEFAULT_MIN_SPARSITY = 0.3
@@ -131,6 +132,9 @@ def sparsify_model(model: nn.Module, min_sparsity: float = DEFAULT_MIN_SPARSITY,
             f"{summary.kernel}; {semi_structured.kernel_label()}"
     for name, module in linears:
         weight = module.weight
+        if not replaces_exactly(module):
+            summary.kept_dense.append({"name": name, "reason": own_forward_reason(module)})
+            continue
         if weight.device.type == "cuda":  # torch's 2:4 semi-structured sparsity, or dense with the reason
             new, record = semi_structured.convert_for_sparsify(module, min_sparsity)
             if new is None:

@@ -41,7 +41,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from . import format as fmt
-from .linear import SparseLinear
+from .linear import SparseLinear, own_forward_reason, replaces_exactly
 from .markers import FORMAT, QUANT_METHOD
 
 PACKED = ("mask", "values", "row_offsets")
@@ -181,6 +181,10 @@ class AtpSparseHfQuantizer(HfQuantizer):
             linear = model.get_submodule(name)
             if not isinstance(linear, nn.Linear):
                 raise ValueError(f"{QUANT_METHOD} checkpoint: {name} is a {type(linear).__name__}, not an nn.Linear")
+            if not replaces_exactly(linear):  # packed by an older version: loading it would change the model
+                raise ValueError(f"{QUANT_METHOD} checkpoint: {name} is packed, but {own_forward_reason(linear)}. "
+                                 "An older version of this tool wrote this checkpoint; save the pruned model again "
+                                 "with this one (it keeps such modules dense)")
             _set_module(model, name, PackedLinearSlot(linear, counts[saved]))
             slots.append(name)
             # the marker (see marker()), under its checkpoint key and, once transformers has added or removed the

@@ -27,6 +27,7 @@ import math
 import os
 import threading
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -137,6 +138,16 @@ def _workspace(dtype: torch.dtype, rows: int, cols: int) -> torch.Tensor:
     return buf[: rows * cols].view(rows, cols)
 
 
+def replaces_exactly(module: nn.Module) -> bool:
+    """Whether a SparseLinear computes what `module` computes: an nn.Linear whose class keeps nn.Linear's forward.
+    A subclass with its own forward (Llama 4's router returns top-k scores besides the logits) stays dense."""
+    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+
+
+def own_forward_reason(module: nn.Module) -> str:
+    return f"{type(module).__name__} has its own forward (a SparseLinear computes only x W^T + b)"
+
+
 class SparseLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, mask: torch.Tensor, values: torch.Tensor,
                  row_offsets: torch.Tensor, bias: torch.Tensor | None = None):
@@ -157,6 +168,7 @@ class SparseLinear(nn.Module):
         self.register_buffer("values", pages.on_huge_pages(values.contiguous()))
         self.register_buffer("row_offsets", row_offsets.contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self._weight_read_warned = False
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "SparseLinear":
@@ -179,6 +191,18 @@ class SparseLinear(nn.Module):
 
     def packed_nbytes(self) -> int:
         return fmt.packed_nbytes(self.mask, self.values, self.row_offsets)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight, unpacked on every read, for model code that reads a Linear's `.weight` itself
+        (HunYuan's router checks its dtype, Mamba's dt_proj its device): right, but an unpack per read, so the
+        first read warns. Not a parameter: writing to it changes nothing."""
+        if not self._weight_read_warned:
+            self._weight_read_warned = True
+            warnings.warn(f"SparseLinear({self.in_features} -> {self.out_features}): the model's code reads its "
+                          ".weight, which is unpacked to dense on every read (slower than the packed path; a "
+                          "higher min_sparsity keeps such a Linear dense)", stacklevel=2)
+        return self.dense_weight()
 
     def dense_weight(self) -> torch.Tensor:
         """The dense weight (for tests and the dense fallback; the module itself never keeps it)."""

@@ -188,7 +188,8 @@ def test_native_load_never_builds_a_dense_weight_and_matches(compressed, dense, 
     assert not DENSE_SHAPES & log.shapes
     sparse = [m for m in model.model.layers.modules() if isinstance(m, SparseLinear)]
     assert len(sparse) == NUM_LINEARS and not any(isinstance(m, nn.Linear) for m in model.model.layers.modules())
-    assert not any(hasattr(m, "weight") for m in sparse)
+    held = {name for m in sparse for name, _ in [*m.named_parameters(), *m.named_buffers()]}
+    assert held == {"mask", "values", "row_offsets", "bias"}  # no dense weight kept (`.weight` unpacks on read)
     biased = [m for m in sparse if m.bias is not None]
     assert len(biased) == 2 * 4 and not any(m.bias.requires_grad for m in biased)
     assert model.lm_head.weight is model.model.embed_tokens.weight and not model.training

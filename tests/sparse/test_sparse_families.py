@@ -1,0 +1,111 @@
+"""Compressed checkpoints of every architecture family in tests/families.py: with every block Linear 70% zeros
+(routers too, as another pruning tool might leave them), save_compressed, then transformers' own from_pretrained
+(hf_quantizer.py) gives the pruned model's logits, and the in-memory conversion (sparsify_model) does too.
+
+Two rules come from this sweep: a Linear subclass with its own forward (Llama 4's router) is never replaced by a
+SparseLinear, and a SparseLinear answers `.weight` reads (HunYuan's router checks its dtype) with the dense weight.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from lib.models.loading import auto_model_class
+from lib.pruning.masks import lowest_per_row_mask
+from lib.sparse.checkpoint import MANIFEST, load_compressed, save_compressed
+from lib.sparse.convert import block_linears, sparsify_model
+from lib.sparse.linear import SparseLinear
+
+from families import FAMILIES
+
+SPARSITY = 0.7
+
+
+def build(family: str, vocab_size: int) -> nn.Module:
+    config = FAMILIES[family](vocab_size)
+    torch.manual_seed(0)
+    return auto_model_class(config).from_config(config, dtype=torch.float32).eval()
+
+
+def prune_every_block_linear(model: nn.Module) -> None:
+    """Zero the 70% smallest weights of each row of every block nn.Linear, subclasses included."""
+    with torch.no_grad():
+        for _, module in block_linears(model):
+            module.weight[lowest_per_row_mask(module.weight.abs().float(), SPARSITY)] = 0
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+@pytest.fixture(scope="module")
+def ids(tokenizer):
+    return torch.randint(3, len(tokenizer) - 4, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_family_loads_natively_with_the_pruned_models_logits(family, tokenizer, ids, tmp_path):
+    model = build(family, len(tokenizer))
+    prune_every_block_linear(model)
+    expected = logits(model, ids)
+    save_compressed(model, tokenizer, str(tmp_path / "c"))
+    packed = json.loads((tmp_path / "c" / MANIFEST).read_text())["sparse_modules"]
+    plain = {n for n, m in block_linears(model) if type(m) is nn.Linear}
+    assert set(packed) == plain and plain  # every plain Linear packed, subclasses kept dense
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # HunYuan reads its router's .weight (tested below)
+        loaded, _ = load_compressed(str(tmp_path / "c"))
+        assert sum(isinstance(m, SparseLinear) for m in loaded.modules()) == len(plain)
+        torch.testing.assert_close(logits(loaded, ids), expected, rtol=1e-4, atol=1e-5)
+        in_memory = copy.deepcopy(model)
+        summary = sparsify_model(in_memory, verbose=False)
+        assert len(summary.converted) == len(plain)
+        torch.testing.assert_close(logits(in_memory, ids), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_linear_subclass_with_its_own_forward_stays_dense_and_says_why(tokenizer):
+    model = build("llama4_text", len(tokenizer))
+    prune_every_block_linear(model)
+    summary = sparsify_model(model, verbose=False)
+    routers = [k for k in summary.kept_dense if "Llama4Router has its own forward" in k["reason"]]
+    assert len(routers) == 2  # the two MoE blocks' routers
+    for k in routers:
+        assert type(model.get_submodule(k["name"])).__name__ == "Llama4Router"
+    assert "Llama4Router has its own forward" in summary.text()
+
+
+def test_a_checkpoint_that_packed_such_a_subclass_is_refused(tokenizer, tmp_path, monkeypatch):
+    """As an earlier version wrote them: the router packed, which loading would silently turn into a plain
+    Linear (in Llama 4 a crash, in another model wrong numbers)."""
+    import lib.sparse.checkpoint as checkpoint
+    model = build("llama4_text", len(tokenizer))
+    prune_every_block_linear(model)
+    monkeypatch.setattr(checkpoint, "replaces_exactly", lambda m: isinstance(m, nn.Linear))
+    save_compressed(model, tokenizer, str(tmp_path / "old"))
+    packed = json.loads((tmp_path / "old" / MANIFEST).read_text())["sparse_modules"]
+    assert any(name.endswith("feed_forward.router") for name in packed)
+    with pytest.raises(ValueError, match="router is packed, but Llama4Router has its own forward"):
+        load_compressed(str(tmp_path / "old"))
+
+
+def test_reading_weight_gives_the_dense_weight_and_warns_once():
+    torch.manual_seed(0)
+    linear = nn.Linear(40, 6)
+    with torch.no_grad():
+        linear.weight[lowest_per_row_mask(linear.weight.abs(), SPARSITY)] = 0
+    sparse = SparseLinear.from_linear(linear)
+    with pytest.warns(UserWarning, match=r"SparseLinear\(40 -> 6\): the model's code reads its .weight"):
+        first = sparse.weight
+    assert torch.equal(first, linear.weight) and first.dtype == sparse.dtype
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second read does not warn again
+        assert torch.equal(sparse.weight, linear.weight)
+    first.zero_()  # a copy: the packed weight is untouched
+    torch.testing.assert_close(sparse(torch.ones(1, 40)), linear(torch.ones(1, 40)))
+    assert "weight" not in dict(sparse.named_parameters()) and "weight" not in sparse.state_dict()
