@@ -38,6 +38,7 @@ import tempfile
 import torch
 from torch import nn
 
+from ..errors import UserError
 from ..outputs import make_parents, publish_directory, remove_empty
 from . import format as fmt
 from .convert import DEFAULT_MIN_SPARSITY, block_linears, fused_expert_tensors, weight_sparsity
@@ -124,7 +125,7 @@ def save_compressed(model: nn.Module, tokenizer, directory: str,
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1)
         with open(os.path.join(tmp, MODEL_CARD), "w") as f:
-            f.write(model_card(type(model).__name__, manifest))
+            f.write(model_card(type(model).__name__, manifest, _loading_class(model)))
         model.config.save_pretrained(tmp)
         quantization = hfq.AtpSparseConfig(sparse_modules=list(packed), dense_fused_experts=fused).to_dict()
         _edit_config(tmp, lambda c: c.update(quantization_config=quantization, dtype=dtype_name))
@@ -142,8 +143,19 @@ def save_compressed(model: nn.Module, tokenizer, directory: str,
             "dense_fused_experts": len(fused)}
 
 
-def model_card(model_class: str, manifest: dict) -> str:
-    """README.md of a compressed directory: what it holds and how to load it (from the manifest alone)."""
+def _loading_class(model: nn.Module) -> str:
+    """The transformers class a reader loads the directory with: the auto class main.py uses for this config
+    (AutoModelForImageTextToText for most vision-language models), else the model's own class."""
+    from ..models.loading import auto_model_class
+    try:
+        return auto_model_class(model.config).__name__
+    except UserError:
+        return type(model).__name__
+
+
+def model_card(model_class: str, manifest: dict, loading_class: str = "AutoModelForCausalLM") -> str:
+    """README.md of a compressed directory: what it holds and how to load it (from the manifest alone);
+    `loading_class` is the transformers class its code loads it with."""
     modules = manifest["sparse_modules"].values()
     weights = sum(m["in_features"] * m["out_features"] for m in modules)
     zeros = sum(m["sparsity"] * m["in_features"] * m["out_features"] for m in modules)
@@ -173,10 +185,10 @@ tags:
 
 ```python
 import lib.sparse
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import {loading_class}, AutoTokenizer
 
 lib.sparse.register()  # teaches transformers the "{QUANT_METHOD}" format
-model = AutoModelForCausalLM.from_pretrained("path/to/this/directory")
+model = {loading_class}.from_pretrained("path/to/this/directory")
 tokenizer = AutoTokenizer.from_pretrained("path/to/this/directory")
 ```
 

@@ -1,6 +1,7 @@
 """Compressed checkpoints of every architecture family in tests/families.py: with every block Linear 70% zeros
-(routers too, as another pruning tool might leave them), save_compressed, then transformers' own from_pretrained
-(hf_quantizer.py) gives the pruned model's logits, and the in-memory conversion (sparsify_model) does too.
+(routers too, as another pruning tool might leave them), save_compressed, then the lines of the directory's model
+card (transformers' own from_pretrained, hf_quantizer.py) give the pruned model's logits, and so does the in-memory
+conversion (sparsify_model).
 
 Two rules come from this sweep: a Linear subclass with its own forward (Llama 4's router) is never replaced by a
 SparseLinear, and a SparseLinear answers `.weight` reads (HunYuan's router checks its dtype) with the dense weight.
@@ -60,7 +61,12 @@ def test_every_family_loads_natively_with_the_pruned_models_logits(family, token
     assert set(packed) == plain and plain  # every plain Linear packed, subclasses kept dense
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # HunYuan reads its router's .weight (tested below)
-        loaded, _ = load_compressed(str(tmp_path / "c"))
+        card = (tmp_path / "c" / "README.md").read_text()  # its code loads the directory as a reader would
+        namespace = {}
+        exec(card.split("```python\n")[1].split("```")[0].replace("path/to/this/directory", str(tmp_path / "c")),
+             namespace)
+        loaded = namespace["model"]
+        assert type(loaded) is type(model)
         assert sum(isinstance(m, SparseLinear) for m in loaded.modules()) == len(plain)
         torch.testing.assert_close(logits(loaded, ids), expected, rtol=1e-4, atol=1e-5)
         in_memory = copy.deepcopy(model)
