@@ -293,9 +293,13 @@ def write_outputs(config: RunConfig, loaded: LoadedModel, results: dict, timings
         except OSError as exc:
             raise write_error(config.outputs.save_model, exc, "save_model") from None
         results["saved_model"] = {**saved, "format": config.outputs.save_format}
+        if saved.get("sparse_experts"):
+            _log(f"compressed checkpoint: the fused expert tensors of {saved['sparse_experts']} experts module(s) "
+                 "packed one matrix per expert")
         if saved.get("dense_fused_experts"):
             _log(f"compressed checkpoint: {saved['dense_fused_experts']} fused expert tensor(s) stored dense "
-                 f"with their zeros (the packed format holds 2-D Linears only)")
+                 f"with their zeros (their experts module does not use transformers' experts interface, or they "
+                 f"are too dense; the manifest lists them)")
         how = (" (compressed: lib.sparse.register(), then from_pretrained; its README.md says more)"
                if config.outputs.save_format == "compressed" else "")
         _log(f"pruned model saved to {saved['directory']}{how}")

@@ -92,6 +92,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="off: bf16 without the tile unit on both sides, as on an AVX-512 CPU without AMX (this "
                         "project's AMX path switched off; with --dense_isa match, torch's oneDNN capped at "
                         "AVX512_CORE_BF16)")
+    p.add_argument("--experts", action="store_true",
+                   help="also a mixture-of-experts layer (--experts_shape) at --curve_level: transformers' experts "
+                        "forward on the dense fused tensors against the packed experts (lib/sparse/experts.py)")
+    p.add_argument("--experts_shape", default="128,2048,768,8",
+                   help="experts,hidden,intermediate,top_k (default: Qwen3-30B-A3B's)")
+    p.add_argument("--experts_tokens", default="1,4,16,64,256", help="tokens per call for --experts")
     p.add_argument("--policy", choices=["auto", "sparse", "dense"], default="auto",
                    help="SparseLinear's path above 4 tokens: measured (auto), the kernels, or unpack + dense GEMM")
     args = p.parse_args(argv)
@@ -101,8 +107,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise BenchError("give --model DIR or --demo real (or --skip_model)")
     if args.amx == "off" and args.isa in ("avx2", "cpp", "torch"):
         raise BenchError(f"--amx off: --isa {args.isa} never uses AMX")
-    if args.skip_model and args.skip_layer:
+    if args.skip_model and args.skip_layer and not args.experts:
         raise BenchError("--skip_model and --skip_layer together leave nothing to measure")
+    try:
+        args.experts_shape = tuple(int(v) for v in args.experts_shape.split(","))
+        args.experts_tokens = sorted({int(t) for t in args.experts_tokens.split(",") if t.strip()})
+    except ValueError:
+        raise BenchError("--experts_shape and --experts_tokens take comma lists of whole numbers") from None
+    if len(args.experts_shape) != 4 or min(args.experts_shape) < 1 or args.experts_shape[3] > args.experts_shape[0]:
+        raise BenchError("--experts_shape: experts,hidden,intermediate,top_k, all >= 1 and top_k <= experts")
+    if not args.experts_tokens or args.experts_tokens[0] < 1:
+        raise BenchError("--experts_tokens needs whole numbers >= 1")
     if args.model and not os.path.isdir(args.model):
         raise BenchError(f"--model {args.model}: not a directory")
     for flag in ("new_tokens", "prefill_tokens", "repeats", "threads"):
@@ -283,6 +298,60 @@ def pruned_block(level, dtype, seed):
 def curve_repeats(args, pair_seconds: float) -> int:
     """Fewer pairs where one dense + sparse pair takes seconds (fp32 from 1024 tokens), never fewer than 3."""
     return args.repeats if pair_seconds < 2.0 else max(3, args.repeats // 2)
+
+
+def bench_experts(args, dtype) -> dict:
+    """One mixture-of-experts layer (Qwen3-MoE's experts module, transformers' experts interface) with random
+    routing: its dense fused tensors under transformers' default experts forward against the same experts packed
+    per expert (lib/sparse/experts.py), at --curve_level and each --experts_tokens count."""
+    from transformers import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+
+    from lib.sparse import experts as sparse_experts
+
+    count, hidden, intermediate, top_k = args.experts_shape
+    level = args.curve_levels[0]
+    config = Qwen3MoeConfig(hidden_size=hidden, moe_intermediate_size=intermediate, num_experts=count,
+                            num_experts_per_tok=top_k)
+    config._experts_implementation = None
+    torch.manual_seed(0)
+    dense = Qwen3MoeExperts(config).eval().to(dtype)
+    with torch.no_grad():
+        for fused in (dense.gate_up_proj, dense.down_proj):
+            fused.normal_(0, 0.02)
+            for matrix in fused:
+                prune_(matrix, level)
+    sparse = copy.deepcopy(dense)
+    sparse_experts.pack(sparse)
+    sparse_experts.register()
+    dense_impl = "grouped_mm"  # transformers' default experts forward (a loop of GEMMs where grouped GEMM is absent)
+    dense_bytes = sum(t.numel() * t.element_size() for t in (dense.gate_up_proj, dense.down_proj))
+    sparse_bytes = sum(m.packed_nbytes() for proj in ("gate_up_proj", "down_proj") for m in getattr(sparse, proj))
+
+    def run(module, implementation, x, index, weights):
+        module.config._experts_implementation_internal = implementation
+        return module(x, index, weights)
+
+    gen = torch.Generator().manual_seed(1)
+    rows = []
+    for tokens in args.experts_tokens:
+        x = torch.randn(tokens, hidden, generator=gen).to(dtype)
+        index = torch.stack([torch.randperm(count, generator=gen)[:top_k] for _ in range(tokens)])
+        weights = torch.softmax(torch.randn(tokens, top_k, generator=gen), -1).to(dtype)
+        with torch.inference_mode():
+            fns = {"dense": lambda: run(dense, dense_impl, x, index, weights),
+                   "sparse": lambda: run(sparse, sparse_experts.IMPLEMENTATION, x, index, weights)}
+            err = (fns["dense"]().float() - fns["sparse"]().float()).abs().max().item()
+            t = interleaved(fns, max(args.repeats, 11) if tokens <= 16 else args.repeats, warmup=False)
+        routed = len(torch.unique(index))
+        rows.append({"tokens": tokens, "experts_routed": routed, "dense_ms": t["dense"] * 1e3,
+                     "sparse_ms": t["sparse"] * 1e3, "speedup": t.speedup, "max_abs_diff": err})
+        print(f"experts {tokens:>5} tok ({routed} of {count} experts routed): {t.speedup:.2f}x "
+              f"(bound {dense_bytes / sparse_bytes:.2f}x)", file=sys.stderr, flush=True)
+    return {"shape": {"experts": count, "hidden": hidden, "intermediate": intermediate, "top_k": top_k},
+            "level": level_name(level), "dtype": str(dtype).replace("torch.", ""), "dense_implementation": dense_impl,
+            "dense_bytes": dense_bytes, "sparse_bytes": sparse_bytes, "bound_decode": dense_bytes / sparse_bytes,
+            "rows": rows}
 
 
 def bench_curve(args, dtype) -> dict:
@@ -610,6 +679,18 @@ def markdown(result: dict) -> str:
             lines.append(f"| {r['tokens']} | {r['dense_ms']:.1f} | {r['sparse_ms']:.1f} | **{r['speedup']:.2f}x** | "
                          f"{cells} |")
         lines.append("")
+    moe = result.get("experts")
+    if moe:
+        shape = moe["shape"]
+        lines += [f"**Mixture-of-experts layer** ({shape['experts']} experts, hidden {shape['hidden']}, intermediate "
+                  f"{shape['intermediate']}, top-{shape['top_k']}, random routing; {moe['level']}, {moe['dtype']}; "
+                  f"dense: transformers' `{moe['dense_implementation']}` experts forward on the fused tensors; "
+                  f"sparse: packed per expert, bound {moe['bound_decode']:.2f}x)", "",
+                  "| tokens | experts routed | dense ms | sparse ms | speedup |", "|---|---|---|---|---|"]
+        for r in moe["rows"]:
+            lines.append(f"| {r['tokens']} | {r['experts_routed']} | {r['dense_ms']:.1f} | {r['sparse_ms']:.1f} | "
+                         f"**{r['speedup']:.2f}x** |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -621,31 +702,46 @@ def plot(result: dict, path: str) -> bool:
         return False
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    curve = result.get("curve")
-    sweep = bool(result.get("layer") or result.get("model"))
-    fig, axes = plt.subplots(1, int(sweep) + int(bool(curve)), figsize=(7 * (int(sweep) + int(bool(curve))), 4.5),
-                             squeeze=False)
-    if curve:
-        cx = axes[0][-1]
-        rows = curve["rows"]
-        cx.plot([r["tokens"] for r in rows], [r["speedup"] for r in rows], "o-", lw=2, label="7B block")
-        for shape in rows[0]["per_shape"]:
-            cx.plot([r["tokens"] for r in rows], [r["per_shape"][shape]["speedup"] for r in rows], ".--",
-                    label=shape)
-        cx.axhline(curve["bound_decode"], color="grey", ls=":", lw=0.8, label="bytes bound (batch 1)")
-        cx.axhline(1.0, color="grey", lw=0.8)
-        cx.set_xscale("log", base=2)
-        cx.set_xlabel("tokens per call")
-        cx.set_ylabel("speedup over dense (x)")
-        cx.set_title(f"7B block at {curve['level']}, {curve['dtype']}, {result['environment'].get('isa', '')}")
-        cx.legend(fontsize=8)
-        cx.grid(alpha=0.3)
-    if not sweep:
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return True
-    ax = axes[0][0]
+    panels = [draw for draw, present in ((_plot_sweep, result.get("layer") or result.get("model")),
+                                         (_plot_curve, result.get("curve")), (_plot_experts, result.get("experts")))
+              if present]
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), squeeze=False)
+    for ax, draw in zip(axes[0], panels):
+        draw(ax, result)
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_ylabel("speedup over dense (x)")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def _plot_curve(ax, result: dict) -> None:
+    curve = result["curve"]
+    rows = curve["rows"]
+    ax.plot([r["tokens"] for r in rows], [r["speedup"] for r in rows], "o-", lw=2, label="7B block")
+    for shape in rows[0]["per_shape"]:
+        ax.plot([r["tokens"] for r in rows], [r["per_shape"][shape]["speedup"] for r in rows], ".--", label=shape)
+    ax.axhline(curve["bound_decode"], color="grey", ls=":", lw=0.8, label="bytes bound (batch 1)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tokens per call")
+    ax.set_title(f"7B block at {curve['level']}, {curve['dtype']}, {result['environment'].get('isa', '')}")
+
+
+def _plot_experts(ax, result: dict) -> None:
+    moe = result["experts"]
+    rows = moe["rows"]
+    ax.plot([r["tokens"] for r in rows], [r["speedup"] for r in rows], "o-", lw=2, label="experts layer")
+    ax.axhline(moe["bound_decode"], color="grey", ls=":", lw=0.8, label="bytes bound (per routed expert)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tokens per call")
+    shape = moe["shape"]
+    ax.set_title(f"MoE layer ({shape['experts']} experts, top-{shape['top_k']}) at {moe['level']}, {moe['dtype']}")
+
+
+def _plot_sweep(ax, result: dict) -> None:
     series = []
     if result.get("layer"):
         series += [("7B block Linears, batch 1", result["layer"], "decode_speedup", "o-"),
@@ -661,16 +757,8 @@ def plot(result: dict, path: str) -> bool:
         for s, v, lv in pts:
             if ":" in str(lv):
                 ax.annotate(str(lv), (s * 100, v), fontsize=7)
-    ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_xlabel("sparsity of the decoder Linears (%)")
-    ax.set_ylabel("speedup over dense (x)")
     ax.set_title(f"Sparse vs dense on {result['environment']['threads']}-thread CPU, {result['dtype']}")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
 
 
 # ---------------------------------------------------------------- GPU: torch's 2:4 semi-structured sparsity vs dense
@@ -1085,6 +1173,8 @@ def main(argv=None) -> int:
                 result["curve"] = bench_curve(args, dtype)
         if not args.skip_model:
             result["model"] = bench_model(args, dtype)
+        if args.experts:
+            result["experts"] = bench_experts(args, dtype)
     except BenchError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

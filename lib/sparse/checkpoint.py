@@ -9,14 +9,18 @@ transformers one:
 
 * ``config.json`` (+ ``generation_config.json``) and the tokenizer files, written by transformers; config.json
   has ``"quantization_config": {"quant_method": "atp_sparse", "format": "atp-bitmask-v2", "sparse_modules":
-  [name, ...], "dense_fused_experts": [name, ...]}`` and the dtype of the stored tensors;
+  [name, ...], "sparse_experts": [name, ...], "dense_fused_experts": [name, ...]}`` and the dtype of the stored
+  tensors;
 * ``model.safetensors``: for each converted Linear ``<name>.mask`` (int64 bit words), ``<name>.values`` (packed
   nonzeros, model dtype), ``<name>.row_offsets`` (int64), ``<name>.bias`` when present (see format.py) and
   ``<name>.weight``, an empty uint8 marker that plain transformers refuses to load (hf_quantizer.py says why);
-  every other tensor of the state dict under its usual name, dense (embeddings, norms, lm_head, Linears kept
-  dense, and fused 3-D mixture-of-experts tensors, whose zeros are kept but not packed);
+  for each packed experts module (experts.py) and projection, ``<experts>.<projection>.<expert>.{mask, values,
+  row_offsets}`` per expert (its matrix as [out, in]) and ``<experts>.<projection>``, the marker under the fused
+  parameter's name; every other tensor of the state dict under its usual name, dense (embeddings, norms,
+  lm_head, Linears kept dense, expert biases, and fused expert tensors not packed, whose zeros are kept);
 * ``sparse_manifest.json`` (for people and tools; loading does not need it): ``{"format": ..., "sparse_modules":
   {name: {in_features, out_features, bias, sparsity}}, "tied": {alias: canonical}, "dtype": ...,
+  "sparse_experts": {name: {projection: {experts, in_features, out_features, sparsity}}},
   "dense_fused_experts": [name, ...]}``;
 * ``README.md``, a model card for whoever receives the directory: what is packed, why plain transformers refuses
   it, and the lines that load it (`model_card`).
@@ -41,7 +45,9 @@ from torch import nn
 from ..errors import UserError
 from ..outputs import make_parents, publish_directory, remove_empty
 from . import format as fmt
-from .convert import DEFAULT_MIN_SPARSITY, block_linears, fused_expert_tensors, weight_sparsity
+from . import experts
+from .convert import (DEFAULT_MIN_SPARSITY, block_linears, experts_problem, fused_expert_tensors,
+                      fused_experts_modules, weight_sparsity)
 from . import hf_quantizer as hfq
 from .linear import SparseLinear, replaces_exactly
 from .markers import FORMAT, FORMAT_V1, MANIFEST, QUANT_METHOD, quant_method
@@ -53,9 +59,13 @@ _PACKED = ("mask", "values", "row_offsets")
 
 
 def _packed_modules(model: nn.Module, min_sparsity: float) -> dict[str, dict]:
-    """name -> {'tensors': {mask, values, row_offsets[, bias]}, 'meta': {...}} without modifying the model."""
+    """name -> {'tensors': {mask, values, row_offsets[, bias]}, 'meta': {...}} without modifying the model
+    (the SparseLinears of packed experts are `_packed_experts`' business)."""
     out = {}
+    inside_experts = tuple(f"{name}." for name in experts.packed_experts_modules(model))
     for name, module in block_linears(model):
+        if name.startswith(inside_experts):
+            continue
         if isinstance(module, SparseLinear):
             tensors = {k: getattr(module, k) for k in _PACKED}
             sparsity = 1.0 - module.density
@@ -76,6 +86,33 @@ def _packed_modules(model: nn.Module, min_sparsity: float) -> dict[str, dict]:
     return out
 
 
+def _packed_experts(model: nn.Module, min_sparsity: float) -> dict[str, dict]:
+    """experts module name -> {'tensors': {'<projection>.<expert>.<mask|values|row_offsets>': ...}, 'meta':
+    {projection: {experts, in_features, out_features, sparsity}}} for every experts module packed in memory or
+    sparse enough to be (experts.py), without modifying the model."""
+    out = {}
+    candidates = [(name, model.get_submodule(name)) for name in experts.packed_experts_modules(model)]
+    candidates += [(name, module) for name, module in fused_experts_modules(model)
+                   if experts_problem(module, min_sparsity)[0] is None]
+    for name, module in candidates:
+        tensors, meta = {}, {}
+        for proj in experts.projections(module):
+            if experts.is_packed(module):
+                packed = [{k: getattr(linear, k) for k in _PACKED} for linear in getattr(module, proj)]
+                out_features, in_features = getattr(module, proj)[0].out_features, getattr(module, proj)[0].in_features
+            else:
+                count = getattr(module, proj).shape[0]
+                packed = [fmt.pack(experts.expert_matrix(module, proj, e).detach()) for e in range(count)]
+                out_features, in_features = experts.expert_matrix(module, proj, 0).shape
+            for e, entry in enumerate(packed):
+                tensors.update({f"{proj}.{e}.{k}": t for k, t in entry.items()})
+            nonzero = sum(int(entry["row_offsets"][-1]) for entry in packed)
+            meta[proj] = {"experts": len(packed), "in_features": in_features, "out_features": out_features,
+                          "sparsity": 1.0 - nonzero / max(1, len(packed) * in_features * out_features)}
+        out[name] = {"tensors": tensors, "meta": meta}
+    return out
+
+
 def _check_target(directory: str) -> None:
     if os.path.exists(directory) and (not os.path.isdir(directory) or os.listdir(directory)):
         raise FileExistsError(f"{directory}: already exists and is not an empty directory")
@@ -88,7 +125,8 @@ def save_compressed(model: nn.Module, tokenizer, directory: str,
     Decoder-block Linears with at least `min_sparsity` zeros are stored bitmask-packed, everything else dense.
     Atomic: written into a temporary sibling directory that is renamed into place only when complete; on any
     exception nothing is left behind. `directory` must not exist or be empty. The model is not modified.
-    Returns {'directory', 'bytes', 'sparse_modules', 'dense_tensors'}.
+    Returns {'directory', 'bytes', 'sparse_modules', 'dense_tensors', 'sparse_experts', 'dense_fused_experts'}
+    (the last two: how many experts modules are packed, how many fused expert tensors are stored dense).
     """
     from safetensors.torch import save_file
 
@@ -98,16 +136,25 @@ def save_compressed(model: nn.Module, tokenizer, directory: str,
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=os.path.dirname(directory))
     try:
         packed = _packed_modules(model, min_sparsity)
+        packed_experts = _packed_experts(model, min_sparsity)
         tensors: dict[str, torch.Tensor] = {}
         for name, entry in packed.items():
             for key, t in entry["tensors"].items():
                 tensors[f"{name}.{key}"] = t.detach().cpu().contiguous()
             tensors[f"{name}.weight"] = hfq.marker()
+        for name, entry in packed_experts.items():
+            for key, t in entry["tensors"].items():
+                tensors[f"{name}.{key}"] = t.detach().cpu().contiguous()
+            for proj in entry["meta"]:
+                tensors[f"{name}.{proj}"] = hfq.marker()  # the fused parameter's name: plain transformers refuses
         skip = {f"{name}.{k}" for name in packed for k in ("weight", "bias", *_PACKED)}
+        fused_packed = [f"{name}.{proj}" for name, entry in packed_experts.items() for proj in entry["meta"]]
+        skip |= set(fused_packed)
+        inside_fused = tuple(f"{name}." for name in fused_packed)  # the SparseLinears of experts packed in memory
         tied: dict[str, str] = {}
         seen: dict[tuple, str] = {}
         for key, t in model.state_dict().items():
-            if key in skip:
+            if key in skip or key.startswith(inside_fused):
                 continue
             ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
             if t.numel() and ident in seen:  # tied weights (e.g. lm_head = embed_tokens): stored once
@@ -118,16 +165,18 @@ def save_compressed(model: nn.Module, tokenizer, directory: str,
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         dtype_name = str(dtype).replace("torch.", "")
         save_file(tensors, os.path.join(tmp, WEIGHTS), metadata={"format": "pt", "atp_sparse_format": FORMAT})
-        fused = fused_expert_tensors(model)
+        fused = [n for n in fused_expert_tensors(model) if n.rpartition(".")[0] not in packed_experts]
         manifest = {"format": FORMAT, "dtype": dtype_name,
                     "sparse_modules": {n: e["meta"] for n, e in packed.items()}, "tied": tied,
+                    "sparse_experts": {n: e["meta"] for n, e in packed_experts.items()},
                     "dense_fused_experts": fused}
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1)
         with open(os.path.join(tmp, MODEL_CARD), "w") as f:
             f.write(model_card(type(model).__name__, manifest, _loading_class(model)))
         model.config.save_pretrained(tmp)
-        quantization = hfq.AtpSparseConfig(sparse_modules=list(packed), dense_fused_experts=fused).to_dict()
+        quantization = hfq.AtpSparseConfig(sparse_modules=list(packed), dense_fused_experts=fused,
+                                           sparse_experts=list(packed_experts)).to_dict()
         _edit_config(tmp, lambda c: c.update(quantization_config=quantization, dtype=dtype_name))
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
@@ -139,8 +188,9 @@ def save_compressed(model: nn.Module, tokenizer, directory: str,
         raise
     size = sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory))
     return {"directory": directory, "bytes": size, "sparse_modules": len(packed),
-            "dense_tensors": len(tensors) - sum(len(e["tensors"]) for e in packed.values()),
-            "dense_fused_experts": len(fused)}
+            "dense_tensors": len(tensors) - sum(len(e["tensors"]) + 1 for e in packed.values())
+            - sum(len(e["tensors"]) + len(e["meta"]) for e in packed_experts.values()),  # markers not counted
+            "sparse_experts": len(packed_experts), "dense_fused_experts": len(fused)}
 
 
 def _loading_class(model: nn.Module) -> str:
@@ -156,21 +206,24 @@ def _loading_class(model: nn.Module) -> str:
 def model_card(model_class: str, manifest: dict, loading_class: str = "AutoModelForCausalLM") -> str:
     """README.md of a compressed directory: what it holds and how to load it (from the manifest alone);
     `loading_class` is the transformers class its code loads it with."""
-    modules = manifest["sparse_modules"].values()
-    weights = sum(m["in_features"] * m["out_features"] for m in modules)
-    zeros = sum(m["sparsity"] * m["in_features"] * m["out_features"] for m in modules)
-    packed = (f"{len(manifest['sparse_modules'])} decoder-block Linears are stored bitmask-packed "
-              f"({zeros / weights:.1%} of their {weights:,} weights are zero; per module in `{MANIFEST}`); every "
-              f"other tensor is stored dense." if weights else
+    matrices = [(1, m) for m in manifest["sparse_modules"].values()]
+    fused = [(p["experts"], p) for e in manifest.get("sparse_experts", {}).values() for p in e.values()]
+    weights = sum(n * m["in_features"] * m["out_features"] for n, m in matrices + fused)
+    zeros = sum(n * m["sparsity"] * m["in_features"] * m["out_features"] for n, m in matrices + fused)
+    what = f"{len(matrices)} decoder-block Linears" + (
+        f" and {len(fused)} fused expert tensors ({sum(n for n, _ in fused)} expert matrices)" if fused else "")
+    packed = (f"{what} are stored bitmask-packed ({zeros / weights:.1%} of their {weights:,} weights are zero; per "
+              f"module in `{MANIFEST}`); every other tensor is stored dense." if weights else
               "No Linear was sparse enough to be stored packed: every tensor is stored dense.")
     refusal = ("Plain transformers refuses this directory on purpose (a size-mismatch `RuntimeError`): it does not "
-               "know the packed\nformat, and reading it as dense weights would leave those Linears randomly "
+               "know the packed\nformat, and reading it as dense weights would leave the packed ones randomly "
                "initialised. Load it with the ATP\nlayer-wise sparsity project (the repository that wrote it) "
                "importable:" if weights else
                "Plain transformers loads it as it is (it warns about the unknown `quantization_config`); with the "
                "ATP layer-wise\nsparsity project (the repository that wrote it) importable:")
-    fused = manifest.get("dense_fused_experts") or []
-    experts = f" The {len(fused)} fused mixture-of-experts tensors are stored dense, zeros included." if fused else ""
+    dense_fused = manifest.get("dense_fused_experts") or []
+    dense_experts = (f" {len(dense_fused)} fused mixture-of-experts tensors are stored dense, zeros included "
+                     f"(`dense_fused_experts` in `{MANIFEST}`)." if dense_fused else "")
     return f"""---
 library_name: transformers
 tags:
@@ -179,7 +232,7 @@ tags:
 ---
 # A pruned {model_class}, compressed ({manifest["format"]}, {manifest["dtype"]})
 
-{packed}{experts}
+{packed}{dense_experts}
 
 {refusal}
 

@@ -1,7 +1,8 @@
 """Converting the pruned nn.Linear modules of a loaded transformers model into SparseLinear, in place.
 
-Only Linears inside the decoder blocks are candidates; the embeddings and lm_head stay dense, and so do fused
-mixture-of-experts tensors (3-D parameters; the kernel takes 2-D Linears), which the summary lists. A Linear
+Only Linears and fused mixture-of-experts tensors inside the decoder blocks are candidates; the embeddings and
+lm_head stay dense. Fused experts are packed one matrix per expert when their module uses transformers' experts
+interface (experts.py); others (Llama 4's bmm experts) stay dense, and the summary lists them. A Linear
 stays dense, with its reason in the summary, when its sparsity is below `min_sparsity` (there the packed form
 saves too few bytes to pay for the unpacking work), when its dtype has no kernel, or when its class overrides
 nn.Linear's forward (a SparseLinear would compute something else). `model.generate()` works unchanged afterwards.
@@ -18,6 +19,7 @@ from ..errors import UserError
 from ..models.matrices import classify_block
 from ..models.structure import find_decoder_blocks
 from . import format as fmt
+from . import experts
 from . import kernels
 from . import linear as sparse_linear
 from . import semi_structured
@@ -103,6 +105,50 @@ def block_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
             if isinstance(m, (nn.Linear, SparseLinear))]
 
 
+def fused_experts_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(qualified name, module) of each module holding fused expert tensors inside the decoder blocks."""
+    names = dict.fromkeys(name.rpartition(".")[0] for name in fused_expert_tensors(model))
+    return [(name, model.get_submodule(name)) for name in names]
+
+
+def experts_problem(module: nn.Module, min_sparsity: float) -> tuple[str | None, float]:
+    """(why a fused experts module stays dense or None, the zero fraction of its fused projections)."""
+    if not experts.has_interface(module):
+        return (f"{type(module).__name__} does not use transformers' experts interface (the sparse kernel runs "
+                "Linears and interface experts only)"), 0.0
+    fused = [getattr(module, name) for name in experts.projections(module)]
+    if any(t.device.type != "cpu" for t in fused):
+        return f"on {fused[0].device.type}, kernel is CPU-only", 0.0
+    if any(t.dtype not in fmt.SUPPORTED_DTYPES for t in fused):
+        return f"dtype {fused[0].dtype} unsupported", 0.0
+    zeros = sum(t.numel() - int(torch.count_nonzero(t)) for t in fused)
+    sparsity = zeros / max(1, sum(t.numel() for t in fused))
+    return (f"sparsity below min_sparsity={min_sparsity:g}" if sparsity < min_sparsity else None), sparsity
+
+
+def _convert_experts(model: nn.Module, min_sparsity: float, summary: ConversionSummary) -> bool:
+    """Pack every fused experts module that qualifies (experts.py), recording each in `summary`; whether any was."""
+    packed_any = False
+    for name, module in fused_experts_modules(model):
+        problem, sparsity = experts_problem(module, min_sparsity)
+        fused = {proj: getattr(module, proj) for proj in experts.projections(module)} if problem is None else {}
+        if problem is not None:
+            for tensor in [n for n in fused_expert_tensors(model) if n.rpartition(".")[0] == name]:
+                summary.kept_dense.append({"name": tensor, "reason": problem, "sparsity": sparsity})
+            continue
+        experts.pack(module)
+        packed_any = True
+        for proj, tensor in fused.items():
+            linears = getattr(module, proj)
+            summary.converted.append({"name": f"{name}.{proj}", "shape": list(tensor.shape),
+                                      "sparsity": 1.0 - sum(m.nnz for m in linears) / max(1, tensor.numel()),
+                                      "dtype": str(tensor.dtype).replace("torch.", ""),
+                                      "dense_bytes": tensor.numel() * tensor.element_size(),
+                                      "sparse_bytes": sum(m.packed_nbytes() for m in linears),
+                                      "experts": len(linears)})
+    return packed_any
+
+
 def weight_sparsity(weight: torch.Tensor) -> float:
     return 1.0 - int(torch.count_nonzero(weight)) / max(1, weight.numel())
 
@@ -160,9 +206,8 @@ def sparsify_model(model: nn.Module, min_sparsity: float = DEFAULT_MIN_SPARSITY,
                                   "sparsity": sparsity, "dtype": str(weight.dtype).replace("torch.", ""),
                                   "dense_bytes": weight.numel() * weight.element_size(),
                                   "sparse_bytes": new.packed_nbytes()})
-    for name in fused_expert_tensors(model):
-        summary.kept_dense.append({"name": name, "reason": "fused expert tensor (the sparse kernel takes 2-D Linears "
-                                                           "only)"})
+    if _convert_experts(model, min_sparsity, summary):
+        experts.use_packed_experts(model)
     if verbose:
         print(summary.text(), file=sys.stderr)
     return summary

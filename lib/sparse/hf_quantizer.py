@@ -3,16 +3,19 @@
 `register()` adds the quantization method "atp_sparse" to transformers (`register_quantization_config` and
 `register_quantizer` from transformers.quantizers.auto). A compressed checkpoint's config.json carries
 ``"quantization_config": {"quant_method": "atp_sparse", "format": "atp-bitmask-v2", "sparse_modules": [...],
-"dense_fused_experts": [...]}``, so `from_pretrained` hands the load to `AtpSparseHfQuantizer`:
+"sparse_experts": [...], "dense_fused_experts": [...]}``, so `from_pretrained` hands the load to
+`AtpSparseHfQuantizer`:
 
 1. `_process_model_before_weight_loading` (the model is still on the meta device): each listed nn.Linear is
    replaced by a `PackedLinearSlot` holding meta tensors named like SparseLinear's state (``mask``, ``values``,
    ``row_offsets``, ``bias``), ``values`` sized from the checkpoint header. The Linear's dense weight never leaves
-   the meta device.
+   the meta device. Each fused projection of a listed experts module likewise becomes an nn.ModuleList of
+   slots, one per expert.
 2. transformers loads the checkpoint tensors into those slots by name, as for any model (the packed ``values``
    take the load dtype; the int64 mask and offsets are not cast).
 3. `_process_model_after_weight_loading`: every slot becomes a SparseLinear built by its own constructor from the
-   loaded tensors (which checks them); a packed tensor missing from the checkpoint is an error.
+   loaded tensors (which checks them); a packed tensor missing from the checkpoint is an error. With packed
+   experts the model is switched to the experts forward of experts.py (transformers' experts interface).
 
 Why a slot and not a SparseLinear directly: SparseLinear's constructor validates real tensors (it reads
 ``row_offsets[-1]``), which meta tensors cannot give, and building one around its constructor would copy its
@@ -40,6 +43,7 @@ from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from . import experts
 from . import format as fmt
 from .linear import SparseLinear, own_forward_reason, replaces_exactly
 from .markers import FORMAT, QUANT_METHOD
@@ -55,7 +59,7 @@ def marker() -> torch.Tensor:
 class AtpSparseConfig(QuantizationConfigMixin):
     """The ``quantization_config`` of a compressed checkpoint (see the module docstring)."""
 
-    def __init__(self, format: str = FORMAT, sparse_modules=(), dense_fused_experts=(),
+    def __init__(self, format: str = FORMAT, sparse_modules=(), dense_fused_experts=(), sparse_experts=(),
                  quant_method: str = QUANT_METHOD):
         if quant_method != QUANT_METHOD:
             raise ValueError(f"AtpSparseConfig: quant_method must be {QUANT_METHOD!r}, got {quant_method!r}")
@@ -65,23 +69,30 @@ class AtpSparseConfig(QuantizationConfigMixin):
         self.format = format
         self.sparse_modules = list(sparse_modules)
         self.dense_fused_experts = list(dense_fused_experts)
+        self.sparse_experts = list(sparse_experts)
 
 
 class PackedLinearSlot(nn.Module):
     """Placeholder for one packed Linear while transformers loads the checkpoint: meta tensors with the names,
     shapes and dtypes of the SparseLinear state it receives. Replaced by a SparseLinear once loaded."""
 
-    def __init__(self, linear: nn.Linear, stored_values: int):
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, stored_values: int,
+                 bias_dtype: torch.dtype | None = None):
         super().__init__()
-        self.in_features = linear.in_features
-        self.out_features = linear.out_features
+        self.in_features = in_features
+        self.out_features = out_features
         meta = torch.device("meta")
-        self.register_buffer("mask", torch.empty(self.out_features, fmt.words_for(self.in_features),
-                                                 dtype=torch.int64, device=meta))
-        self.register_buffer("values", torch.empty(stored_values, dtype=linear.weight.dtype, device=meta))
-        self.register_buffer("row_offsets", torch.empty(self.out_features + 1, dtype=torch.int64, device=meta))
-        self.bias = None if linear.bias is None else nn.Parameter(
-            torch.empty(self.out_features, dtype=linear.bias.dtype, device=meta), requires_grad=False)
+        self.register_buffer("mask", torch.empty(out_features, fmt.words_for(in_features), dtype=torch.int64,
+                                                 device=meta))
+        self.register_buffer("values", torch.empty(stored_values, dtype=dtype, device=meta))
+        self.register_buffer("row_offsets", torch.empty(out_features + 1, dtype=torch.int64, device=meta))
+        self.bias = None if bias_dtype is None else nn.Parameter(
+            torch.empty(out_features, dtype=bias_dtype, device=meta), requires_grad=False)
+
+    @classmethod
+    def for_linear(cls, linear: nn.Linear, stored_values: int) -> "PackedLinearSlot":
+        return cls(linear.in_features, linear.out_features, linear.weight.dtype, stored_values,
+                   None if linear.bias is None else linear.bias.dtype)
 
     def forward(self, x):
         raise RuntimeError("PackedLinearSlot is a loading placeholder; the load did not finish")
@@ -169,8 +180,9 @@ class AtpSparseHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         names = self.quantization_config.sparse_modules
-        if not names:
-            self._slots = []
+        expert_names = getattr(self.quantization_config, "sparse_experts", [])
+        self._slots, self._packed_experts = [], bool(expert_names)
+        if not names and not expert_names:
             return model
         if not checkpoint_files:
             raise ValueError(f"{QUANT_METHOD}: loading needs the checkpoint's safetensors files")
@@ -185,11 +197,28 @@ class AtpSparseHfQuantizer(HfQuantizer):
                 raise ValueError(f"{QUANT_METHOD} checkpoint: {name} is packed, but {own_forward_reason(linear)}. "
                                  "An older version of this tool wrote this checkpoint; save the pruned model again "
                                  "with this one (it keeps such modules dense)")
-            _set_module(model, name, PackedLinearSlot(linear, counts[saved]))
+            _set_module(model, name, PackedLinearSlot.for_linear(linear, counts[saved]))
             slots.append(name)
             # the marker (see marker()), under its checkpoint key and, once transformers has added or removed the
             # base-model prefix, under the model's
             ignore |= {rf"^{re.escape(n)}\.weight$" for n in (saved, name)}
+        for saved in expert_names:
+            name = _resolve(model, saved)
+            module = model.get_submodule(name)
+            if not experts.has_interface(module):
+                raise ValueError(f"{QUANT_METHOD} checkpoint: {name} is a {type(module).__name__}, not an experts "
+                                 "module of transformers' experts interface")
+            for proj in experts.projections(module):
+                fused = getattr(module, proj)
+                rows, cols = fused.shape[1:]
+                out_features, in_features = (cols, rows) if module.is_transposed else (rows, cols)
+                keys = [f"{saved}.{proj}.{e}" for e in range(fused.shape[0])]
+                counts = _stored_value_counts(checkpoint_files, keys)
+                delattr(module, proj)
+                setattr(module, proj, nn.ModuleList(PackedLinearSlot(in_features, out_features, fused.dtype,
+                                                                     counts[key]) for key in keys))
+                slots += [f"{name}.{proj}.{e}" for e in range(len(keys))]
+                ignore |= {rf"^{re.escape(n)}\.{proj}$" for n in (saved, name)}  # the marker
         model._keys_to_ignore_on_load_unexpected = ignore
         self._slots = slots
         return model
@@ -206,22 +235,39 @@ class AtpSparseHfQuantizer(HfQuantizer):
             _set_module(model, name, SparseLinear(slot.in_features, slot.out_features, tensors["mask"],
                                                   tensors["values"], tensors["row_offsets"], tensors.get("bias")))
         self._slots = []
+        if getattr(self, "_packed_experts", False):
+            experts.use_packed_experts(model)
+            # save_pretrained would otherwise rewrite fused expert names into the hub layout the model's
+            # conversion mapping describes, which packed experts do not have; this format keeps the model's names
+            model._weight_conversions = []
         return model
 
     def get_state_dict_and_metadata(self, model):
         """save_pretrained's state dict: the model's (SparseLinear state = packed tensors) plus a marker per
         SparseLinear; the config's module list is updated to the model's SparseLinear modules."""
         state = model.state_dict()
-        names = [name for name, module in model.named_modules() if isinstance(module, SparseLinear)]
+        expert_modules = experts.packed_experts_modules(model)
+        inside = tuple(f"{name}." for name in expert_modules)
+        names = [name for name, module in model.named_modules()
+                 if isinstance(module, SparseLinear) and not name.startswith(inside)]
         for name in names:
             state[f"{name}.weight"] = marker()
+        for name in expert_modules:
+            for proj in experts.projections(model.get_submodule(name)):
+                state[f"{name}.{proj}"] = marker()
         self.quantization_config.sparse_modules = names
+        self.quantization_config.sparse_experts = expert_modules
         return state, {"atp_sparse_format": FORMAT}
 
     def _dequantize(self, model, dtype=None):
         """transformers' `model.dequantize()`: every SparseLinear back to a dense nn.Linear (this does build the
         dense weights)."""
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        expert_modules = experts.packed_experts_modules(model)
+        for name in expert_modules:
+            experts.unpack(model.get_submodule(name), dtype)
+        if expert_modules:
+            model.set_experts_implementation(None)  # transformers' default for the model again
         for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, SparseLinear)]:
             weight = module.dense_weight().to(dtype or module.dtype)
             linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,

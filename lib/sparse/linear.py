@@ -172,10 +172,13 @@ class SparseLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "SparseLinear":
-        packed = fmt.pack(linear.weight.data)
-        bias = None if linear.bias is None else linear.bias.data
-        return cls(linear.in_features, linear.out_features, packed["mask"], packed["values"],
-                   packed["row_offsets"], bias)
+        return cls.from_weight(linear.weight.data, None if linear.bias is None else linear.bias.data)
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> "SparseLinear":
+        """From a dense [out, in] weight (and bias)."""
+        packed = fmt.pack(weight)
+        return cls(weight.shape[1], weight.shape[0], packed["mask"], packed["values"], packed["row_offsets"], bias)
 
     @property
     def nnz(self) -> int:

@@ -80,8 +80,8 @@ def test_rules_that_measure_the_model_see_the_expert_matrices(cli, family_dir, t
     assert len(set(round(s, 6) for s in sparsities)) > 1  # the rule measured something that varies by block
 
 
-def test_a_compressed_checkpoint_stores_fused_experts_dense_with_their_zeros_and_says_so(cli, family_dir,
-                                                                                        text_files, tmp_path):
+def test_a_compressed_checkpoint_packs_each_experts_matrix_and_says_so(cli, family_dir, text_files, tmp_path):
+    from lib.sparse import experts
     from lib.sparse.checkpoint import MANIFEST, load_compressed
     from lib.sparse.linear import SparseLinear
     dense_dir, packed_dir = tmp_path / "dense", tmp_path / "packed"
@@ -90,17 +90,18 @@ def test_a_compressed_checkpoint_stores_fused_experts_dense_with_their_zeros_and
     code, out, err = cli(*flags, "--save_model", packed_dir, "--save_format", "compressed")
     assert code == 0, err
     manifest = json.loads((packed_dir / MANIFEST).read_text())
-    assert len(manifest["dense_fused_experts"]) == 8  # gate_up and down in each of 4 blocks
-    assert "8 fused expert tensor(s) stored dense" in out
+    assert len(manifest["sparse_experts"]) == 4 and manifest["dense_fused_experts"] == []
+    assert "the fused expert tensors of 4 experts module(s) packed one matrix per expert" in out
     packed, _ = load_compressed(str(packed_dir))
-    assert any(isinstance(m, SparseLinear) for m in packed.modules())
     dense = auto_model_class(packed.config).from_pretrained(dense_dir, dtype=torch.float32)
-    for name in manifest["dense_fused_experts"]:
-        assert torch.equal(packed.get_parameter(name), dense.get_parameter(name))
-        assert (packed.get_parameter(name) == 0).float().mean() > 0.5
-    ids = torch.randint(3, 400, (1, 16), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        torch.testing.assert_close(packed(ids).logits, dense(ids).logits, rtol=1e-4, atol=1e-4)
+    for name in manifest["sparse_experts"]:
+        module = packed.get_submodule(name)
+        for proj in experts.projections(module):
+            fused = dense.get_parameter(f"{name}.{proj}")
+            assert (fused == 0).float().mean() > 0.5
+            linears = getattr(module, proj)
+            assert all(isinstance(m, SparseLinear) and torch.equal(m.dense_weight(), fused[e])
+                       for e, m in enumerate(linears))
 
 
 def test_a_family_with_a_matrix_no_rule_explains_is_refused_before_its_weights_are_read(cli, tmp_path, tokenizer,

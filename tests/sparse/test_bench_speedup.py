@@ -33,6 +33,9 @@ def run(*args, timeout=240):
     ["--skip_model", "--isa", "neon"],
     ["--skip_model", "--isa", "avx2", "--amx", "off"],
     ["--skip_model", "--amx", "maybe"],
+    ["--skip_model", "--skip_layer", "--experts", "--experts_shape", "8,64,32"],
+    ["--skip_model", "--skip_layer", "--experts", "--experts_shape", "4,64,32,8"],
+    ["--skip_model", "--skip_layer", "--experts", "--experts_tokens", "0"],
 ])
 def test_bad_input_one_error_line_exit_2(args, capsys):
     assert load_script("bench_speedup").main(args) == 2
@@ -240,3 +243,24 @@ def test_amx_off_after_torch_used_amx_is_one_error_and_leaves_the_environment(mo
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: --amx off: torch's bf16 GEMM already runs")
     assert "ONEDNN_MAX_CPU_ISA" not in os.environ
+
+
+def test_the_experts_section_compares_the_packed_experts_with_transformers_forward(tmp_path):
+    """--experts alone: a small MoE layer, dense fused tensors under transformers' experts forward against the
+    packed experts; the same outputs, a speedup and a bound per token count, in JSON and the markdown table."""
+    bench = load_script("bench_speedup")
+    out = tmp_path / "out"
+    assert bench.main(["--skip_model", "--skip_layer", "--experts", "--experts_shape", "8,64,32,2",
+                       "--experts_tokens", "1,6", "--repeats", "1", "--threads", "1", "--out", str(out)]) == 0
+    result = json.loads((out / "results.json").read_text())
+    moe = result["experts"]
+    assert "layer" not in result and "model" not in result
+    assert moe["shape"] == {"experts": 8, "hidden": 64, "intermediate": 32, "top_k": 2}
+    assert moe["level"] == "70%" and moe["dense_implementation"] == "grouped_mm"
+    assert 2.0 < moe["bound_decode"] == moe["dense_bytes"] / moe["sparse_bytes"]
+    assert [r["tokens"] for r in moe["rows"]] == [1, 6]
+    assert moe["rows"][0]["experts_routed"] == 2 and 2 <= moe["rows"][1]["experts_routed"] <= 8
+    for row in moe["rows"]:
+        assert row["max_abs_diff"] < 1e-5 and row["speedup"] > 0
+    assert "**Mixture-of-experts layer** (8 experts, hidden 64, intermediate 32, top-2" in (
+        out / "results.md").read_text()

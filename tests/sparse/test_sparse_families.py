@@ -1,7 +1,8 @@
-"""Compressed checkpoints of every architecture family in tests/families.py: with every block Linear 70% zeros
-(routers too, as another pruning tool might leave them), save_compressed, then the lines of the directory's model
-card (transformers' own from_pretrained, hf_quantizer.py) give the pruned model's logits, and so does the in-memory
-conversion (sparsify_model).
+"""Compressed checkpoints of every architecture family in tests/families.py: with every block Linear (routers too,
+as another pruning tool might leave them) and every expert's matrix 70% zeros, save_compressed packs the Linears
+and the fused experts of transformers' experts interface, the lines of the directory's model card (transformers'
+own from_pretrained, hf_quantizer.py) give the pruned model's logits, and so does the in-memory conversion
+(sparsify_model).
 
 Two rules come from this sweep: a Linear subclass with its own forward (Llama 4's router) is never replaced by a
 SparseLinear, and a SparseLinear answers `.weight` reads (HunYuan's router checks its dtype) with the dense weight.
@@ -19,10 +20,11 @@ from torch import nn
 from lib.models.loading import auto_model_class
 from lib.pruning.masks import lowest_per_row_mask
 from lib.sparse.checkpoint import MANIFEST, load_compressed, save_compressed
-from lib.sparse.convert import block_linears, sparsify_model
+from lib.sparse import experts
+from lib.sparse.convert import block_linears, fused_expert_tensors, fused_experts_modules, sparsify_model
 from lib.sparse.linear import SparseLinear
 
-from families import FAMILIES
+from families import FAMILIES, MOE
 
 SPARSITY = 0.7
 
@@ -34,10 +36,14 @@ def build(family: str, vocab_size: int) -> nn.Module:
 
 
 def prune_every_block_linear(model: nn.Module) -> None:
-    """Zero the 70% smallest weights of each row of every block nn.Linear, subclasses included."""
+    """Zero the 70% smallest weights of each row of every block nn.Linear (subclasses included) and of every
+    expert's matrix in fused expert tensors."""
     with torch.no_grad():
         for _, module in block_linears(model):
             module.weight[lowest_per_row_mask(module.weight.abs().float(), SPARSITY)] = 0
+        for name in fused_expert_tensors(model):
+            for matrix in model.get_parameter(name):
+                matrix[lowest_per_row_mask(matrix.abs().float(), SPARSITY)] = 0
 
 
 def logits(model, ids):
@@ -56,9 +62,13 @@ def test_every_family_loads_natively_with_the_pruned_models_logits(family, token
     prune_every_block_linear(model)
     expected = logits(model, ids)
     save_compressed(model, tokenizer, str(tmp_path / "c"))
-    packed = json.loads((tmp_path / "c" / MANIFEST).read_text())["sparse_modules"]
+    manifest = json.loads((tmp_path / "c" / MANIFEST).read_text())
     plain = {n for n, m in block_linears(model) if type(m) is nn.Linear}
-    assert set(packed) == plain and plain  # every plain Linear packed, subclasses kept dense
+    assert set(manifest["sparse_modules"]) == plain and plain  # every plain Linear packed, subclasses kept dense
+    interface = {n for n, m in fused_experts_modules(model) if experts.has_interface(m)}
+    assert set(manifest["sparse_experts"]) == interface and bool(interface) == (family in MOE - {"llama4_text"})
+    assert {n.rpartition(".")[0] for n in manifest["dense_fused_experts"]} == \
+        {n for n, _ in fused_experts_modules(model)} - interface  # Llama 4's bmm experts
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # HunYuan reads its router's .weight (tested below)
         card = (tmp_path / "c" / "README.md").read_text()  # its code loads the directory as a reader would
@@ -67,11 +77,13 @@ def test_every_family_loads_natively_with_the_pruned_models_logits(family, token
              namespace)
         loaded = namespace["model"]
         assert type(loaded) is type(model)
-        assert sum(isinstance(m, SparseLinear) for m in loaded.modules()) == len(plain)
+        assert set(experts.packed_experts_modules(loaded)) == interface
+        assert sum(isinstance(m, SparseLinear) for m in loaded.modules()) == len(plain) + sum(
+            e["experts"] for module in manifest["sparse_experts"].values() for e in module.values())
         torch.testing.assert_close(logits(loaded, ids), expected, rtol=1e-4, atol=1e-5)
         in_memory = copy.deepcopy(model)
         summary = sparsify_model(in_memory, verbose=False)
-        assert len(summary.converted) == len(plain)
+        assert len(summary.converted) == len(plain) + 2 * len(interface)
         torch.testing.assert_close(logits(in_memory, ids), expected, rtol=1e-4, atol=1e-5)
 
 

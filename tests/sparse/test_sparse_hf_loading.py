@@ -46,6 +46,16 @@ def pruned_llama(dtype=torch.float32, seed=0):
     return model
 
 
+def tiny_mixtral(layers: int):
+    """A tiny Mixtral (fused experts: 4 experts, top 2), random init."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+    torch.manual_seed(0)
+    cfg = MixtralConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                        max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    return MixtralForCausalLM(cfg).eval()
+
+
 def logits(model, ids):
     with torch.no_grad():
         return model(ids).logits.float()
@@ -124,7 +134,21 @@ def nothing_packed(tmp_path_factory, dense, tok):
     return directory
 
 
-def test_plain_transformers_refuses_packed_directories(compressed, round_trip, nothing_packed):
+@pytest.fixture(scope="module")
+def experts_only(tmp_path_factory, tok):
+    """A tiny Mixtral whose fused expert tensors are the only packed ones (its Linears are dense)."""
+    moe = tiny_mixtral(layers=1)
+    with torch.no_grad():
+        for p in moe.parameters():
+            if p.dim() == 3:
+                p[p.abs() < p.abs().median()] = 0
+    directory = tmp_path_factory.mktemp("hf") / "experts_only"
+    saved = save_compressed(moe, tok, str(directory))
+    assert saved["sparse_modules"] == 0 and saved["sparse_experts"] == 1
+    return directory
+
+
+def test_plain_transformers_refuses_packed_directories(compressed, round_trip, nothing_packed, experts_only):
     """Without this project (nothing of `lib` importable in the child), from_pretrained raises, and says why; a
     directory where nothing was packed loads, as its model card says."""
     assert "Plain transformers loads it as it is" in (nothing_packed / "README.md").read_text()
@@ -142,17 +166,19 @@ def test_plain_transformers_refuses_packed_directories(compressed, round_trip, n
     """)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", NO_COLOR="1")
-    run = subprocess.run([sys.executable, "-c", script, str(compressed), str(round_trip), str(nothing_packed)],
+    run = subprocess.run([sys.executable, "-c", script, str(compressed), str(round_trip), str(nothing_packed),
+                          str(experts_only)],
                          cwd=compressed.parent,
                          env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
     assert lines[-1] == "lib imported: False"
     refusals = [line for line in lines if line.startswith("REFUSED RuntimeError")]
-    assert len(refusals) == 2 and "ignore_mismatched_sizes" in refusals[0], run.stdout
+    assert len(refusals) == 3 and "ignore_mismatched_sizes" in refusals[0], run.stdout
     assert f"LOADED {nothing_packed}" in lines
-    assert run.stderr.count("Unknown quantization type, got atp_sparse") == 3
+    assert run.stderr.count("Unknown quantization type, got atp_sparse") == 4
     assert "Reinit due to size mismatch - ckpt: torch.Size([0]) vs model:torch.Size([64, 64])" in run.stderr
+    assert "ckpt: torch.Size([0]) vs model:torch.Size([4, 192, 64])" in run.stderr  # the fused gate_up marker
 
 
 def test_import_is_cheap():
@@ -278,13 +304,12 @@ def test_first_version_directories_still_load(compressed, dense, tmp_path):
     torch.testing.assert_close(logits(model, IDS), logits(dense, IDS), rtol=1e-4, atol=1e-4)
 
 
-def test_fused_moe_experts_stay_dense_tensors(tmp_path, tok):
-    from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
-    torch.manual_seed(0)
-    cfg = MixtralConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
-                        max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    moe = MixtralForCausalLM(cfg).eval()
+def test_fused_moe_experts_are_packed_one_matrix_per_expert(tmp_path, tok, monkeypatch):
+    """Mixtral's fused expert tensors ([experts, out, in]) load as lists of SparseLinear, never as a dense fused
+    tensor, run through transformers' experts interface (experts.py), write back by save_pretrained, and
+    `dequantize()` gives the fused tensors back."""
+    from transformers import AutoModelForCausalLM
+    moe = tiny_mixtral(layers=2)
     with torch.no_grad():
         for module in moe.model.layers.modules():
             if isinstance(module, nn.Linear):
@@ -292,16 +317,34 @@ def test_fused_moe_experts_stay_dense_tensors(tmp_path, tok):
         for name, p in moe.model.layers.named_parameters():
             if p.dim() == 3:
                 p[p.abs() < p.abs().median()] = 0
-    save_compressed(moe, tok, str(tmp_path / "moe"))
+    fused = {n: p.detach().clone() for n, p in moe.named_parameters() if p.dim() == 3}
+    assert sorted(fused) == [f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1) for p in ("down_proj", "gate_up_proj")]
+    saved = save_compressed(moe, tok, str(tmp_path / "moe"))
+    assert saved["sparse_experts"] == 2 and saved["dense_fused_experts"] == 0
     quant = json.loads((tmp_path / "moe" / "config.json").read_text())["quantization_config"]
-    assert len(quant["dense_fused_experts"]) == 4 and len(quant["sparse_modules"]) == 8
+    assert quant["sparse_experts"] == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    assert len(quant["sparse_modules"]) == 8 and quant["dense_fused_experts"] == []
     card = (tmp_path / "moe" / "README.md").read_text()
-    assert "8 decoder-block Linears are stored bitmask-packed" in card
-    assert "The 4 fused mixture-of-experts tensors are stored dense, zeros included." in card
+    assert "8 decoder-block Linears and 4 fused expert tensors (16 expert matrices) are stored bitmask-packed" in card
     lib.sparse.register()
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "moe")
-    for name in quant["dense_fused_experts"]:
-        p = model.get_parameter(name)
-        assert isinstance(p, nn.Parameter) and p.dim() == 3 and torch.equal(p, moe.get_parameter(name))
-    assert isinstance(model.model.layers[1].self_attn.v_proj, SparseLinear)
+    monkeypatch.setenv("HF_DEACTIVATE_ASYNC_LOAD", "1")
+    log = AllocationLog()
+    with log:
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "moe")
+    assert not {tuple(t.shape) for t in fused.values()} & log.shapes  # no fused tensor was ever built
+    assert not any(p.dim() == 3 for p in model.parameters())
+    assert model.config._experts_implementation == "atp_sparse"
+    for name, tensor in fused.items():
+        linears = model.get_submodule(name)
+        assert len(linears) == 4 and all(isinstance(m, SparseLinear) for m in linears)
+        assert all(torch.equal(linears[e].dense_weight(), tensor[e]) for e in range(4))
+    torch.testing.assert_close(logits(model, IDS), logits(moe, IDS), rtol=1e-4, atol=1e-4)
+    greedy = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert torch.equal(model.generate(IDS[:1], **greedy), moe.generate(IDS[:1], **greedy))
+    model.save_pretrained(tmp_path / "round_trip")
+    assert load_file(tmp_path / "round_trip" / WEIGHTS).keys() == load_file(tmp_path / "moe" / WEIGHTS).keys()
+    model.dequantize()
+    assert model.config._experts_implementation != "atp_sparse"
+    for name, tensor in fused.items():
+        assert torch.equal(model.get_parameter(name), tensor)
     torch.testing.assert_close(logits(model, IDS), logits(moe, IDS), rtol=1e-4, atol=1e-4)
