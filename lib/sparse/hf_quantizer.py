@@ -202,18 +202,21 @@ class AtpSparseHfQuantizer(HfQuantizer):
             # the marker (see marker()), under its checkpoint key and, once transformers has added or removed the
             # base-model prefix, under the model's
             ignore |= {rf"^{re.escape(n)}\.weight$" for n in (saved, name)}
-        for saved in expert_names:
-            name = _resolve(model, saved)
-            module = model.get_submodule(name)
+        modules = {saved: model.get_submodule(_resolve(model, saved)) for saved in expert_names}
+        for saved, module in modules.items():
             if not experts.has_interface(module):
-                raise ValueError(f"{QUANT_METHOD} checkpoint: {name} is a {type(module).__name__}, not an experts "
+                raise ValueError(f"{QUANT_METHOD} checkpoint: {saved} is a {type(module).__name__}, not an experts "
                                  "module of transformers' experts interface")
+        counts = _stored_value_counts(checkpoint_files, [
+            f"{saved}.{proj}.{e}" for saved, module in modules.items() for proj in experts.projections(module)
+            for e in range(getattr(module, proj).shape[0])])  # one pass over the headers
+        for saved, module in modules.items():
+            name = _resolve(model, saved)
             for proj in experts.projections(module):
                 fused = getattr(module, proj)
                 rows, cols = fused.shape[1:]
                 out_features, in_features = (cols, rows) if module.is_transposed else (rows, cols)
                 keys = [f"{saved}.{proj}.{e}" for e in range(fused.shape[0])]
-                counts = _stored_value_counts(checkpoint_files, keys)
                 delattr(module, proj)
                 setattr(module, proj, nn.ModuleList(PackedLinearSlot(in_features, out_features, fused.dtype,
                                                                      counts[key]) for key in keys))
