@@ -50,7 +50,7 @@ from lib.sparse import linear as sparse_linear  # noqa: E402
 from lib.sparse import pages  # noqa: E402
 from lib.sparse import experts as sparse_experts  # noqa: E402
 from lib.sparse.convert import (block_linears, fused_expert_tensors, fused_experts_modules,  # noqa: E402
-                                sparsify_model, weight_sparsity)
+                                sparsify_model)
 from lib.sparse.linear import SparseLinear  # noqa: E402
 
 LLAMA2_7B_BLOCK = [("q_proj", 4096, 4096), ("k_proj", 4096, 4096), ("v_proj", 4096, 4096), ("o_proj", 4096, 4096),
@@ -636,9 +636,12 @@ def bench_model(args, dtype) -> list[dict]:
         sparse = base if has_sparse else copy.deepcopy(base)
         if not has_sparse:
             sparsify_model(sparse)
-        ws = [weight_sparsity(m.weight) for _, m in block_linears(dense)]
-        sparsity = sum(ws) / max(1, len(ws))
-        print(f"{label}: mean decoder Linear sparsity {sparsity:.1%} (measured as is)", file=sys.stderr)
+        matrices = [m.weight for _, m in block_linears(dense)] + [dense.get_parameter(n)
+                                                                  for n in fused_expert_tensors(dense)]
+        sparsity = sum(t.numel() - int(torch.count_nonzero(t)) for t in matrices) / max(
+            1, sum(t.numel() for t in matrices))
+        print(f"{label}: zeros in the decoder Linears and expert tensors {sparsity:.1%} (measured as is)",
+              file=sys.stderr)
         rows.append(measure_model(args, dense, sparse, tok, label, ("as saved", sparsity)))
         return rows
     for level in args.levels:

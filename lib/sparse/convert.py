@@ -5,7 +5,8 @@ lm_head stay dense. Fused experts are packed one matrix per expert when their mo
 interface (experts.py); others (Llama 4's bmm experts) stay dense, and the summary lists them. A Linear
 stays dense, with its reason in the summary, when its sparsity is below `min_sparsity` (there the packed form
 saves too few bytes to pay for the unpacking work), when its dtype has no kernel, or when its class overrides
-nn.Linear's forward (a SparseLinear would compute something else). `model.generate()` works unchanged afterwards.
+nn.Linear's forward (a SparseLinear would compute something else). A converted transformers model gets this
+format's quantizer, so its save_pretrained writes the compressed format (hf_quantizer.py). `model.generate()` works unchanged afterwards.
 """
 from __future__ import annotations
 
@@ -112,7 +113,7 @@ def fused_experts_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def experts_problem(module: nn.Module, min_sparsity: float) -> tuple[str | None, float]:
-    """(why a fused experts module stays dense or None, the zero fraction of its fused projections)."""
+    """(why a fused experts module stays dense or None, the lowest zero fraction of its two fused projections)."""
     if not experts.has_interface(module):
         return (f"{type(module).__name__} does not use transformers' experts interface (the sparse kernel runs "
                 "Linears and interface experts only)"), 0.0
@@ -121,8 +122,8 @@ def experts_problem(module: nn.Module, min_sparsity: float) -> tuple[str | None,
         return f"on {fused[0].device.type}, kernel is CPU-only", 0.0
     if any(t.dtype not in fmt.SUPPORTED_DTYPES for t in fused):
         return f"dtype {fused[0].dtype} unsupported", 0.0
-    zeros = sum(t.numel() - int(torch.count_nonzero(t)) for t in fused)
-    sparsity = zeros / max(1, sum(t.numel() for t in fused))
+    # each projection must qualify: a dense one packed beside a sparse one would be bigger and slower than dense
+    sparsity = min(1.0 - int(torch.count_nonzero(t)) / max(1, t.numel()) for t in fused)
     return (f"sparsity below min_sparsity={min_sparsity:g}" if sparsity < min_sparsity else None), sparsity
 
 
@@ -147,6 +148,23 @@ def _convert_experts(model: nn.Module, min_sparsity: float, summary: ConversionS
                                       "sparse_bytes": sum(m.packed_nbytes() for m in linears),
                                       "experts": len(linears)})
     return packed_any
+
+
+def _save_as_compressed(model: nn.Module) -> None:
+    """Give a converted transformers model this format's quantizer, as `from_pretrained` does for a compressed
+    checkpoint: its `save_pretrained` then writes the compressed format (hf_quantizer.py), which plain
+    transformers refuses, instead of packed tensors under names it would skip and Linears it would initialise at
+    random; `dequantize()` works too."""
+    if not hasattr(model, "save_pretrained") or not hasattr(model, "config"):
+        return
+    from . import hf_quantizer as hfq
+    hfq.register()
+    config = hfq.AtpSparseConfig()  # the module lists are filled in at save time (get_state_dict_and_metadata)
+    model.config.quantization_config = config
+    model.hf_quantizer = hfq.AtpSparseHfQuantizer(config, pre_quantized=True)
+    # the format keeps the model's own names: no renaming into a hub layout (a vision-language model's
+    # `language_model.model.*`) or splitting of fused experts on the way out
+    model._weight_conversions = []
 
 
 def weight_sparsity(weight: torch.Tensor) -> float:
@@ -206,8 +224,11 @@ def sparsify_model(model: nn.Module, min_sparsity: float = DEFAULT_MIN_SPARSITY,
                                   "sparsity": sparsity, "dtype": str(weight.dtype).replace("torch.", ""),
                                   "dense_bytes": weight.numel() * weight.element_size(),
                                   "sparse_bytes": new.packed_nbytes()})
-    if _convert_experts(model, min_sparsity, summary):
+    packed_experts = _convert_experts(model, min_sparsity, summary)
+    if packed_experts:
         experts.use_packed_experts(model)
+    if any(isinstance(m, SparseLinear) for _, m in block_linears(model)):
+        _save_as_compressed(model)
     if verbose:
         print(summary.text(), file=sys.stderr)
     return summary

@@ -56,7 +56,7 @@ def unpack(module: nn.Module, dtype: torch.dtype | None = None) -> None:
         weights = [linear.dense_weight() for linear in getattr(module, name)]
         fused = torch.stack([w.t() if module.is_transposed else w for w in weights])
         delattr(module, name)
-        setattr(module, name, nn.Parameter(fused.to(dtype or fused.dtype).contiguous(), requires_grad=False))
+        setattr(module, name, nn.Parameter(fused.to(dtype or fused.dtype).contiguous()))  # trainable, as before
 
 
 def _project(module: nn.Module, name: str, expert: int, x: torch.Tensor) -> torch.Tensor:

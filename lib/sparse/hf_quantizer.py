@@ -245,6 +245,29 @@ class AtpSparseHfQuantizer(HfQuantizer):
             model._weight_conversions = []
         return model
 
+    def update_weight_conversions(self, weight_conversions, model):
+        """transformers' own converters, less those that would rewrite packed experts: they describe hub layouts
+        of the fused tensors (Qwen3-VL-MoE's transposes them), while this format stores the model's own names
+        (`<experts>.<projection>.<expert>.mask`, ...), which a converter's pattern also matches."""
+        from transformers.core_model_loading import WeightConverter
+
+        updated = super().update_weight_conversions(weight_conversions, model)
+        keys = [f"{name}.{proj}{suffix}" for name in getattr(self.quantization_config, "sparse_experts", [])
+                for proj in ("gate_up_proj", "up_proj", "down_proj") for suffix in ("", ".0.mask")]
+
+        def touches_packed(converter) -> bool:
+            if not isinstance(converter, WeightConverter):
+                return False
+            for pattern in converter._original_source_patterns:
+                try:
+                    if any(re.search(pattern, key) for key in keys):
+                        return True
+                except re.error:
+                    continue
+            return False
+
+        return [c for c in updated if not touches_packed(c)]
+
     def get_state_dict_and_metadata(self, model):
         """save_pretrained's state dict: the model's (SparseLinear state = packed tensors) plus a marker per
         SparseLinear; the config's module list is updated to the model's SparseLinear modules."""

@@ -148,7 +148,19 @@ def experts_only(tmp_path_factory, tok):
     return directory
 
 
-def test_plain_transformers_refuses_packed_directories(compressed, round_trip, nothing_packed, experts_only):
+@pytest.fixture(scope="module")
+def converted_in_memory(tmp_path_factory, tok):
+    """sparsify_model, then the model's own save_pretrained (no save_compressed)."""
+    from lib.sparse.convert import sparsify_model
+    model = pruned_llama()
+    sparsify_model(model, verbose=False)
+    directory = tmp_path_factory.mktemp("hf") / "converted_in_memory"
+    model.save_pretrained(directory)
+    return directory
+
+
+def test_plain_transformers_refuses_packed_directories(compressed, round_trip, nothing_packed, experts_only,
+                                                       converted_in_memory):
     """Without this project (nothing of `lib` importable in the child), from_pretrained raises, and says why; a
     directory where nothing was packed loads, as its model card says."""
     assert "Plain transformers loads it as it is" in (nothing_packed / "README.md").read_text()
@@ -167,16 +179,16 @@ def test_plain_transformers_refuses_packed_directories(compressed, round_trip, n
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", NO_COLOR="1")
     run = subprocess.run([sys.executable, "-c", script, str(compressed), str(round_trip), str(nothing_packed),
-                          str(experts_only)],
+                          str(experts_only), str(converted_in_memory)],
                          cwd=compressed.parent,
                          env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
     assert lines[-1] == "lib imported: False"
     refusals = [line for line in lines if line.startswith("REFUSED RuntimeError")]
-    assert len(refusals) == 3 and "ignore_mismatched_sizes" in refusals[0], run.stdout
+    assert len(refusals) == 4 and "ignore_mismatched_sizes" in refusals[0], run.stdout
     assert f"LOADED {nothing_packed}" in lines
-    assert run.stderr.count("Unknown quantization type, got atp_sparse") == 4
+    assert run.stderr.count("Unknown quantization type, got atp_sparse") == 5
     assert "Reinit due to size mismatch - ckpt: torch.Size([0]) vs model:torch.Size([64, 64])" in run.stderr
     assert "ckpt: torch.Size([0]) vs model:torch.Size([4, 192, 64])" in run.stderr  # the fused gate_up marker
 
@@ -346,5 +358,5 @@ def test_fused_moe_experts_are_packed_one_matrix_per_expert(tmp_path, tok, monke
     model.dequantize()
     assert model.config._experts_implementation != "atp_sparse"
     for name, tensor in fused.items():
-        assert torch.equal(model.get_parameter(name), tensor)
+        assert torch.equal(model.get_parameter(name), tensor) and model.get_parameter(name).requires_grad
     torch.testing.assert_close(logits(model, IDS), logits(moe, IDS), rtol=1e-4, atol=1e-4)
