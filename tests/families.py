@@ -164,6 +164,16 @@ def falcon_h1(v):  # Mamba-2 and attention side by side in every block
                  mamba_d_head=16, mamba_d_state=16, mamba_chunk_size=8)
 
 
+def qwen3_vl_moe(v):  # fused experts whose hub layout transformers transposes on load (a weight converter)
+    text = dict(vocab_size=v, **{**_ATTENTION, **_TOKENS}, intermediate_size=96, moe_intermediate_size=32,
+                head_dim=16, num_experts=EXPERTS, num_experts_per_tok=2,
+                rope_scaling={"rope_type": "default", "mrope_section": [2, 2, 4]})
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=HIDDEN, patch_size=4,
+                  spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16, deepstack_visual_indexes=[0])
+    return tf.Qwen3VLMoeConfig(text_config=text, vision_config=vision, image_token_id=v - 1, video_token_id=v - 2,
+                               vision_start_token_id=v - 3, tie_word_embeddings=False)
+
+
 def jamba(v):  # Mamba-1 layers hold a 2-D state matrix (A_log) no rule explains: refused before loading
     return _text(tf.JambaConfig, v, intermediate_size=32, num_experts=EXPERTS, expert_layer_period=2,
                  expert_layer_offset=1, attn_layer_period=2, attn_layer_offset=1, use_mamba_kernels=False,
@@ -173,8 +183,8 @@ def jamba(v):  # Mamba-1 layers hold a 2-D state matrix (A_log) no rule explains
 FAMILIES = {f.__name__: f for f in (llama, mistral, qwen2, qwen2_sliding, qwen3, phi3, opt, gemma2, gemma3_text,
                                       gpt_oss, mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, qwen3_next, llava,
                                       qwen2_5_vl, gemma3, llama4_text, hunyuan_v1_moe, ernie4_5_moe, olmo_hybrid,
-                                      bamba, falcon_h1)}
+                                      bamba, falcon_h1, qwen3_vl_moe)}
 REFUSED = {"jamba": jamba}  # built and loaded fine by transformers, refused by this tool with the parameter named
 MOE = {"gpt_oss", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "qwen3_next", "llama4_text",
-       "hunyuan_v1_moe", "ernie4_5_moe"}
-MULTIMODAL = {"llava", "qwen2_5_vl", "gemma3"}
+       "hunyuan_v1_moe", "ernie4_5_moe", "qwen3_vl_moe"}
+MULTIMODAL = {"llava", "qwen2_5_vl", "gemma3", "qwen3_vl_moe"}

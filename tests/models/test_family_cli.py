@@ -39,7 +39,8 @@ def run_flags(path, text_files):
 
 @pytest.mark.parametrize("family, method", [("mixtral", "wanda"), ("gpt_oss", "sparsegpt"), ("deepseek_v3", "wanda"),
                                             ("qwen3_next", "wanda"), ("gemma3_text", "ria"),
-                                            ("qwen2_5_vl", "wanda"), ("gemma3", "sparsegpt")])
+                                            ("qwen2_5_vl", "wanda"), ("gemma3", "sparsegpt"),
+                                            ("qwen3_vl_moe", "wanda")])
 def test_the_printed_sparsity_is_the_saved_models_zero_fraction(cli, family_dir, text_files, tmp_path, family,
                                                                 method):
     saved, results = tmp_path / "pruned", tmp_path / "run.json"

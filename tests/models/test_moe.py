@@ -53,7 +53,7 @@ def _routed_reference(block, batches):
     return sums, tokens
 
 
-@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "qwen2_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "qwen2_moe", "qwen3_vl_moe"])
 def test_each_expert_is_measured_on_exactly_the_tokens_routed_to_it(family, tokenizer):
     model = build(family, len(tokenizer))
     ids = torch.randint(3, len(tokenizer), (4, SEQLEN), generator=torch.Generator().manual_seed(1))
