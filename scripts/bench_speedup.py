@@ -506,19 +506,26 @@ def densified_copy(model) -> nn.Module:
     return dense
 
 
+def routed_shares(model) -> dict[int, float]:
+    """data_ptr -> the share of that tensor one decoded token reads, for the tensors of experts modules of
+    transformers' experts interface: top_k/experts (only the routed experts run; on average over tokens). Other
+    tensors are read whole (Llama 4's experts too: a bmm over all of them)."""
+    shares = {}
+    modules = [m for _, m in fused_experts_modules(model)] + [model.get_submodule(n) for n in
+                                                                sparse_experts.packed_experts_modules(model)]
+    for module in modules:
+        top_k = getattr(getattr(module, "config", None), "num_experts_per_tok", None)
+        if not sparse_experts.has_interface(module) or not top_k:
+            continue
+        share = top_k / len(getattr(module, sparse_experts.projections(module)[0]))
+        shares.update({t.data_ptr(): share for t in [*module.parameters(), *module.buffers()]})
+    return shares
+
+
 def per_token_bytes(model) -> float:
     """Weight bytes one decode step reads: every parameter/packed buffer except the embedding table (one row
-    is read), counting tied tensors once (a tied lm_head reads the whole table). An experts module's tensors
-    count at top_k/experts of their bytes (the routed share, on average over tokens)."""
-    routed = {}
-    for _, module in fused_experts_modules(model) + [(n, model.get_submodule(n))
-                                                     for n in sparse_experts.packed_experts_modules(model)]:
-        config = getattr(module, "config", None)
-        top_k = getattr(config, "num_experts_per_tok", None)
-        first = getattr(module, sparse_experts.projections(module)[0]) if sparse_experts.has_interface(module) \
-            else next(p for p in module.parameters() if p.dim() == 3)
-        share = top_k / len(first) if top_k else 1.0
-        routed.update({t.data_ptr(): share for t in [*module.parameters(), *module.buffers()]})
+    is read), counting tied tensors once (a tied lm_head reads the whole table), experts at their routed share."""
+    shares = routed_shares(model)
     seen, total = set(), 0.0
     emb = model.get_input_embeddings().weight
     tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is emb
@@ -528,16 +535,21 @@ def per_token_bytes(model) -> float:
         if key in seen or (t is emb and not tied):
             continue
         seen.add(key)
-        total += t.numel() * t.element_size() * routed.get(key, 1.0)
+        total += t.numel() * t.element_size() * shares.get(key, 1.0)
     return total
 
 
-def linear_bytes(model) -> int:
-    """Bytes of the decoder-block Linears and fused expert tensors, packed or dense."""
-    total = sum(model.get_parameter(name).numel() * model.get_parameter(name).element_size()
-                for name in fused_expert_tensors(model))
+def linear_bytes(model, per_token: bool = False) -> float:
+    """Bytes of the decoder-block Linears and fused expert tensors, packed or dense; with `per_token`, experts at
+    their routed share (what one decoded token reads)."""
+    shares = routed_shares(model) if per_token else {}
+
+    def size(*tensors) -> float:
+        return sum(t.numel() * t.element_size() * shares.get(t.data_ptr(), 1.0) for t in tensors)
+
+    total = size(*(model.get_parameter(name) for name in fused_expert_tensors(model)))
     for _, m in block_linears(model):
-        total += m.packed_nbytes() if isinstance(m, SparseLinear) else m.weight.numel() * m.weight.element_size()
+        total += size(m.mask, m.values, m.row_offsets) if isinstance(m, SparseLinear) else size(m.weight)
     return total
 
 
@@ -604,6 +616,7 @@ def measure_model(args, dense, sparse, tok, label, sparsity) -> dict:
     first_diff = None if same else int((new_d != new_s).nonzero()[0, 0])
     dense_read, sparse_read = per_token_bytes(dense), per_token_bytes(sparse)
     dense_lin, sparse_lin = linear_bytes(dense), linear_bytes(sparse)
+    dense_lin_read, sparse_lin_read = linear_bytes(dense, per_token=True), linear_bytes(sparse, per_token=True)
     disk_dense, disk_sparse = checkpoint_bytes(dense, sparse, tok)
     row = {"model": label, "level": label if sparsity is None else sparsity[0], "sparsity": sparsity[1],
            "decode_dense_tok_s": args.new_tokens / t_dec["dense"], "decode_sparse_tok_s": args.new_tokens / t_dec["sparse"],
@@ -614,12 +627,12 @@ def measure_model(args, dense, sparse, tok, label, sparsity) -> dict:
            "prefill_speedup": t_pre.speedup,
            "linear_dense_bytes": dense_lin, "linear_sparse_bytes": sparse_lin, "linear_bytes_ratio": sparse_lin / dense_lin,
            "bytes_per_token_dense": dense_read, "bytes_per_token_sparse": sparse_read,
-           "bound_decode": dense_read / sparse_read, "linears_only_bound": dense_lin / sparse_lin,
+           "bound_decode": dense_read / sparse_read, "linears_only_bound": dense_lin_read / sparse_lin_read,
            "disk_dense_bytes": disk_dense, "disk_compressed_bytes": disk_sparse, "disk_ratio": disk_sparse / disk_dense,
            "sample_text": tok.decode(new_s[:24])}
     row["decode_fraction_of_bound"] = row["decode_speedup"] / row["bound_decode"]
     row["dense_decode_linear_share"] = share
-    row["bound_with_rest_of_step"] = amdahl_bound(share, row["linear_bytes_ratio"])
+    row["bound_with_rest_of_step"] = amdahl_bound(share, sparse_lin_read / dense_lin_read)  # experts as routed
     print(f"model {row['level']:>4}: decode {row['decode_speedup']:.2f}x (bound {row['bound_decode']:.2f}x bytes, "
           f"{row['bound_with_rest_of_step']:.2f}x with the rest of the step; "
           f"tokens identical: {same}), prefill {row['prefill_speedup']:.2f}x, Linear bytes "

@@ -106,6 +106,9 @@ def test_a_compressed_moe_checkpoint_against_its_dense_experts(tmp_path):
     assert row["linear_sparse_bytes"] < row["linear_dense_bytes"] * 0.75
     dense_total = sum(p.numel() * 4 for p in model.parameters()) - model.model.embed_tokens.weight.numel() * 4
     assert row["bytes_per_token_dense"] == pytest.approx(dense_total - experts_bytes * (1 - 2 / 8))
+    # the bounds weigh the sparse experts at their routed share (2 of 8) against the dense attention
+    assert 1.0 < row["linears_only_bound"] < row["linear_dense_bytes"] / row["linear_sparse_bytes"]
+    assert row["bound_with_rest_of_step"] <= row["linears_only_bound"] + 1e-9
 
 
 def test_bound_with_the_rest_of_the_step():
