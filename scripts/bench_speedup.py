@@ -486,23 +486,10 @@ def load_model(args, dtype):
 
 
 def densified_copy(model) -> nn.Module:
-    """A dense copy of a model whose Linears and fused experts may be packed (for a compressed --model), running
-    transformers' own experts forward."""
+    """A dense copy of a compressed --model (loaded natively, so it carries this format's quantizer): transformers'
+    `dequantize()` gives back dense Linears and fused experts, on transformers' own experts forward."""
     dense = copy.deepcopy(model)
-    packed_experts = sparse_experts.packed_experts_modules(dense)
-    for name in packed_experts:
-        sparse_experts.unpack(dense.get_submodule(name))
-    if packed_experts:
-        dense.set_experts_implementation(None)
-    for name, module in block_linears(dense):
-        if isinstance(module, SparseLinear):
-            lin = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                            dtype=module.values.dtype)
-            lin.weight.data = module.dense_weight().clone()
-            if module.bias is not None:
-                lin.bias.data = module.bias.data.clone()
-            parent, _, child = name.rpartition(".")
-            setattr(dense.get_submodule(parent), child, lin)
+    dense.dequantize(dtype=next(p.dtype for p in model.parameters() if p.is_floating_point()))
     return dense
 
 

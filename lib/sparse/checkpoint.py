@@ -98,8 +98,9 @@ def _packed_experts(model: nn.Module, min_sparsity: float) -> dict[str, dict]:
         tensors, meta = {}, {}
         for proj in experts.projections(module):
             if experts.is_packed(module):
-                packed = [{k: getattr(linear, k) for k in _PACKED} for linear in getattr(module, proj)]
-                out_features, in_features = getattr(module, proj)[0].out_features, getattr(module, proj)[0].in_features
+                linears = getattr(module, proj)
+                packed = [{k: getattr(linear, k) for k in _PACKED} for linear in linears]
+                out_features, in_features = linears[0].out_features, linears[0].in_features
             else:
                 count = getattr(module, proj).shape[0]
                 packed = [fmt.pack(experts.expert_matrix(module, proj, e).detach()) for e in range(count)]

@@ -5,8 +5,9 @@ lm_head stay dense. Fused experts are packed one matrix per expert when their mo
 interface (experts.py); others (Llama 4's bmm experts) stay dense, and the summary lists them. A Linear
 stays dense, with its reason in the summary, when its sparsity is below `min_sparsity` (there the packed form
 saves too few bytes to pay for the unpacking work), when its dtype has no kernel, or when its class overrides
-nn.Linear's forward (a SparseLinear would compute something else). A converted transformers model gets this
-format's quantizer, so its save_pretrained writes the compressed format (hf_quantizer.py). `model.generate()` works unchanged afterwards.
+nn.Linear's forward (a SparseLinear would compute something else). `model.generate()` works unchanged
+afterwards, and a converted transformers model gets this format's quantizer, so its save_pretrained writes the
+compressed format (hf_quantizer.py).
 """
 from __future__ import annotations
 
@@ -132,11 +133,11 @@ def _convert_experts(model: nn.Module, min_sparsity: float, summary: ConversionS
     packed_any = False
     for name, module in fused_experts_modules(model):
         problem, sparsity = experts_problem(module, min_sparsity)
-        fused = {proj: getattr(module, proj) for proj in experts.projections(module)} if problem is None else {}
         if problem is not None:
-            for tensor in [n for n in fused_expert_tensors(model) if n.rpartition(".")[0] == name]:
-                summary.kept_dense.append({"name": tensor, "reason": problem, "sparsity": sparsity})
+            summary.kept_dense += [{"name": f"{name}.{param}", "reason": problem, "sparsity": sparsity}
+                                   for param, t in module.named_parameters(recurse=False) if t.dim() == 3]
             continue
+        fused = {proj: getattr(module, proj) for proj in experts.projections(module)}
         experts.pack(module)
         packed_any = True
         for proj, tensor in fused.items():
