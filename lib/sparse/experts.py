@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .linear import SparseLinear
+from . import kernels
+from .linear import ALWAYS_DECODE_TOKENS, SparseLinear
 
 IMPLEMENTATION = "atp_sparse"
 LAYOUT = ("has_gate", "has_bias", "is_transposed")  # what the interface's experts modules declare
@@ -59,78 +60,87 @@ def unpack(module: nn.Module, dtype: torch.dtype | None = None) -> None:
         setattr(module, name, nn.Parameter(fused.to(dtype or fused.dtype).contiguous()))  # trainable, as before
 
 
-def _project(module: nn.Module, name: str, expert: int, x: torch.Tensor) -> torch.Tensor:
+def _project(module: nn.Module, name: str, chosen: list[int], counts: list[int], x: torch.Tensor) -> torch.Tensor:
+    """Projection `name` of every chosen expert on its rows of `x` (the experts' rows one after the other, in the
+    order of `chosen`), bias added, in x's dtype. Experts with up to ALWAYS_DECODE_TOKENS rows run in one kernel
+    call (`grouped_decode_into`: one call per expert streamed their 2-4 MB matrices at about half the rate);
+    experts with more rows run their own SparseLinear, which measures its path per token count."""
     weights = getattr(module, name)
-    if isinstance(weights, nn.ModuleList):
-        y = weights[expert](x)
-    else:  # an experts module of the same model left dense (too little sparsity)
-        y = F.linear(x, weights[expert].t() if module.is_transposed else weights[expert])
+    starts = [0]
+    for count in counts[:-1]:
+        starts.append(starts[-1] + count)
+    packed = isinstance(weights, nn.ModuleList)
+    rows = weights[0].out_features if packed else expert_matrix(module, name, 0).shape[0]
+    y = torch.empty(x.shape[0], rows, dtype=torch.float32, device=x.device)
+    kern = kernels.get() if packed and x.device.type == "cpu" else None
+    by_expert = list(weights._modules.values()) if packed else None
+    few = [i for i, count in enumerate(counts) if count <= ALWAYS_DECODE_TOKENS] if kern is not None else []
+    if few:
+        buffers = [by_expert[chosen[i]]._buffers for i in few]
+        kern.grouped_decode_into(x, y, [starts[i] for i in few], [counts[i] for i in few],
+                                 [b["mask"] for b in buffers], [b["values"] for b in buffers],
+                                 [b["row_offsets"] for b in buffers], by_expert[0].in_features, kernels.ISA_CODE)
+    for i in sorted(set(range(len(chosen))) - set(few)):
+        expert_rows = x[starts[i]:starts[i] + counts[i]]
+        if packed:  # its SparseLinear has no bias: the experts module keeps the biases
+            y[starts[i]:starts[i] + counts[i]] = by_expert[chosen[i]](expert_rows)
+        else:  # an experts module of the same model left dense (too little sparsity)
+            y[starts[i]:starts[i] + counts[i]] = F.linear(expert_rows, expert_matrix(module, name, chosen[i]))
     if module.has_bias:
-        y = y + getattr(module, f"{name}_bias")[expert]
-    return y
+        expert_of_row = torch.repeat_interleave(torch.tensor(chosen, device=x.device),
+                                                torch.tensor(counts, device=x.device))
+        y += getattr(module, f"{name}_bias").index_select(0, expert_of_row)
+    return y.to(x.dtype)
 
 
 SMALL_ROUTING = 64  # up to this many (token, expert) pairs the routing is grouped in Python (decode)
 
 
-def _group_small(hidden_states, top_k_index, top_k_weights, experts):
-    """(expert, its tokens' rows) in ascending expert order, and the tokens and weights in that order, grouped in
-    Python: at decode this replaces a dozen small tensor operations; one token is read as a view."""
+def _group_small(top_k_index, top_k_weights, experts):
+    """The routed experts in ascending order, their token counts, and the (token, weight) pairs in that order,
+    grouped in Python: at decode this replaces a dozen small tensor operations."""
     routed: dict[int, list[tuple[int, float]]] = {}
     for token, (chosen, weights) in enumerate(zip(top_k_index.tolist(), top_k_weights.float().tolist())):
         for expert, weight in zip(chosen, weights):
             if 0 <= expert < experts:  # not an expert-parallel sentinel
                 routed.setdefault(expert, []).append((token, weight))
-    groups, tokens, weights = [], [], []
-    for expert in sorted(routed):
-        pairs = routed[expert]
-        rows = [t for t, _ in pairs]
-        x = (hidden_states[rows[0]:rows[0] + 1] if len(rows) == 1 else
-             hidden_states.index_select(0, torch.tensor(rows, device=hidden_states.device)))
-        groups.append((expert, x))
-        tokens += rows
-        weights += [w for _, w in pairs]
-    device = hidden_states.device
-    return groups, torch.tensor(tokens, device=device), torch.tensor(weights, device=device)
+    chosen = sorted(routed)
+    pairs = [pair for expert in chosen for pair in routed[expert]]
+    device = top_k_index.device
+    return (chosen, [len(routed[e]) for e in chosen], torch.tensor([t for t, _ in pairs], device=device),
+            torch.tensor([w for _, w in pairs], device=device))
 
 
-def _group_sorted(hidden_states, top_k_index, top_k_weights, experts):
+def _group_sorted(top_k_index, top_k_weights, experts):
     """The same as `_group_small`, by one sort of the (token, expert) pairs on the tensors."""
     flat = top_k_index.reshape(-1).clamp(max=experts)  # a sentinel sorts last, into bucket `experts`
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=experts + 1).tolist()
-    tokens = order // top_k_index.shape[-1]
-    groups, start = [], 0
-    for expert, count in enumerate(counts[:experts]):
-        if count:
-            groups.append((expert, hidden_states.index_select(0, tokens[start:start + count])))
-            start += count
-    return groups, tokens[:start], top_k_weights.reshape(-1)[order[:start]].float()
+    counts = torch.bincount(flat, minlength=experts + 1).tolist()[:experts]
+    chosen = [expert for expert, count in enumerate(counts) if count]
+    routed = sum(counts)
+    tokens = order[:routed] // top_k_index.shape[-1]
+    return chosen, [counts[e] for e in chosen], tokens, top_k_weights.reshape(-1)[order[:routed]].float()
 
 
 def sparse_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                            top_k_weights: torch.Tensor) -> torch.Tensor:
-    """The experts interface's forward on packed experts: each routed expert's tokens through its first projection,
-    the gate once over all of them, each expert's rows through its second projection, and one weighted sum (fp32)
-    into the tokens' rows.
+    """The experts interface's forward on packed experts: every routed expert's tokens through its first
+    projection, the gate once over all of them, their second projection, and one weighted sum (fp32) into the
+    tokens' rows.
 
-    At decode each kernel call streams megabytes, and every small tensor operation between two calls then runs
-    with cold caches (tens of microseconds at Qwen3-30B-A3B's sizes): so the calls run back to back, per expert
-    only the two projections, and the gate and the weighted sum once."""
+    At decode each matrix streams megabytes, and every small tensor operation between two kernel calls then runs
+    with cold caches (tens of microseconds at Qwen3-30B-A3B's sizes): so each projection is one kernel call over
+    all experts with few tokens (`_project`), and the gate and the weighted sum run once."""
     first, second = projections(self)
     experts = len(getattr(self, first))
     group = _group_small if top_k_index.numel() <= SMALL_ROUTING else _group_sorted
-    groups, tokens, weights = group(hidden_states, top_k_index, top_k_weights, experts)
+    chosen, counts, tokens, weights = group(top_k_index, top_k_weights, experts)
     out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
-    if not groups:
+    if not chosen:
         return out.to(hidden_states.dtype)
-    h = torch.cat([_project(self, first, expert, x) for expert, x in groups])
+    h = _project(self, first, chosen, counts, hidden_states.index_select(0, tokens))
     h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
-    outputs, start = [], 0
-    for expert, x in groups:
-        outputs.append(_project(self, second, expert, h[start:start + x.shape[0]]))
-        start += x.shape[0]
-    y = torch.cat(outputs)
+    y = _project(self, second, chosen, counts, h)
     if getattr(self, "has_post_expert_norm", False):
         y = self.post_expert_norm(y)
     out.index_add_(0, tokens, y.float() * weights.unsqueeze(-1))

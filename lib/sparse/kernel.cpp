@@ -1386,18 +1386,65 @@ bool set_avx2_zero_by_and(bool by_and) {
 #endif
 }
 
+using DecodeRows = void (*)(const Op&, int64_t, int64_t);
+
+template <typename T>
+DecodeRows decode_rows_for(int64_t isa) {
+#if ATP_X86
+  if (isa == ISA_AVX512) return decode_rows_avx512<T>;
+  if (isa == ISA_AVX2) return zero_by_and() ? decode_rows_avx2<T, true> : decode_rows_avx2<T, false>;
+#endif
+  return decode_rows_scalar<T>;
+}
+
 template <typename T>
 void decode_run(const Op& op, int64_t isa) {
-  void (*fn)(const Op&, int64_t, int64_t) = decode_rows_scalar<T>;
-#if ATP_X86
-  if (isa == ISA_AVX512) fn = decode_rows_avx512<T>;
-  else if (isa == ISA_AVX2) fn = zero_by_and() ? decode_rows_avx2<T, true> : decode_rows_avx2<T, false>;
-#endif
+  const DecodeRows fn = decode_rows_for<T>(isa);
   const int64_t chunks = (op.rows + ROW_CHUNK - 1) / ROW_CHUNK;
   const int nt = at::get_num_threads();
   // static: each thread one contiguous share of the rows (sequential streams for the prefetchers)
 #pragma omp parallel for schedule(static) num_threads(nt) if (op.rows * op.words * op.ntok >= 1024)
   for (int64_t c = 0; c < chunks; ++c) fn(op, c * ROW_CHUNK, std::min(op.rows, (c + 1) * ROW_CHUNK));
+}
+
+// Several packed matrices, each times its own few tokens, in one parallel region. A mixture-of-experts decode step
+// multiplies 16 matrices of 2-4 MB per layer; one call each streamed them at about half the rate one matrix of the
+// same bytes gets (every call forks its team and restarts its threads' row streams). Each thread takes one
+// contiguous share of the matrices' rows, weighted by the rows' work, so it streams whole matrices in a row.
+template <typename T>
+void grouped_decode_run(const std::vector<Op>& ops, int64_t isa) {
+  const DecodeRows fn = decode_rows_for<T>(isa);
+  std::vector<int64_t> first_work;  // per matrix: the work before it (rows x words x passes of 4 tokens)
+  int64_t total = 0;
+  for (const Op& op : ops) {
+    first_work.push_back(total);
+    total += op.rows * op.words * ((op.ntok + DECODE_NT - 1) / DECODE_NT);
+  }
+  const int nt = at::get_num_threads();
+#pragma omp parallel num_threads(nt) if (total >= 1024)
+  {
+#ifdef _OPENMP
+    const int64_t t = omp_get_thread_num(), n = omp_get_num_threads();
+#else
+    const int64_t t = 0, n = 1;
+#endif
+    const int64_t lo = total * t / n, hi = total * (t + 1) / n;
+    // this thread's rows of matrix i: those whose work starts in [lo, hi), cut at multiples of 4 (row groups)
+    auto rows_of = [&](size_t i) {
+      const Op& op = ops[i];
+      const int64_t per_row = op.words * ((op.ntok + DECODE_NT - 1) / DECODE_NT);
+      auto row_at = [&](int64_t work) {
+        const int64_t r = (std::max<int64_t>(work - first_work[i], 0) + per_row - 1) / per_row;
+        return std::min(op.rows, (r + 3) / 4 * 4);
+      };
+      return per_row ? std::make_pair(row_at(lo), row_at(hi)) : std::make_pair(int64_t(0), int64_t(0));
+    };
+    for (size_t i = 0; i < ops.size(); ++i) {
+      const auto [r0, r1] = rows_of(i);
+      if (r0 >= r1) continue;
+      fn(ops[i], r0, r1);
+    }
+  }
 }
 
 template <typename T>
@@ -1479,6 +1526,41 @@ torch::Tensor spmv(torch::Tensor mask, torch::Tensor values, torch::Tensor row_o
   const Op op = make_op(mask, values, row_offsets, x.data_ptr<float>(), y.data_ptr<float>(), x.size(0));
   ATP_DISPATCH(values, decode_run, op, isa);
   return y;
+}
+
+// Matrix g times rows [starts[g], starts[g] + counts[g]) of x into the same rows of y, for every g, in one
+// parallel region (grouped_decode_run). x: [N, in_features] of any float dtype; y: [N, rows] fp32 contiguous,
+// written only in the listed rows; every matrix has the same shape and values dtype.
+void grouped_decode_into(const torch::Tensor& x, torch::Tensor y, const std::vector<int64_t>& starts,
+                         const std::vector<int64_t>& counts, const std::vector<torch::Tensor>& masks,
+                         const std::vector<torch::Tensor>& values, const std::vector<torch::Tensor>& row_offsets,
+                         int64_t in_features, int64_t isa) {
+  const size_t groups = masks.size();
+  TORCH_CHECK(starts.size() == groups && counts.size() == groups && values.size() == groups &&
+                  row_offsets.size() == groups, "grouped: one start, count, mask, values and row_offsets per matrix");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == in_features, "grouped: x must be [N, in_features]");
+  TORCH_CHECK(y.dim() == 2 && y.is_contiguous() && y.scalar_type() == torch::kFloat && y.size(0) == x.size(0),
+              "grouped: y must be fp32 [N, rows] contiguous");
+  if (groups == 0) return;
+  const int64_t words = masks[0].size(1), cpad = words * 64;
+  TORCH_CHECK(in_features <= cpad, "grouped: in_features exceeds the mask's columns");
+  for (size_t g = 0; g < groups; ++g) {
+    check(masks[g], values[g], row_offsets[g]);
+    TORCH_CHECK(masks[g].size(0) == y.size(1) && masks[g].size(1) == words, "grouped: every matrix [rows, words]");
+    TORCH_CHECK(values[g].scalar_type() == values[0].scalar_type(), "grouped: one values dtype for every matrix");
+    TORCH_CHECK(starts[g] >= 0 && counts[g] >= 0 && starts[g] + counts[g] <= x.size(0), "grouped: rows out of x");
+  }
+  isa = checked_isa(isa, values[0]);
+  auto x2 = x.scalar_type() == torch::kFloat ? x : x.to(torch::kFloat);
+  x2 = cpad > in_features ? at::constant_pad_nd(x2, {0, cpad - in_features}) : x2.contiguous();
+  const float* xp = x2.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  std::vector<Op> ops;
+  for (size_t g = 0; g < groups; ++g)
+    if (counts[g])
+      ops.push_back(make_op(masks[g], values[g], row_offsets[g], xp + starts[g] * cpad, yp + starts[g] * y.size(1),
+                            counts[g]));
+  ATP_DISPATCH(values[0], grouped_decode_run, ops, isa);
 }
 
 namespace {
@@ -1759,6 +1841,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("best_isa", &best_isa, "the best instruction set this CPU runs: 2 AVX-512, 1 AVX2, 0 portable C++");
   m.def("spmv", &spmv, "bitmask sparse matrix x few vectors (fp32 accumulation)", py::arg("mask"),
         py::arg("values"), py::arg("row_offsets"), py::arg("x"), py::arg("isa"));
+  m.def("grouped_decode_into", &grouped_decode_into, "several bitmask sparse matrices, each times its own few rows "
+        "of x, into y (fp32) in one parallel region", py::arg("x"), py::arg("y"), py::arg("starts"),
+        py::arg("counts"), py::arg("masks"), py::arg("values"), py::arg("row_offsets"), py::arg("in_features"),
+        py::arg("isa"));
   m.def("spmm", &spmm, "bitmask sparse matrix x many vectors, tiled (fp32 accumulation)", py::arg("mask"),
         py::arg("values"), py::arg("row_offsets"), py::arg("x"), py::arg("isa"));
   m.def("linear", &linear, "SparseLinear forward on the kernel paths (x of any float dtype)", py::arg("x"),

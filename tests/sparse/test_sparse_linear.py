@@ -670,3 +670,45 @@ def test_measuring_takes_more_rounds_while_the_two_fastest_are_close(monkeypatch
     assert (y - F.linear(x, w)).abs().max().item() <= TOL[torch.float32] * max(1.0, F.linear(x, w).abs().max().item())
     assert sparse_linear.too_close_to_call({"a": 1.0, "b": 1.05}) and not sparse_linear.too_close_to_call(
         {"a": 1.0, "b": 1.06}) and not sparse_linear.too_close_to_call({"a": 1.0})
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_grouped_decode_equals_each_matrix_on_its_own_rows(isa, dtype):
+    """One call over several matrices (the packed experts' decode) writes matrix g times x's rows
+    [starts[g], starts[g] + counts[g]) into the same rows of y, and nothing else: five matrices with 0 to 6 rows
+    each (6: two passes of the 4-token loop), 70 input columns (a padded mask word)."""
+    kern = kernels.get()
+    if kern is None:
+        pytest.skip("no C++ kernel")
+    weights = [pruned_weight(40, 70, 0.7, dtype, seed=g, empty_rows=(3,) if g == 1 else ()) for g in range(5)]
+    packed = [fmt.pack(w) for w in weights]
+    starts, counts = [0, 1, 4, 4, 11], [1, 3, 0, 6, 2]
+    x = torch.randn(14, 70, generator=torch.Generator().manual_seed(9)).to(dtype)
+    y = torch.full((14, 40), float("nan"))
+    kern.grouped_decode_into(x, y, starts, counts, [p["mask"] for p in packed], [p["values"] for p in packed],
+                             [p["row_offsets"] for p in packed], 70, kernels.ISA_CODE)
+    expected = torch.full((14, 40), float("nan"))
+    for w, start, count in zip(weights, starts, counts):
+        expected[start:start + count] = F.linear(x[start:start + count].float(), w.float())
+    assert torch.isnan(y[10]).all() and torch.isnan(y[13]).all()  # rows of no matrix stay as they were
+    assert torch.allclose(y, expected, atol=TOL[dtype] * expected.nan_to_num().abs().max().item(), equal_nan=True)
+
+
+def test_grouped_decode_refuses_inconsistent_arguments():
+    kern = kernels.get()
+    if kern is None:
+        pytest.skip("no C++ kernel")
+    p = fmt.pack(pruned_weight(8, 64, 0.5, torch.float32))
+    other = fmt.pack(pruned_weight(8, 128, 0.5, torch.float32))
+    x, y = torch.randn(3, 64), torch.empty(3, 8)
+    args = dict(masks=[p["mask"]], values=[p["values"]], row_offsets=[p["row_offsets"]], in_features=64,
+                isa=kernels.ISA_CODE)
+    with pytest.raises(RuntimeError, match="one start, count"):
+        kern.grouped_decode_into(x, y, [0, 1], [1, 1], **args)
+    with pytest.raises(RuntimeError, match="rows out of x"):
+        kern.grouped_decode_into(x, y, [2], [2], **args)
+    with pytest.raises(RuntimeError, match="fp32"):
+        kern.grouped_decode_into(x, y.double(), [0], [1], **args)
+    with pytest.raises(RuntimeError, match="every matrix"):
+        kern.grouped_decode_into(x, y, [0, 1], [1, 1], [p["mask"], other["mask"]], [p["values"], other["values"]],
+                                 [p["row_offsets"], other["row_offsets"]], 64, kernels.ISA_CODE)

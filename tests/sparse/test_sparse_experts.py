@@ -1,0 +1,129 @@
+"""Packed experts (lib/sparse/experts.py) against transformers' own experts forward on the same pruned fused
+tensors: decode (every expert's few tokens in one kernel call), batches where some experts get more tokens than the
+decode kernel takes (those run their own SparseLinear), every instruction set, and both layouts (Qwen3-MoE's
+concatenated gate/up; GPT-OSS's transposed, biased, interleaved and clamped)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import GptOssConfig, Qwen3MoeConfig
+from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+
+from lib.sparse import experts as sparse_experts
+from lib.sparse import kernels
+from lib.sparse.linear import ALWAYS_DECODE_TOKENS, SparseLinear
+
+EXPERTS, HIDDEN, INTERMEDIATE, TOP_K = 6, 64, 48, 2
+
+
+def experts_module(layout: str):
+    if layout == "qwen3_moe":
+        config = Qwen3MoeConfig(hidden_size=HIDDEN, moe_intermediate_size=INTERMEDIATE, num_experts=EXPERTS,
+                                num_experts_per_tok=TOP_K)
+        module = Qwen3MoeExperts(config)
+    else:
+        config = GptOssConfig(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_local_experts=EXPERTS,
+                              num_experts_per_tok=TOP_K)
+        module = GptOssExperts(config)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, tensor in module.named_parameters():
+            tensor.copy_(torch.randn(tensor.shape, generator=gen) * 0.1)
+            if not name.endswith("bias"):
+                tensor[torch.rand(tensor.shape, generator=gen) < 0.7] = 0
+    return module.eval()
+
+
+def routing(tokens: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, HIDDEN, generator=gen)
+    index = torch.stack([torch.randperm(EXPERTS, generator=gen)[:TOP_K] for _ in range(tokens)])
+    weights = torch.softmax(torch.randn(tokens, TOP_K, generator=gen), -1)
+    return x, index, weights
+
+
+def run(module, implementation, x, index, weights):
+    module.config._experts_implementation_internal = implementation
+    with torch.inference_mode():
+        return module(x, index, weights)
+
+
+@pytest.fixture(params=["qwen3_moe", "gpt_oss"])
+def pair(request):
+    dense = experts_module(request.param)
+    packed = copy.deepcopy(dense)
+    sparse_experts.pack(packed)
+    sparse_experts.register()
+    return dense, packed
+
+
+@pytest.fixture(params=kernels.ISA_NAMES)
+def isa(request):
+    if request.param not in kernels.supported_isas():
+        pytest.skip(f"{request.param} not available on this machine")
+    previous = kernels.set_isa(request.param)
+    yield request.param
+    kernels.set_isa(previous)
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 5, 40])
+def test_packed_experts_equal_transformers_forward(pair, isa, tokens):
+    dense, packed = pair
+    x, index, weights = routing(tokens, seed=tokens)
+    expected = run(dense, "eager", x, index, weights)
+    got = run(packed, sparse_experts.IMPLEMENTATION, x, index, weights)
+    assert got.shape == expected.shape and got.dtype == expected.dtype
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4), (got - expected).abs().max()
+
+
+def test_decode_runs_every_expert_in_one_kernel_call_and_larger_groups_on_their_own(pair, monkeypatch):
+    """At decode no expert's SparseLinear runs by itself (one grouped call per projection); in a batch where some
+    experts get more than ALWAYS_DECODE_TOKENS tokens, exactly those run their own SparseLinear."""
+    if kernels.get() is None:
+        pytest.skip("no C++ kernel")
+    dense, packed = pair
+    own_calls, grouped_calls = [], []
+    original_forward = SparseLinear.forward
+    monkeypatch.setattr(SparseLinear, "forward", lambda self, x: own_calls.append(x.shape[0]) or
+                        original_forward(self, x))
+    kern = kernels.get()
+    original_grouped = kern.grouped_decode_into
+
+    class Counting:  # the extension module's functions cannot be patched one by one
+        def __getattr__(self, name):
+            return getattr(kern, name)
+
+        def grouped_decode_into(self, x, y, starts, counts, *rest):
+            grouped_calls.append(list(counts))
+            return original_grouped(x, y, starts, counts, *rest)
+
+    monkeypatch.setattr(kernels, "get", lambda: Counting())
+    x, index, weights = routing(1, seed=3)
+    run(packed, sparse_experts.IMPLEMENTATION, x, index, weights)
+    assert own_calls == [] and grouped_calls == [[1] * TOP_K, [1] * TOP_K]
+
+    own_calls.clear(), grouped_calls.clear()
+    x, index, weights = routing(12, seed=4)
+    per_expert = torch.bincount(index.reshape(-1), minlength=EXPERTS).tolist()
+    large = sorted(c for c in per_expert if c > ALWAYS_DECODE_TOKENS)
+    small = [c for c in per_expert if 0 < c <= ALWAYS_DECODE_TOKENS]
+    assert large and small  # this routing has both kinds
+    got = run(packed, sparse_experts.IMPLEMENTATION, x, index, weights)
+    assert sorted(own_calls) == sorted(large * 2)
+    assert grouped_calls == [small, small]
+    assert torch.allclose(got, run(dense, "eager", x, index, weights), atol=1e-5, rtol=1e-4)
+
+
+def test_a_token_routed_nowhere_gets_zeros(pair):
+    """Expert parallelism marks experts of other ranks with an index past the last expert: they add nothing."""
+    dense, packed = pair
+    x, index, weights = routing(3, seed=5)
+    index[1] = EXPERTS  # token 1 routed to experts this rank does not hold
+    got = run(packed, sparse_experts.IMPLEMENTATION, x, index, weights)
+    assert torch.equal(got[1], torch.zeros(HIDDEN))
+    keep = [0, 2]
+    expected = run(dense, "eager", x[keep], index[keep], weights[keep])
+    assert torch.allclose(got[keep], expected, atol=1e-5, rtol=1e-4)
