@@ -133,16 +133,20 @@ def sparse_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_i
     all experts with few tokens (`_project`), and the gate and the weighted sum run once."""
     first, second = projections(self)
     experts = len(getattr(self, first))
+    one_token = hidden_states.shape[0] == 1  # decode: its experts' rows are the token itself, the sum one product
     group = _group_small if top_k_index.numel() <= SMALL_ROUTING else _group_sorted
     chosen, counts, tokens, weights = group(top_k_index, top_k_weights, experts)
-    out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
     if not chosen:
-        return out.to(hidden_states.dtype)
-    h = _project(self, first, chosen, counts, hidden_states.index_select(0, tokens))
+        return torch.zeros_like(hidden_states)
+    x = hidden_states.expand(len(chosen), -1) if one_token else hidden_states.index_select(0, tokens)
+    h = _project(self, first, chosen, counts, x)
     h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
     y = _project(self, second, chosen, counts, h)
     if getattr(self, "has_post_expert_norm", False):
         y = self.post_expert_norm(y)
+    if one_token:
+        return (weights.unsqueeze(0) @ y.float()).to(hidden_states.dtype)
+    out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
     out.index_add_(0, tokens, y.float() * weights.unsqueeze(-1))
     return out.to(hidden_states.dtype)
 
