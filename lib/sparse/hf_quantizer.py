@@ -60,11 +60,14 @@ class AtpSparseConfig(QuantizationConfigMixin):
     """The ``quantization_config`` of a compressed checkpoint (see the module docstring)."""
 
     def __init__(self, format: str = FORMAT, sparse_modules=(), dense_fused_experts=(), sparse_experts=(),
-                 quant_method: str = QUANT_METHOD):
+                 quant_method: str = QUANT_METHOD, **unknown):
         if quant_method != QUANT_METHOD:
             raise ValueError(f"AtpSparseConfig: quant_method must be {QUANT_METHOD!r}, got {quant_method!r}")
         if format != FORMAT:
             raise ValueError(f"unknown {QUANT_METHOD} checkpoint format {format!r}; this code reads {FORMAT!r}")
+        if unknown:  # a later version's field: loading without it could leave its tensors unused, so refuse
+            raise ValueError(f"this {QUANT_METHOD} checkpoint's quantization_config has {', '.join(sorted(unknown))}, "
+                             "which this version of the project does not read (written by a newer one?): update it")
         self.quant_method = QUANT_METHOD
         self.format = format
         self.sparse_modules = list(sparse_modules)

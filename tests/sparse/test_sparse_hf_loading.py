@@ -300,6 +300,19 @@ def test_a_packed_tensor_missing_from_the_checkpoint_is_an_error(compressed, tmp
         AutoModelForCausalLM.from_pretrained(broken)
 
 
+def test_a_config_field_of_a_later_version_is_refused_by_name(compressed, tmp_path):
+    """A field this code does not know may describe tensors it would leave unused: refused, naming the field."""
+    later = tmp_path / "later"
+    shutil.copytree(compressed, later)
+    config = json.loads((later / "config.json").read_text())
+    config["quantization_config"]["sparse_attention_heads"] = ["model.layers.0.self_attn"]
+    (later / "config.json").write_text(json.dumps(config))
+    lib.sparse.register()
+    from transformers import AutoModelForCausalLM
+    with pytest.raises(ValueError, match=r"has sparse_attention_heads, which this version .* does not read"):
+        AutoModelForCausalLM.from_pretrained(later)
+
+
 def test_first_version_directories_still_load(compressed, dense, tmp_path):
     """A directory as the previous save_compressed wrote it: no quantization_config, no markers, v1 manifest."""
     old = tmp_path / "v1"
