@@ -752,7 +752,8 @@ def markdown(result: dict) -> str:
     if moe:
         shape = moe["shape"]
         lines += [f"**Mixture-of-experts layer** ({shape['experts']} experts, hidden {shape['hidden']}, intermediate "
-                  f"{shape['intermediate']}, top-{shape['top_k']}, a new random routing every call; {moe['level']}, {moe['dtype']}; "
+                  f"{shape['intermediate']}, top-{shape['top_k']}, a new random routing every call; "
+                  f"{moe['level']}, {moe['dtype']}; "
                   f"dense: transformers' `{moe['dense_implementation']}` experts forward on the fused tensors; "
                   f"sparse: packed per expert, bound {moe['bound_decode']:.2f}x)", "",
                   "| tokens | experts routed | dense ms | sparse ms | speedup |", "|---|---|---|---|---|"]

@@ -70,26 +70,32 @@ def _project(module: nn.Module, name: str, chosen: list[int], counts: list[int],
     for count in counts[:-1]:
         starts.append(starts[-1] + count)
     packed = isinstance(weights, nn.ModuleList)
-    rows = weights[0].out_features if packed else expert_matrix(module, name, 0).shape[0]
-    y = torch.empty(x.shape[0], rows, dtype=torch.float32, device=x.device)
     kern = kernels.get() if packed and x.device.type == "cpu" else None
-    by_expert = list(weights._modules.values()) if packed else None
+    by_expert = list(weights._modules.values()) if packed else None  # a dict read: ModuleList indexing is slower
     few = [i for i, count in enumerate(counts) if count <= ALWAYS_DECODE_TOKENS] if kern is not None else []
+    own = [i for i, count in enumerate(counts) if kern is None or count > ALWAYS_DECODE_TOKENS]
+    rows = by_expert[0].out_features if packed else expert_matrix(module, name, 0).shape[0]
+    # fp32 where the grouped kernel writes (it accumulates in fp32); else x's dtype, as each expert's own output
+    y = torch.empty(x.shape[0], rows, dtype=torch.float32 if few else x.dtype, device=x.device)
     if few:
         buffers = [by_expert[chosen[i]]._buffers for i in few]
         kern.grouped_decode_into(x, y, [starts[i] for i in few], [counts[i] for i in few],
                                  [b["mask"] for b in buffers], [b["values"] for b in buffers],
                                  [b["row_offsets"] for b in buffers], by_expert[0].in_features, kernels.ISA_CODE)
-    for i in sorted(set(range(len(chosen))) - set(few)):
+    for i in own:
         expert_rows = x[starts[i]:starts[i] + counts[i]]
         if packed:  # its SparseLinear has no bias: the experts module keeps the biases
             y[starts[i]:starts[i] + counts[i]] = by_expert[chosen[i]](expert_rows)
         else:  # an experts module of the same model left dense (too little sparsity)
             y[starts[i]:starts[i] + counts[i]] = F.linear(expert_rows, expert_matrix(module, name, chosen[i]))
     if module.has_bias:
-        expert_of_row = torch.repeat_interleave(torch.tensor(chosen, device=x.device),
-                                                torch.tensor(counts, device=x.device))
-        y += getattr(module, f"{name}_bias").index_select(0, expert_of_row)
+        bias = getattr(module, f"{name}_bias")
+        if not own:  # decode: one gather for all rows
+            y += bias.index_select(0, torch.repeat_interleave(torch.tensor(chosen, device=x.device),
+                                                              torch.tensor(counts, device=x.device)))
+        else:  # many rows: per expert, without a second [rows, out] tensor
+            for i, expert in enumerate(chosen):
+                y[starts[i]:starts[i] + counts[i]] += bias[expert]
     return y.to(x.dtype)
 
 

@@ -74,6 +74,9 @@ enum Isa : int64_t { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
 constexpr int TILE = 16;       // tokens per tile of the tiled kernels
 constexpr int DECODE_NT = 4;   // tokens per pass of the decode kernels
 constexpr int64_t ROW_CHUNK = 16;
+// Decode work (rows x mask words x tokens) below which the decode runs on the calling thread alone: there,
+// forking the team costs more than the work it would split.
+constexpr int64_t PARALLEL_MIN_WORK = 1024;
 constexpr int GROUP_TILES = 8;       // AVX-512 tiled kernel: tiles per group (128 tokens)
 constexpr int GROUP_TILES_AVX2 = 4;  // AVX2: 4 tiles (64 tokens) are 8 accumulators of its 16 vector registers
 #ifndef ATP_TILED_ROWS  // tiled kernels (AVX-512, AVX2): rows per work item, and the L1 bytes its partial sums
@@ -1403,7 +1406,7 @@ void decode_run(const Op& op, int64_t isa) {
   const int64_t chunks = (op.rows + ROW_CHUNK - 1) / ROW_CHUNK;
   const int nt = at::get_num_threads();
   // static: each thread one contiguous share of the rows (sequential streams for the prefetchers)
-#pragma omp parallel for schedule(static) num_threads(nt) if (op.rows * op.words * op.ntok >= 1024)
+#pragma omp parallel for schedule(static) num_threads(nt) if (op.rows * op.words * op.ntok >= PARALLEL_MIN_WORK)
   for (int64_t c = 0; c < chunks; ++c) fn(op, c * ROW_CHUNK, std::min(op.rows, (c + 1) * ROW_CHUNK));
 }
 
@@ -1421,7 +1424,7 @@ void grouped_decode_run(const std::vector<Op>& ops, int64_t isa) {
     total += op.rows * op.words * ((op.ntok + DECODE_NT - 1) / DECODE_NT);
   }
   const int nt = at::get_num_threads();
-#pragma omp parallel num_threads(nt) if (total >= 1024)
+#pragma omp parallel num_threads(nt) if (total >= PARALLEL_MIN_WORK)
   {
 #ifdef _OPENMP
     const int64_t t = omp_get_thread_num(), n = omp_get_num_threads();
@@ -1541,6 +1544,7 @@ void grouped_decode_into(const torch::Tensor& x, torch::Tensor y, const std::vec
   TORCH_CHECK(x.dim() == 2 && x.size(1) == in_features, "grouped: x must be [N, in_features]");
   TORCH_CHECK(y.dim() == 2 && y.is_contiguous() && y.scalar_type() == torch::kFloat && y.size(0) == x.size(0),
               "grouped: y must be fp32 [N, rows] contiguous");
+  TORCH_CHECK(x.device().is_cpu() && y.device().is_cpu(), "grouped: CPU tensors only");
   if (groups == 0) return;
   const int64_t words = masks[0].size(1), cpad = words * 64;
   TORCH_CHECK(in_features <= cpad, "grouped: in_features exceeds the mask's columns");
@@ -1549,6 +1553,8 @@ void grouped_decode_into(const torch::Tensor& x, torch::Tensor y, const std::vec
     TORCH_CHECK(masks[g].size(0) == y.size(1) && masks[g].size(1) == words, "grouped: every matrix [rows, words]");
     TORCH_CHECK(values[g].scalar_type() == values[0].scalar_type(), "grouped: one values dtype for every matrix");
     TORCH_CHECK(starts[g] >= 0 && counts[g] >= 0 && starts[g] + counts[g] <= x.size(0), "grouped: rows out of x");
+    // disjoint rows in order: two threads must never write one row of y
+    TORCH_CHECK(g == 0 || starts[g] >= starts[g - 1] + counts[g - 1], "grouped: rows must be ascending, disjoint");
   }
   isa = checked_isa(isa, values[0]);
   auto x2 = x.scalar_type() == torch::kFloat ? x : x.to(torch::kFloat);

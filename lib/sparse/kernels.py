@@ -24,7 +24,7 @@ import platform
 import sys
 import threading
 
-KERNEL_NAME = "atp_sparse_bitmask_v23"
+KERNEL_NAME = "atp_sparse_bitmask_v24"
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernel.cpp")
 ISA_CODES = {"cpp": 0, "avx2": 1, "avx512": 2}
 ISA_NAMES = ("avx512", "avx2", "cpp", "torch")  # best first

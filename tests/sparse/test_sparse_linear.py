@@ -694,6 +694,38 @@ def test_grouped_decode_equals_each_matrix_on_its_own_rows(isa, dtype):
     assert torch.allclose(y, expected, atol=TOL[dtype] * expected.nan_to_num().abs().max().item(), equal_nan=True)
 
 
+@pytest.mark.parametrize("threads", [1, 3, 7, 64])
+def test_grouped_decode_splits_the_rows_exactly_once_over_any_number_of_threads(isa, threads):
+    """Enough work for the parallel region: rows that are not multiples of 4, empty and 9-row groups, more threads
+    than rows of a matrix. Bit-identical to the single-matrix decode of each matrix (the same row groups)."""
+    kern = kernels.get()
+    if kern is None:
+        pytest.skip("no C++ kernel")
+    weights = [pruned_weight(rows, 513, 0.7, torch.float32, seed=rows) for rows in (130, 257, 3, 130)]
+    packed = [fmt.pack(w) for w in weights]
+    counts = [2, 0, 9, 1]
+    starts = [0, 2, 2, 11]
+    x = torch.randn(12, 513, generator=torch.Generator().manual_seed(3))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for rows in (130, 257, 3):  # one row count per call: every matrix of a call has the same shape
+            group = [g for g, w in enumerate(weights) if w.shape[0] == rows]
+            y = torch.full((12, rows), float("nan"))
+            kern.grouped_decode_into(x, y, [starts[g] for g in group], [counts[g] for g in group],
+                                     [packed[g]["mask"] for g in group], [packed[g]["values"] for g in group],
+                                     [packed[g]["row_offsets"] for g in group], 513, kernels.ISA_CODE)
+            padded = F.pad(x, (0, packed[group[0]]["mask"].shape[1] * 64 - 513))
+            for g in group:
+                alone = kern.spmv(packed[g]["mask"], packed[g]["values"], packed[g]["row_offsets"],
+                                  padded[starts[g]:starts[g] + counts[g]].contiguous(), kernels.ISA_CODE)
+                assert torch.equal(y[starts[g]:starts[g] + counts[g]], alone)
+            written = sum(counts[g] for g in group)
+            assert torch.isnan(y).any(dim=1).sum() == 12 - written  # and no other row
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_grouped_decode_refuses_inconsistent_arguments():
     kern = kernels.get()
     if kern is None:
@@ -709,6 +741,9 @@ def test_grouped_decode_refuses_inconsistent_arguments():
         kern.grouped_decode_into(x, y, [2], [2], **args)
     with pytest.raises(RuntimeError, match="fp32"):
         kern.grouped_decode_into(x, y.double(), [0], [1], **args)
+    with pytest.raises(RuntimeError, match="ascending, disjoint"):
+        kern.grouped_decode_into(x, y, [1, 0], [2, 1], [p["mask"]] * 2, [p["values"]] * 2, [p["row_offsets"]] * 2, 64,
+                                 kernels.ISA_CODE)
     with pytest.raises(RuntimeError, match="every matrix"):
         kern.grouped_decode_into(x, y, [0, 1], [1, 1], [p["mask"], other["mask"]], [p["values"], other["values"]],
                                  [p["row_offsets"], other["row_offsets"]], 64, kernels.ISA_CODE)
