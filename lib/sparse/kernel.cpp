@@ -7,7 +7,8 @@
 // target attributes), so one build runs on any CPU. The AVX-512 region may use VBMI2 only in code for 16-bit values.
 //
 // decode:  y[t, r] = sum_j W[r, j] x[t, j] for a few tokens: one pass over each packed row, the expanded weights
-//          reused for up to 4 tokens at a time (more tokens: the row is re-read from L1).
+//          reused for up to 4 tokens at a time (more tokens: the row is re-read from L1). grouped_decode_into runs
+//          several matrices (a mixture-of-experts layer's routed experts) in one call.
 // tiled:   many tokens (prefill): per nonzero, its value times a vector of 16-token tiles of inputs (inputs
 //          transposed, tiles grouped: see tile_inputs); the SIMD kernels decode each row's columns once per group
 //          of tiles (AVX-512 up to 8, AVX2 up to 4) and column block.
