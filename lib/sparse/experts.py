@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
-from .linear import ALWAYS_DECODE_TOKENS, SparseLinear
+from .linear import SparseLinear
 
 IMPLEMENTATION = "atp_sparse"
 LAYOUT = ("has_gate", "has_bias", "is_transposed")  # what the interface's experts modules declare
@@ -62,9 +62,10 @@ def unpack(module: nn.Module, dtype: torch.dtype | None = None) -> None:
 
 def _project(module: nn.Module, name: str, chosen: list[int], counts: list[int], x: torch.Tensor) -> torch.Tensor:
     """Projection `name` of every chosen expert on its rows of `x` (the experts' rows one after the other, in the
-    order of `chosen`), bias added, in x's dtype. Experts with up to ALWAYS_DECODE_TOKENS rows run in one kernel
-    call (`grouped_decode_into`: one call per expert streamed their 2-4 MB matrices at about half the rate);
-    experts with more rows run their own SparseLinear, which measures its path per token count."""
+    order of `chosen`), bias added, in x's dtype. Experts whose SparseLinear takes the decode kernel for their
+    token count run in one kernel call (`grouped_decode_into`: one call per expert streamed their 2-4 MB matrices
+    at about 15 GB/s, one call over all at about 21); the others run their own SparseLinear, which measures its
+    path per token count on first use."""
     weights = getattr(module, name)
     starts = [0]
     for count in counts[:-1]:
@@ -72,17 +73,21 @@ def _project(module: nn.Module, name: str, chosen: list[int], counts: list[int],
     packed = isinstance(weights, nn.ModuleList)
     kern = kernels.get() if packed and x.device.type == "cpu" else None
     by_expert = list(weights._modules.values()) if packed else None  # a dict read: ModuleList indexing is slower
-    few = [i for i, count in enumerate(counts) if count <= ALWAYS_DECODE_TOKENS] if kern is not None else []
-    own = [i for i, count in enumerate(counts) if kern is None or count > ALWAYS_DECODE_TOKENS]
+    # an expert joins the grouped call where its own SparseLinear would take the decode kernel for its token count
+    # (up to 4 tokens always; 5-16 where measured fastest: with AMX, bf16 takes the tile unit there instead)
+    grouped, alone = [], []
+    for i, count in enumerate(counts):
+        joins = kern is not None and by_expert[chosen[i]].path_for(count, x.dtype) == "decode"
+        (grouped if joins else alone).append(i)
     rows = by_expert[0].out_features if packed else expert_matrix(module, name, 0).shape[0]
     # fp32 where the grouped kernel writes (it accumulates in fp32); else x's dtype, as each expert's own output
-    y = torch.empty(x.shape[0], rows, dtype=torch.float32 if few else x.dtype, device=x.device)
-    if few:
-        buffers = [by_expert[chosen[i]]._buffers for i in few]
-        kern.grouped_decode_into(x, y, [starts[i] for i in few], [counts[i] for i in few],
+    y = torch.empty(x.shape[0], rows, dtype=torch.float32 if grouped else x.dtype, device=x.device)
+    if grouped:
+        buffers = [by_expert[chosen[i]]._buffers for i in grouped]
+        kern.grouped_decode_into(x, y, [starts[i] for i in grouped], [counts[i] for i in grouped],
                                  [b["mask"] for b in buffers], [b["values"] for b in buffers],
                                  [b["row_offsets"] for b in buffers], by_expert[0].in_features, kernels.ISA_CODE)
-    for i in own:
+    for i in alone:
         expert_rows = x[starts[i]:starts[i] + counts[i]]
         if packed:  # its SparseLinear has no bias: the experts module keeps the biases
             y[starts[i]:starts[i] + counts[i]] = by_expert[chosen[i]](expert_rows)
@@ -90,7 +95,7 @@ def _project(module: nn.Module, name: str, chosen: list[int], counts: list[int],
             y[starts[i]:starts[i] + counts[i]] = F.linear(expert_rows, expert_matrix(module, name, chosen[i]))
     if module.has_bias:
         bias = getattr(module, f"{name}_bias")
-        if not own:  # decode: one gather for all rows
+        if not alone:  # decode: one gather for all rows
             y += bias.index_select(0, torch.repeat_interleave(torch.tensor(chosen, device=x.device),
                                                               torch.tensor(counts, device=x.device)))
         else:  # many rows: per expert, without a second [rows, out] tensor

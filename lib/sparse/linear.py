@@ -230,12 +230,26 @@ class SparseLinear(nn.Module):
         paths = candidate_paths(n, self.values.dtype, x.dtype)
         if len(paths) == 1:
             return self._run(paths[0], x, kern)
-        key = (self.out_features, self.in_features, self.values.dtype, x.dtype, token_bucket(n),
-               torch.get_num_threads(), kernels.ISA_CODE, paths)  # paths: with or without AMX (kernels.set_amx)
+        key = self._choice_key(n, x.dtype, paths)
         entry = _choices.get(key)
         if entry is not None:
             return self._run(entry["path"], x, kern)
         return self._tune(key, paths, x, kern)
+
+    def _choice_key(self, n: int, x_dtype: torch.dtype, paths: tuple[str, ...]) -> tuple:
+        return (self.out_features, self.in_features, self.values.dtype, x_dtype, token_bucket(n),
+                torch.get_num_threads(), kernels.ISA_CODE, paths)  # paths: with or without AMX (kernels.set_amx)
+
+    def path_for(self, n: int, x_dtype: torch.dtype) -> str | None:
+        """The path `forward` takes for n tokens of x_dtype: the only candidate, the measured choice, or None while
+        it is not measured yet (the next call measures it). Without the C++ kernel: 'dense'."""
+        if kernels.get() is None:
+            return "dense"
+        paths = candidate_paths(n, self.values.dtype, x_dtype)
+        if len(paths) == 1:
+            return paths[0]
+        entry = _choices.get(self._choice_key(n, x_dtype, paths))
+        return None if entry is None else entry["path"]
 
     def _run(self, path: str, x: torch.Tensor, kern) -> torch.Tensor:
         if path == "dense":

@@ -1,6 +1,7 @@
 """Packed experts (lib/sparse/experts.py) against transformers' own experts forward on the same pruned fused
-tensors: decode (every expert's few tokens in one kernel call), batches where some experts get more tokens than the
-decode kernel takes (those run their own SparseLinear), every instruction set, and both layouts (Qwen3-MoE's
+tensors: decode (every expert's few tokens in one kernel call), batches where some experts get more tokens (those
+join the call where their own path would be the decode kernel, else run their own SparseLinear), every
+instruction set, and both layouts (Qwen3-MoE's
 concatenated gate/up; GPT-OSS's transposed, biased, interleaved and clamped)."""
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
 from lib.sparse import experts as sparse_experts
 from lib.sparse import kernels
+from lib.sparse import linear as sparse_linear
 from lib.sparse.linear import ALWAYS_DECODE_TOKENS, SparseLinear
 
 EXPERTS, HIDDEN, INTERMEDIATE, TOP_K = 6, 64, 48, 2
@@ -79,42 +81,71 @@ def test_packed_experts_equal_transformers_forward(pair, isa, tokens):
     assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4), (got - expected).abs().max()
 
 
-def test_decode_runs_every_expert_in_one_kernel_call_and_larger_groups_on_their_own(pair, monkeypatch):
-    """At decode no expert's SparseLinear runs by itself (one grouped call per projection); in a batch where some
-    experts get more than ALWAYS_DECODE_TOKENS tokens, exactly those run their own SparseLinear."""
+@pytest.fixture
+def counting(monkeypatch):
+    """Records each SparseLinear run on its own (its token count) and each grouped kernel call (its counts)."""
     if kernels.get() is None:
         pytest.skip("no C++ kernel")
-    dense, packed = pair
-    own_calls, grouped_calls = [], []
+    calls = {"alone": [], "grouped": []}
     original_forward = SparseLinear.forward
-    monkeypatch.setattr(SparseLinear, "forward", lambda self, x: own_calls.append(x.shape[0]) or
+    monkeypatch.setattr(SparseLinear, "forward", lambda self, x: calls["alone"].append(x.shape[0]) or
                         original_forward(self, x))
     kern = kernels.get()
-    original_grouped = kern.grouped_decode_into
 
     class Counting:  # the extension module's functions cannot be patched one by one
         def __getattr__(self, name):
             return getattr(kern, name)
 
         def grouped_decode_into(self, x, y, starts, counts, *rest):
-            grouped_calls.append(list(counts))
-            return original_grouped(x, y, starts, counts, *rest)
+            calls["grouped"].append(list(counts))
+            return kern.grouped_decode_into(x, y, starts, counts, *rest)
 
     monkeypatch.setattr(kernels, "get", lambda: Counting())
-    x, index, weights = routing(1, seed=3)
-    run(packed, sparse_experts.IMPLEMENTATION, x, index, weights)
-    assert own_calls == [] and grouped_calls == [[1] * TOP_K, [1] * TOP_K]
+    sparse_linear.clear_choices()
+    yield calls
+    sparse_linear.clear_choices()
 
-    own_calls.clear(), grouped_calls.clear()
-    x, index, weights = routing(12, seed=4)
-    per_expert = torch.bincount(index.reshape(-1), minlength=EXPERTS).tolist()
-    large = sorted(c for c in per_expert if c > ALWAYS_DECODE_TOKENS)
-    small = [c for c in per_expert if 0 < c <= ALWAYS_DECODE_TOKENS]
-    assert large and small  # this routing has both kinds
+
+def test_decode_runs_every_expert_in_one_kernel_call(pair, counting):
+    dense, packed = pair
+    x, index, weights = routing(1, seed=3)
     got = run(packed, sparse_experts.IMPLEMENTATION, x, index, weights)
-    assert sorted(own_calls) == sorted(large * 2)
-    assert grouped_calls == [small, small]
+    assert counting["alone"] == [] and counting["grouped"] == [[1] * TOP_K, [1] * TOP_K]
     assert torch.allclose(got, run(dense, "eager", x, index, weights), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("policy", ["auto", "sparse", "dense"])
+def test_experts_with_more_tokens_join_the_grouped_call_where_their_own_path_is_the_decode_kernel(
+        pair, counting, policy):
+    """12 tokens: some experts get more than ALWAYS_DECODE_TOKENS. They join the grouped call only where their own
+    SparseLinear would take the decode kernel: always under ATP_SPARSE_PATH=sparse (up to 16 tokens), never under
+    dense, and under auto once measured (the first call runs them alone, which measures)."""
+    dense, packed = pair
+    x, index, weights = routing(12, seed=4)
+    per_expert = [c for c in torch.bincount(index.reshape(-1), minlength=EXPERTS).tolist() if c]
+    large = [c for c in per_expert if c > ALWAYS_DECODE_TOKENS]
+    assert large and len(large) < len(per_expert)  # this routing has both kinds
+    expected = run(dense, "eager", x, index, weights)
+    previous = sparse_linear.set_policy(policy)
+    try:
+        got = run(packed, sparse_experts.IMPLEMENTATION, x, index, weights)
+        if policy == "sparse":
+            assert counting["alone"] == [] and counting["grouped"] == [per_expert, per_expert]
+        else:  # dense: never grouped; auto: not measured yet, so they run alone (and are measured)
+            assert sorted(counting["alone"]) == sorted(large * 2)
+            small = [c for c in per_expert if c <= ALWAYS_DECODE_TOKENS]
+            assert counting["grouped"] == [small, small]
+        assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
+        if policy == "auto":  # again: each projection's large experts follow their measured path
+            counting["alone"].clear(), counting["grouped"].clear()
+            got = run(packed, sparse_experts.IMPLEMENTATION, x, index, weights)
+            for projection, call in zip(sparse_experts.projections(packed), counting["grouped"]):
+                linear = getattr(packed, projection)[0]
+                assert call == [c for c in per_expert if linear.path_for(c, x.dtype) == "decode"]
+            assert len(counting["grouped"]) == 2
+            assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
+    finally:
+        sparse_linear.set_policy(previous)
 
 
 def test_a_token_routed_nowhere_gets_zeros(pair):
