@@ -60,16 +60,23 @@ def unpack(module: nn.Module, dtype: torch.dtype | None = None) -> None:
         setattr(module, name, nn.Parameter(fused.to(dtype or fused.dtype).contiguous()))  # trainable, as before
 
 
-def _project(module: nn.Module, name: str, chosen: list[int], counts: list[int], x: torch.Tensor) -> torch.Tensor:
-    """Projection `name` of every chosen expert on its rows of `x` (the experts' rows one after the other, in the
-    order of `chosen`), bias added, in x's dtype. Experts whose SparseLinear takes the decode kernel for their
-    token count run in one kernel call (`grouped_decode_into`: one call per expert streamed their 2-4 MB matrices
-    at about 15 GB/s, one call over all at about 21); the others run their own SparseLinear, which measures its
-    path per token count on first use."""
-    weights = getattr(module, name)
+def _starts(counts: list[int]) -> list[int]:
+    """Where each group of rows starts when the groups lie one after the other."""
     starts = [0]
     for count in counts[:-1]:
         starts.append(starts[-1] + count)
+    return starts
+
+
+def _project(module: nn.Module, name: str, chosen: list[int], counts: list[int], x: torch.Tensor) -> torch.Tensor:
+    """Projection `name` of every chosen expert on its rows of `x` (the experts' rows one after the other, in the
+    order of `chosen`), bias added, in x's dtype. Experts whose SparseLinear takes the decode kernel for their
+    token count run in one kernel call (`_grouped`: one call per expert streamed their 2-4 MB matrices at about
+    15 GB/s, one call over all at about 21); the others run their own SparseLinear, which measures its path per
+    token count on first use."""
+    weights = getattr(module, name)
+    bias = getattr(module, f"{name}_bias") if module.has_bias else None
+    starts = _starts(counts)
     packed = isinstance(weights, nn.ModuleList)
     kern = kernels.get() if packed and x.device.type == "cpu" else None
     by_expert = list(weights._modules.values()) if packed else None  # a dict read: ModuleList indexing is slower
@@ -79,29 +86,40 @@ def _project(module: nn.Module, name: str, chosen: list[int], counts: list[int],
     for i, count in enumerate(counts):
         joins = kern is not None and by_expert[chosen[i]].path_for(count, x.dtype) == "decode"
         (grouped if joins else alone).append(i)
+    if not alone:  # decode: all of them in one call
+        return _grouped(kern, [by_expert[e] for e in chosen], chosen, counts, x, bias).to(x.dtype)
     rows = by_expert[0].out_features if packed else expert_matrix(module, name, 0).shape[0]
-    # fp32 where the grouped kernel writes (it accumulates in fp32); else x's dtype, as each expert's own output
-    y = torch.empty(x.shape[0], rows, dtype=torch.float32 if grouped else x.dtype, device=x.device)
-    if grouped:
-        buffers = [by_expert[chosen[i]]._buffers for i in grouped]
-        kern.grouped_decode_into(x, y, [starts[i] for i in grouped], [counts[i] for i in grouped],
-                                 [b["mask"] for b in buffers], [b["values"] for b in buffers],
-                                 [b["row_offsets"] for b in buffers], by_expert[0].in_features, kernels.ISA_CODE)
+    y = torch.empty(x.shape[0], rows, dtype=x.dtype, device=x.device)
+    if grouped:  # their rows gathered (a few each), so that y stays in x's dtype
+        index = torch.cat([torch.arange(starts[i], starts[i] + counts[i]) for i in grouped])
+        experts_in_call = [chosen[i] for i in grouped]
+        y_grouped = _grouped(kern, [by_expert[e] for e in experts_in_call], experts_in_call,
+                             [counts[i] for i in grouped], x.index_select(0, index), bias)
+        y.index_copy_(0, index, y_grouped.to(x.dtype))
     for i in alone:
-        expert_rows = x[starts[i]:starts[i] + counts[i]]
+        rows_of_expert = slice(starts[i], starts[i] + counts[i])
         if packed:  # its SparseLinear has no bias: the experts module keeps the biases
-            y[starts[i]:starts[i] + counts[i]] = by_expert[chosen[i]](expert_rows)
+            y[rows_of_expert] = by_expert[chosen[i]](x[rows_of_expert])
         else:  # an experts module of the same model left dense (too little sparsity)
-            y[starts[i]:starts[i] + counts[i]] = F.linear(expert_rows, expert_matrix(module, name, chosen[i]))
-    if module.has_bias:
-        bias = getattr(module, f"{name}_bias")
-        if not alone:  # decode: one gather for all rows
-            y += bias.index_select(0, torch.repeat_interleave(torch.tensor(chosen, device=x.device),
-                                                              torch.tensor(counts, device=x.device)))
-        else:  # many rows: per expert, without a second [rows, out] tensor
-            for i, expert in enumerate(chosen):
-                y[starts[i]:starts[i] + counts[i]] += bias[expert]
-    return y.to(x.dtype)
+            y[rows_of_expert] = F.linear(x[rows_of_expert], expert_matrix(module, name, chosen[i]))
+        if bias is not None:
+            y[rows_of_expert] += bias[chosen[i]]
+    return y
+
+
+def _grouped(kern, linears: list[SparseLinear], experts: list[int], counts: list[int], x: torch.Tensor,
+             bias: torch.Tensor | None) -> torch.Tensor:
+    """linears[g] (expert experts[g]) on its counts[g] rows of x, the groups one after the other, in one kernel
+    call; fp32, the experts' biases added."""
+    y = torch.empty(x.shape[0], linears[0].out_features, dtype=torch.float32, device=x.device)
+    starts = _starts(counts)
+    buffers = [linear._buffers for linear in linears]
+    kern.grouped_decode_into(x, y, starts, counts, [b["mask"] for b in buffers], [b["values"] for b in buffers],
+                             [b["row_offsets"] for b in buffers], linears[0].in_features, kernels.ISA_CODE)
+    if bias is not None:
+        y += bias.index_select(0, torch.repeat_interleave(torch.tensor(experts, device=x.device),
+                                                          torch.tensor(counts, device=x.device)))
+    return y
 
 
 SMALL_ROUTING = 64  # up to this many (token, expert) pairs the routing is grouped in Python (decode)
