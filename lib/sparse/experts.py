@@ -73,28 +73,31 @@ def _project(module: nn.Module, name: str, chosen: list[int], counts: list[int],
     order of `chosen`), bias added, in x's dtype. Experts whose SparseLinear takes the decode kernel for their
     token count run in one kernel call (`_grouped`: one call per expert streamed their 2-4 MB matrices at about
     15 GB/s, one call over all at about 21); the others run their own SparseLinear, which measures its path per
-    token count on first use."""
+    token count on first use. (In bf16 with biases the two round differently: the grouped rows add the bias in
+    fp32 and round once, the others round their product and then the sum, as transformers' forward does.)"""
     weights = getattr(module, name)
     bias = getattr(module, f"{name}_bias") if module.has_bias else None
-    starts = _starts(counts)
     packed = isinstance(weights, nn.ModuleList)
     kern = kernels.get() if packed and x.device.type == "cpu" else None
     by_expert = list(weights._modules.values()) if packed else None  # a dict read: ModuleList indexing is slower
     # an expert joins the grouped call where its own SparseLinear would take the decode kernel for its token count
-    # (up to 4 tokens always; 5-16 where measured fastest: with AMX, bf16 takes the tile unit there instead)
+    # (up to 4 tokens always; 5-16 where measured fastest: with AMX, bf16 takes the tile unit there instead). The
+    # experts of one projection share shape and dtype, so one answer per token count.
+    joins: dict[int, bool] = {}
     grouped, alone = [], []
     for i, count in enumerate(counts):
-        joins = kern is not None and by_expert[chosen[i]].path_for(count, x.dtype) == "decode"
-        (grouped if joins else alone).append(i)
+        if count not in joins:
+            joins[count] = kern is not None and by_expert[chosen[i]].path_for(count, x.dtype) == "decode"
+        (grouped if joins[count] else alone).append(i)
     if not alone:  # decode: all of them in one call
-        return _grouped(kern, [by_expert[e] for e in chosen], chosen, counts, x, bias).to(x.dtype)
+        return _grouped(kern, by_expert, chosen, counts, x, bias).to(x.dtype)
+    starts = _starts(counts)
     rows = by_expert[0].out_features if packed else expert_matrix(module, name, 0).shape[0]
     y = torch.empty(x.shape[0], rows, dtype=x.dtype, device=x.device)
-    if grouped:  # their rows gathered (a few each), so that y stays in x's dtype
-        index = torch.cat([torch.arange(starts[i], starts[i] + counts[i]) for i in grouped])
-        experts_in_call = [chosen[i] for i in grouped]
-        y_grouped = _grouped(kern, [by_expert[e] for e in experts_in_call], experts_in_call,
-                             [counts[i] for i in grouped], x.index_select(0, index), bias)
+    if grouped:  # their rows gathered (a few each), so that y stays in x's dtype; grouped means on the CPU
+        index = torch.tensor([row for i in grouped for row in range(starts[i], starts[i] + counts[i])])
+        y_grouped = _grouped(kern, by_expert, [chosen[i] for i in grouped], [counts[i] for i in grouped],
+                             x.index_select(0, index), bias)
         y.index_copy_(0, index, y_grouped.to(x.dtype))
     for i in alone:
         rows_of_expert = slice(starts[i], starts[i] + counts[i])
@@ -107,15 +110,16 @@ def _project(module: nn.Module, name: str, chosen: list[int], counts: list[int],
     return y
 
 
-def _grouped(kern, linears: list[SparseLinear], experts: list[int], counts: list[int], x: torch.Tensor,
+def _grouped(kern, by_expert: list[SparseLinear], experts: list[int], counts: list[int], x: torch.Tensor,
              bias: torch.Tensor | None) -> torch.Tensor:
-    """linears[g] (expert experts[g]) on its counts[g] rows of x, the groups one after the other, in one kernel
+    """Expert experts[g]'s SparseLinear on its counts[g] rows of x, the groups one after the other, in one kernel
     call; fp32, the experts' biases added."""
-    y = torch.empty(x.shape[0], linears[0].out_features, dtype=torch.float32, device=x.device)
-    starts = _starts(counts)
-    buffers = [linear._buffers for linear in linears]
-    kern.grouped_decode_into(x, y, starts, counts, [b["mask"] for b in buffers], [b["values"] for b in buffers],
-                             [b["row_offsets"] for b in buffers], linears[0].in_features, kernels.ISA_CODE)
+    first = by_expert[experts[0]]
+    y = torch.empty(x.shape[0], first.out_features, dtype=torch.float32, device=x.device)
+    buffers = [by_expert[e]._buffers for e in experts]
+    kern.grouped_decode_into(x, y, _starts(counts), counts, [b["mask"] for b in buffers],
+                             [b["values"] for b in buffers], [b["row_offsets"] for b in buffers],
+                             first.in_features, kernels.ISA_CODE)
     if bias is not None:
         y += bias.index_select(0, torch.repeat_interleave(torch.tensor(experts, device=x.device),
                                                           torch.tensor(counts, device=x.device)))

@@ -136,16 +136,42 @@ def test_experts_with_more_tokens_join_the_grouped_call_where_their_own_path_is_
             small = [c for c in per_expert if c <= ALWAYS_DECODE_TOKENS]
             assert counting["grouped"] == [small, small]
         assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
-        if policy == "auto":  # again: each projection's large experts follow their measured path
+        if policy == "auto":  # again: each projection's large experts follow the path measured for its shape
+            measured = {(c["out_features"], c["in_features"], c["tokens_up_to"]): c["path"]
+                        for c in sparse_linear.choices()}
             counting["alone"].clear(), counting["grouped"].clear()
             got = run(packed, sparse_experts.IMPLEMENTATION, x, index, weights)
             for projection, call in zip(sparse_experts.projections(packed), counting["grouped"]):
                 linear = getattr(packed, projection)[0]
-                assert call == [c for c in per_expert if linear.path_for(c, x.dtype) == "decode"]
+                shape = (linear.out_features, linear.in_features)
+                assert call == [c for c in per_expert if c <= ALWAYS_DECODE_TOKENS or
+                                measured[(*shape, sparse_linear.token_bucket(c))] == "decode"]
             assert len(counting["grouped"]) == 2
             assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
     finally:
         sparse_linear.set_policy(previous)
+
+
+@pytest.mark.parametrize("policy", ["auto", "sparse"])
+def test_bf16_experts_equal_transformers_forward_up_to_rounding(policy):
+    """bf16 weights and inputs, GPT-OSS's biases: grouped experts (fp32 sums, bias in fp32) and experts run on their
+    own (bf16 out) written into one bf16 output, against transformers' bf16 forward."""
+    dense = experts_module("gpt_oss").to(torch.bfloat16)
+    packed = copy.deepcopy(dense)
+    sparse_experts.pack(packed)
+    sparse_experts.register()
+    x, index, weights = routing(12, seed=4)
+    x, weights = x.to(torch.bfloat16), weights.to(torch.bfloat16)
+    previous = sparse_linear.set_policy(policy)
+    try:
+        for _ in range(2):  # the second call after measuring
+            got = run(packed, sparse_experts.IMPLEMENTATION, x, index, weights)
+            expected = run(dense, "eager", x, index, weights)
+            assert got.dtype == torch.bfloat16
+            assert (got.float() - expected.float()).abs().max() <= 0.02 * expected.float().abs().max()
+    finally:
+        sparse_linear.set_policy(previous)
+        sparse_linear.clear_choices()
 
 
 def test_a_token_routed_nowhere_gets_zeros(pair):

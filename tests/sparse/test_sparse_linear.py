@@ -228,6 +228,38 @@ def test_measured_choice_is_cached_and_correct(monkeypatch):
     assert sparse_linear.token_bucket(2048) == 2048 and sparse_linear.token_bucket(2049) == 4096
 
 
+def test_path_for_says_which_path_forward_takes(monkeypatch):
+    """path_for(n, dtype) is forward's path for n tokens: 'decode' up to ALWAYS_DECODE_TOKENS, the measured choice of
+    n's bucket (None before it is measured, and for another thread count: another key), never 'decode' above
+    DECODE_MAX_TOKENS; the policies' fixed paths; 'dense' without the C++ kernel."""
+    if kernels.get() is None:
+        pytest.skip("no C++ kernel")
+    monkeypatch.setattr(sparse_linear, "_policy", "auto")
+    sparse_linear.clear_choices()
+    module = SparseLinear(200, 48, **fmt.pack(pruned_weight(48, 200, 0.7, torch.float32)))
+    threads = torch.get_num_threads()
+    try:
+        assert module.path_for(1, torch.float32) == module.path_for(4, torch.float32) == "decode"
+        assert module.path_for(8, torch.float32) is None
+        module(torch.randn(8, 200))
+        (entry,) = sparse_linear.choices()
+        assert entry["path"] in ("decode", "tiled", "dense")
+        assert module.path_for(5, torch.float32) == module.path_for(8, torch.float32) == entry["path"]
+        assert module.path_for(9, torch.float32) is None and module.path_for(8, torch.bfloat16) is None
+        torch.set_num_threads(threads + 1)
+        assert module.path_for(8, torch.float32) is None
+        torch.set_num_threads(threads)
+        monkeypatch.setattr(sparse_linear, "_policy", "sparse")
+        assert module.path_for(16, torch.float32) == "decode" and module.path_for(17, torch.float32) == "tiled"
+        monkeypatch.setattr(sparse_linear, "_policy", "dense")
+        assert module.path_for(5, torch.float32) == "dense" and module.path_for(4, torch.float32) == "decode"
+        monkeypatch.setattr(kernels, "get", lambda: None)
+        assert module.path_for(1, torch.float32) == "dense"
+    finally:
+        torch.set_num_threads(threads)
+        sparse_linear.clear_choices()
+
+
 def test_amx_path_for_bf16_where_the_cpu_has_it(monkeypatch):
     """bf16 weights and inputs take the AMX kernel where it exists (instead of the tiled one); its result is checked
     against dense with the other paths in test_matches_dense."""
