@@ -124,7 +124,7 @@ def experts_problem(module: nn.Module, min_sparsity: float) -> tuple[str | None,
     if any(t.dtype not in fmt.SUPPORTED_DTYPES for t in fused):
         return f"dtype {fused[0].dtype} unsupported", 0.0
     # each projection must qualify: a dense one packed beside a sparse one would be bigger and slower than dense
-    sparsity = min(1.0 - int(torch.count_nonzero(t)) / max(1, t.numel()) for t in fused)
+    sparsity = min(weight_sparsity(t) for t in fused)
     return (f"sparsity below min_sparsity={min_sparsity:g}" if sparsity < min_sparsity else None), sparsity
 
 

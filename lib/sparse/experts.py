@@ -10,6 +10,8 @@ the module's own. Experts modules without that interface (Llama 4's, a bmm on th
 """
 from __future__ import annotations
 
+from itertools import accumulate
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -62,10 +64,7 @@ def unpack(module: nn.Module, dtype: torch.dtype | None = None) -> None:
 
 def _starts(counts: list[int]) -> list[int]:
     """Where each group of rows starts when the groups lie one after the other."""
-    starts = [0]
-    for count in counts[:-1]:
-        starts.append(starts[-1] + count)
-    return starts
+    return list(accumulate(counts[:-1], initial=0))
 
 
 def _project(module: nn.Module, name: str, chosen: list[int], counts: list[int], x: torch.Tensor) -> torch.Tensor:
