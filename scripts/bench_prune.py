@@ -43,6 +43,7 @@ from lib.models.matrices import block_matrices  # noqa: E402
 from lib.models.structure import find_decoder_blocks  # noqa: E402
 from lib.pruning.pruner import PRUNERS, default_params  # noqa: E402
 from lib.session import LoadedModel, PruningSession, SessionData  # noqa: E402
+from lib.sparse import cpu  # noqa: E402
 
 SHAPES = {
     "tiny": dict(num_hidden_layers=2, hidden_size=64, intermediate_size=160, num_attention_heads=4,
@@ -325,7 +326,7 @@ def mask_agreement(ours: dict, theirs: dict) -> dict:
 def environment(device: torch.device) -> dict:
     import transformers
     env = {"torch": torch.__version__, "transformers": transformers.__version__, "cuda": torch.version.cuda,
-           "python": platform.python_version(), "cpus": os.cpu_count()}
+           "python": platform.python_version(), "cpus": os.cpu_count(), "cpu": cpu.describe(cpu.identity())}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         env.update(gpu=props.name, gpu_memory_gib=props.total_memory / 2**30,

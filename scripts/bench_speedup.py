@@ -44,6 +44,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from lib.pruning.masks import lowest_per_row_mask, n_m_mask  # noqa: E402
+from lib.sparse import cpu  # noqa: E402
 from lib.sparse import format as fmt  # noqa: E402
 from lib.sparse import kernels  # noqa: E402
 from lib.sparse import linear as sparse_linear  # noqa: E402
@@ -1210,6 +1211,7 @@ def main(argv=None) -> int:
         print(f"error: --isa: {error}", file=sys.stderr)
         return 2
     sparse_linear.set_policy(args.policy)
+    cpu_identity = cpu.identity()
     result = {"dtype": args.dtype, "new_tokens": args.new_tokens, "prefill_tokens": args.prefill_tokens,
               "repeats": args.repeats, "format": "bitmask (1 bit/weight) + packed values + int64 row offsets",
               "bytes_per_weight": {level_name(lv): fmt.bytes_per_weight(1 - level_sparsity(lv),
@@ -1219,7 +1221,8 @@ def main(argv=None) -> int:
               "pruning_note": "pruned in-script by per-row magnitude (N:M by magnitude) unless --model: "
                               "the speed depends only on the density and the pattern",
               "environment": {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                              "cpu": kernels.cpu_model(), "threads": args.threads,
+                              "cpu": cpu.describe(cpu_identity), "cpu_identity": cpu_identity,
+                              "threads": args.threads,
                               "cores": os.cpu_count(), "torch": torch.__version__,
                               "isa": kernels.isa(), "amx": kernels.has_amx() and kernels.isa() == "avx512",
                               "dense_isa": dense_isa or {"aten_capability": torch.backends.cpu.get_cpu_capability(),

@@ -20,7 +20,6 @@ its pure-PyTorch path.
 from __future__ import annotations
 
 import os
-import platform
 import sys
 import threading
 
@@ -176,18 +175,6 @@ def describe() -> str:
     if name == "avx512" and not _module.has_vbmi2():
         return "C++ AVX-512 (OpenMP; bf16/fp16 values on AVX2: no VBMI2)"
     return f"C++ {ISA_LABELS[name]} (OpenMP)"
-
-
-def cpu_model() -> str:
-    """The CPU's model name (from /proc/cpuinfo where there is one)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def reset() -> None:

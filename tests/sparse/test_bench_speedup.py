@@ -151,6 +151,7 @@ def test_curve_on_a_tiny_block(tmp_path, monkeypatch):
     data = json.loads((out / "results.json").read_text())
     env = data["environment"]
     assert env["isa"] == kernels.isa() and env["cpu"] and "kernel" in env and "amx" in env
+    assert env["cpu"].startswith(env["cpu_identity"]["name"]) and "flags" in env["cpu_identity"]
     curve = data["curve"]
     assert [r["tokens"] for r in curve["rows"]] == [1, 6, 40]
     for row in curve["rows"]:
