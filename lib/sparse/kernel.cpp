@@ -287,17 +287,17 @@ struct RowGroup {
 // ------------------------------------------------------------------------------------------ AVX2 + FMA
 ATP_TARGET_BEGIN("avx2,fma,f16c,popcnt")
 
-// Expansion table, one 32-byte row per mask byte b: lane i <- packed value number popcount(b & ((1 << i) - 1))
-// when bit i is set, else -128 (sign bit set: the lane gets zeroed; vpermps reads only the low 3 bits). int32 rows
-// (8 KiB) load straight into the permute's index; byte rows (2 KiB) cost a widening shuffle per 8 columns on the
-// same port as the permute (with the and-not below: in cache 5-7% fewer cycles per 8 columns; the 7B block's decode
-// on the emulated AVX2 machine 2.61-2.66x -> 2.67-2.74x of dense).
+// Expansion table, one 32-byte row per mask byte b: lane i <- 8 + packed value number popcount(b & ((1 << i) - 1))
+// when bit i is set, else 0. vpermps reads only the low 3 bits (the value's number); vpsignd then keeps a lane
+// whose entry is positive and zeroes one whose entry is 0, so the same row places the values and zeroes the other
+// lanes. int32 rows (8 KiB) load straight into the permute's index; byte rows (2 KiB) cost a widening shuffle per
+// 8 columns on the same port as the permute (in cache 5-7% fewer cycles per 8 columns with int32 rows).
 struct alignas(32) SelectTable {
   int32_t idx[256][8];
   SelectTable() {
     for (int b = 0; b < 256; ++b) {
       int k = 0;
-      for (int i = 0; i < 8; ++i) idx[b][i] = ((b >> i) & 1) ? k++ : -128;
+      for (int i = 0; i < 8; ++i) idx[b][i] = ((b >> i) & 1) ? 8 + k++ : 0;
     }
   }
 };
@@ -305,14 +305,23 @@ const SelectTable SELECT;
 
 inline __m256i select_index(unsigned b) { return _mm256_load_si256(reinterpret_cast<const __m256i*>(SELECT.idx[b])); }
 
-// Eight packed values placed by `idx` (a SELECT row), zeros where the mask bit is clear. vblendvps is one
-// instruction on AMD Zen but three on recent Intel cores (Golden Cove), where a shift and an and-not do it in two:
-// ZeroByAnd picks the second (zero_by_and(): Intel CPUs).
-template <bool ZeroByAnd>
-inline __m256 expand8(__m256 vals, __m256i idx, __m256 zero) {
+// Byte i of a mask word times 32, the byte offset of its SELECT row, in one shift and one and; its popcount is the
+// byte's. (Extracting the byte and scaling it took three or four instructions: the 7B block's decode as on an
+// AVX2-only CPU 9.8-10.3 -> 9.6-10.0 ms fp32, 11.2 -> 10.6 ms bf16, 2 threads, Emerald Rapids.)
+inline unsigned select_offset(uint64_t word, int i) {
+  return static_cast<unsigned>(i == 0 ? word << 5 : word >> (8 * i - 5)) & 0x1FE0u;
+}
+inline __m256i select_row(unsigned offset) {
+  return _mm256_load_si256(reinterpret_cast<const __m256i*>(reinterpret_cast<const char*>(SELECT.idx) + offset));
+}
+
+// Eight packed values placed by `idx` (a SELECT row), zeros where the mask bit is clear: a permute and one vpsignd
+// (one micro-op on Intel and AMD cores). It replaced a shift + and-not on Intel (the 7B block's decode as on an
+// AVX2-only CPU 10.5-11.0 -> 9.7-10.5 ms, 2 threads, Emerald Rapids) and a vblendvps on AMD (one micro-op there
+// too: not measured on AMD).
+inline __m256 expand8(__m256 vals, __m256i idx) {
   const __m256 placed = _mm256_permutevar8x32_ps(vals, idx);
-  if (ZeroByAnd) return _mm256_andnot_ps(_mm256_castsi256_ps(_mm256_srai_epi32(idx, 31)), placed);
-  return _mm256_blendv_ps(placed, zero, _mm256_castsi256_ps(idx));
+  return _mm256_castsi256_ps(_mm256_sign_epi32(_mm256_castps_si256(placed), idx));
 }
 
 template <typename T> inline __m256 load8(const T* p);
@@ -335,17 +344,13 @@ inline float hsum8(__m256 a) {
 // One row against NT tokens. Per 8 columns: a table row, 8 packed values, one permute and the zeroing (expand8: the
 // expanded weights), then one FMA per token. Mask bytes come out of one 64-bit word by shifts, the value pointer
 // advances by popcount. U accumulators per token keep the FMA chains independent.
-template <typename T, int NT, bool ZeroByAnd>
+template <typename T, int NT>
 inline void row_avx2(const uint8_t* m, const T* v, const float* x, int64_t ldx, int64_t nbytes, float* out,
                      int64_t ostride) {
   constexpr int U = NT == 1 ? 4 : (NT == 2 ? 2 : 1);
   __m256 acc[NT][U];
   for (int t = 0; t < NT; ++t)
     for (int u = 0; u < U; ++u) acc[t][u] = _mm256_setzero_ps();
-  __m256 zero = _mm256_setzero_ps();
-#ifdef __GNUC__
-  asm("" : "+x"(zero));  // keeps one vblendvps per step (a known-zero operand gets rewritten into two instructions)
-#endif
   for (int64_t g = 0; g < nbytes; g += 8) {  // one 64-bit mask word (64 columns) per iteration
     uint64_t word;
     std::memcpy(&word, m + g, 8);
@@ -357,10 +362,10 @@ inline void row_avx2(const uint8_t* m, const T* v, const float* x, int64_t ldx, 
     const float* xg = x + g * 8;
 #pragma GCC unroll 8
     for (int i = 0; i < 8; ++i) {
-      const unsigned b = (word >> (8 * i)) & 0xFFu;
-      const __m256 w = expand8<ZeroByAnd>(load8(v), select_index(b), zero);
+      const unsigned o = select_offset(word, i);
+      const __m256 w = expand8(load8(v), select_row(o));
       for (int t = 0; t < NT; ++t) acc[t][i % U] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xg + t * ldx + 8 * i), acc[t][i % U]);
-      v += __builtin_popcount(b);
+      v += __builtin_popcount(o);
     }
   }
   for (int t = 0; t < NT; ++t) {
@@ -371,15 +376,11 @@ inline void row_avx2(const uint8_t* m, const T* v, const float* x, int64_t ldx, 
 }
 
 // Batch-1 decode, four consecutive rows at a time (as rows4_avx512, which says why).
-template <typename T, bool ZeroByAnd>
+template <typename T>
 inline void rows4_avx2(RowGroup<T> g, const float* x, float* out) {
   constexpr int R = RowGroup<T>::R;
   __m256 acc[R];
   for (int j = 0; j < R; ++j) acc[j] = _mm256_setzero_ps();
-  __m256 zero = _mm256_setzero_ps();
-#ifdef __GNUC__
-  asm("" : "+x"(zero));  // as in row_avx2
-#endif
   for (int64_t w = 0; w < g.words; ++w) {
     uint64_t k[R];
     g.next_word(w, k);
@@ -389,24 +390,24 @@ inline void rows4_avx2(RowGroup<T> g, const float* x, float* out) {
       const __m256 xv = _mm256_loadu_ps(xw + 8 * i);
 #pragma GCC unroll 4
       for (int j = 0; j < R; ++j) {
-        const unsigned b = (k[j] >> (8 * i)) & 0xFFu;
-        const __m256 wv = expand8<ZeroByAnd>(load8(g.v[j]), select_index(b), zero);
+        const unsigned o = select_offset(k[j], i);
+        const __m256 wv = expand8(load8(g.v[j]), select_row(o));
         acc[j] = _mm256_fmadd_ps(wv, xv, acc[j]);
-        g.v[j] += __builtin_popcount(b);
+        g.v[j] += __builtin_popcount(o);
       }
     }
   }
   for (int j = 0; j < R; ++j) out[j] = hsum8(acc[j]);
 }
 
-template <typename T, bool ZeroByAnd>
+template <typename T>
 void decode_rows_avx2(const Op& op, int64_t r0, int64_t r1) {
   const T* vals = static_cast<const T*>(op.vals);
   const int64_t ldx = op.words * 64, nbytes = op.words * 8;
   int64_t r = r0;
   if (op.ntok == 1)
     for (; r + RowGroup<T>::R <= r1; r += RowGroup<T>::R)
-      rows4_avx2<T, ZeroByAnd>(RowGroup<T>(op, r), op.x, op.y + r);
+      rows4_avx2<T>(RowGroup<T>(op, r), op.x, op.y + r);
   for (; r < r1; ++r) {
     const uint8_t* m = reinterpret_cast<const uint8_t*>(op.mask + r * op.words);
     const T* v = vals + op.off[r];
@@ -414,10 +415,10 @@ void decode_rows_avx2(const Op& op, int64_t r0, int64_t r1) {
       const float* x = op.x + t0 * ldx;
       float* out = op.y + t0 * op.rows + r;
       switch (std::min<int64_t>(DECODE_NT, op.ntok - t0)) {
-        case 1: row_avx2<T, 1, ZeroByAnd>(m, v, x, ldx, nbytes, out, op.rows); break;
-        case 2: row_avx2<T, 2, ZeroByAnd>(m, v, x, ldx, nbytes, out, op.rows); break;
-        case 3: row_avx2<T, 3, ZeroByAnd>(m, v, x, ldx, nbytes, out, op.rows); break;
-        default: row_avx2<T, 4, ZeroByAnd>(m, v, x, ldx, nbytes, out, op.rows); break;
+        case 1: row_avx2<T, 1>(m, v, x, ldx, nbytes, out, op.rows); break;
+        case 2: row_avx2<T, 2>(m, v, x, ldx, nbytes, out, op.rows); break;
+        case 3: row_avx2<T, 3>(m, v, x, ldx, nbytes, out, op.rows); break;
+        default: row_avx2<T, 4>(m, v, x, ldx, nbytes, out, op.rows); break;
       }
     }
   }
@@ -444,7 +445,7 @@ const SelectTable16 SELECT16;
 // The next popcount(b) packed values placed into the 8 lanes mask byte b selects (zeros elsewhere), in T's bits.
 template <typename T> inline void expand8_store(uint8_t b, const T* v, T* out);
 template <> inline void expand8_store<float>(uint8_t b, const float* v, float* out) {
-  _mm256_storeu_ps(out, expand8<false>(_mm256_loadu_ps(v), select_index(b), _mm256_setzero_ps()));
+  _mm256_storeu_ps(out, expand8(_mm256_loadu_ps(v), select_index(b)));
 }
 template <typename T> inline void expand8_store(uint8_t b, const T* v, T* out) {  // bf16, fp16: 16-bit lanes
   const __m128i ctl = _mm_loadu_si128(reinterpret_cast<const __m128i*>(SELECT16.ctl[b]));
@@ -1371,32 +1372,13 @@ int64_t checked_isa(int64_t isa, const torch::Tensor& values) {
   return isa;
 }
 
-#if ATP_X86
-// How the AVX2 decode zeroes the lanes of clear mask bits (expand8): by AND on Intel CPUs, by blend elsewhere;
-// set_avx2_zero_by_and lets the tests run both on one machine.
-bool avx2_zero_by_and = [] {
-  __builtin_cpu_init();
-  return __builtin_cpu_is("intel") != 0;
-}();
-bool zero_by_and() { return avx2_zero_by_and; }
-#endif
-bool set_avx2_zero_by_and(bool by_and) {
-#if ATP_X86
-  const bool before = avx2_zero_by_and;
-  avx2_zero_by_and = by_and;
-  return before;
-#else
-  return by_and;
-#endif
-}
-
 using DecodeRows = void (*)(const Op&, int64_t, int64_t);
 
 template <typename T>
 DecodeRows decode_rows_for(int64_t isa) {
 #if ATP_X86
   if (isa == ISA_AVX512) return decode_rows_avx512<T>;
-  if (isa == ISA_AVX2) return zero_by_and() ? decode_rows_avx2<T, true> : decode_rows_avx2<T, false>;
+  if (isa == ISA_AVX2) return decode_rows_avx2<T>;
 #endif
   return decode_rows_scalar<T>;
 }
@@ -1859,9 +1841,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("path"), py::arg("isa"));
   m.def("scratch_bytes", &scratch_bytes, "bytes the AMX path keeps between calls (inputs as tiles, partial sums)");
   m.def("release_scratch", &release_scratch, "free the AMX path's scratch (the next call allocates it again)");
-  m.def("set_avx2_zero_by_and", &set_avx2_zero_by_and,
-        "AVX2 decode: zero the clear lanes by AND (true) or by blend (false); returns the previous setting",
-        py::arg("by_and"));
   m.def("has_vbmi2", &has_vbmi2, "AVX-512 VBMI2 in use (bf16/fp16 values on the AVX-512 kernels; else AVX2)");
   m.def("set_avx512_vbmi2", &set_avx512_vbmi2, "switch VBMI2 off (or back on where the CPU has it); returns the "
         "previous setting", py::arg("on"));
