@@ -316,7 +316,7 @@ inline __m256i select_row(unsigned offset) {
 }
 
 // Eight packed values placed by `idx` (a SELECT row), zeros where the mask bit is clear: a permute and one vpsignd
-// (one micro-op on Intel and AMD cores). It replaced a shift + and-not on Intel (the 7B block's decode as on an
+// (one micro-op on Intel cores since Haswell and AMD's since Zen 2). It replaced a shift + and-not on Intel (the 7B block's decode as on an
 // AVX2-only CPU 10.5-11.0 -> 9.7-10.5 ms, 2 threads, Emerald Rapids) and a vblendvps on AMD (one micro-op there
 // too: not measured on AMD).
 inline __m256 expand8(__m256 vals, __m256i idx) {
