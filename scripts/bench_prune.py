@@ -325,8 +325,10 @@ def mask_agreement(ours: dict, theirs: dict) -> dict:
 
 def environment(device: torch.device) -> dict:
     import transformers
+    identity = cpu.identity()
     env = {"torch": torch.__version__, "transformers": transformers.__version__, "cuda": torch.version.cuda,
-           "python": platform.python_version(), "cpus": os.cpu_count(), "cpu": cpu.describe(cpu.identity())}
+           "python": platform.python_version(), "cpus": os.cpu_count(), "cpu": cpu.describe(identity),
+           "cpu_identity": identity}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         env.update(gpu=props.name, gpu_memory_gib=props.total_memory / 2**30,

@@ -16,8 +16,8 @@ import platform
 
 # Flags of /proc/cpuinfo that decide a path here or in torch: the kernels' instruction sets, bf16/fp16 support of
 # AVX-512, the tile unit.
-RELEVANT_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vbmi2", "avx512_bf16", "avx512_fp16",
-                  "amx_tile", "amx_bf16")
+RELEVANT_FLAGS = ("avx2", "fma", "f16c", "popcnt", "bmi2", "avx512f", "avx512bw", "avx512vl", "avx512dq",
+                  "avx512_vbmi2", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
 
 # (vendor, family) -> [(first model, last model, name)]: server generations as family/model report them.
 _GENERATIONS = {
@@ -102,7 +102,7 @@ def identity() -> dict:
 
 
 def describe(info: dict) -> str:
-    """One line: the name, and family/model with the likely generation where the name does not say it, e.g.
+    """One line: the name, then family/model with the likely generation and the vector extensions, e.g.
     'Intel(R) Xeon(R) Processor (family 6 model 207: Emerald Rapids, likely; AVX-512 with BF16, no AMX reported)'."""
     details = []
     if info.get("family") is not None and info.get("model") is not None:

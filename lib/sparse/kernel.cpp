@@ -291,7 +291,8 @@ ATP_TARGET_BEGIN("avx2,fma,f16c,popcnt")
 // when bit i is set, else 0. vpermps reads only the low 3 bits (the value's number); vpsignd then keeps a lane
 // whose entry is positive and zeroes one whose entry is 0, so the same row places the values and zeroes the other
 // lanes. int32 rows (8 KiB) load straight into the permute's index; byte rows (2 KiB) cost a widening shuffle per
-// 8 columns on the same port as the permute (in cache 5-7% fewer cycles per 8 columns with int32 rows).
+// 8 columns on the same port as the permute (int32 rows with the zeroing of the time, a shift and an and-not: in
+// cache 5-7% fewer cycles per 8 columns).
 struct alignas(32) SelectTable {
   int32_t idx[256][8];
   SelectTable() {
@@ -316,9 +317,9 @@ inline __m256i select_row(unsigned offset) {
 }
 
 // Eight packed values placed by `idx` (a SELECT row), zeros where the mask bit is clear: a permute and one vpsignd
-// (one micro-op on Intel cores since Haswell and AMD's since Zen 2). It replaced a shift + and-not on Intel (the 7B block's decode as on an
-// AVX2-only CPU 10.5-11.0 -> 9.7-10.5 ms, 2 threads, Emerald Rapids) and a vblendvps on AMD (one micro-op there
-// too: not measured on AMD).
+// (one micro-op on Intel cores since Haswell and AMD's since Zen 2). It replaced a shift + and-not on Intel (the 7B
+// block's decode as on an AVX2-only CPU 10.5-11.0 -> 9.7-10.5 ms, 2 threads, Emerald Rapids) and a vblendvps on
+// AMD (one micro-op there too: not measured on AMD).
 inline __m256 expand8(__m256 vals, __m256i idx) {
   const __m256 placed = _mm256_permutevar8x32_ps(vals, idx);
   return _mm256_castsi256_ps(_mm256_sign_epi32(_mm256_castps_si256(placed), idx));

@@ -104,7 +104,7 @@ def test_every_mask_byte_pattern_places_its_values_exactly(isa, dtype):
     """The decode kernels expand each 8-column mask byte through a table (AVX2: a permute and a sign-based zeroing
     from one table row; AVX-512: expand-loads). A weight whose rows run through all 256 byte patterns, forwards
     and backwards, with small signed integer values and inputs, so every sum is exact in fp32 whatever its order:
-    the decode (1 token: four rows at a time; 3 tokens: one row at a time) and the unpacking equal the dense
+    the decode (1 token: four rows at a time; 2-4 tokens: one row at a time) and the unpacking equal the dense
     result bit for bit."""
     patterns = torch.cat([torch.arange(256), torch.arange(255, -1, -1)]).view(16, 32)  # 16 rows x 32 bytes
     bits = (patterns.unsqueeze(-1) >> torch.arange(8)) & 1  # column 8 * byte + i is set where bit i of the byte is
@@ -114,7 +114,7 @@ def test_every_mask_byte_pattern_places_its_values_exactly(isa, dtype):
     w = (bits.reshape(16, 256).float() * magnitudes * signs).to(dtype)
     module = SparseLinear(256, 16, **fmt.pack(w))
     assert torch.equal(module.dense_weight(), w)
-    for tokens in (1, 3):
+    for tokens in (1, 2, 3, 4):
         x = torch.randint(-4, 5, (tokens, 256), generator=g).float()
         expected = F.linear(x, w.float())
         if isa == "torch" and dtype != torch.float32:  # no kernel: the GEMM in the weight's dtype, rounded
