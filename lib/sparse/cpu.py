@@ -2,10 +2,10 @@
 
 Cloud VMs often hide the model name ("Intel(R) Xeon(R) Processor"), and two such machines can differ in what
 matters here: this project's sessions met one that exposes AMX and one (family 6, model 207) whose hypervisor does
-not. So the record keeps what the CPU reports besides the name: vendor, family, model, stepping, the instruction
-sets the kernels and torch choose between, and the cache sizes; `likely_microarchitecture` names the generation
-from family and model where they are well known (a guess for the reader, never used to choose a kernel: the kernels
-look at the instruction-set flags themselves).
+not. So the record keeps what the CPU reports besides the name: vendor, family, model, stepping (on Arm: the
+implementer and part codes), the instruction sets the kernels and torch choose between, and the cache sizes;
+`likely_microarchitecture` names the generation from family and model where they are well known (a guess for the
+reader, never used to choose a kernel: the kernels look at the instruction-set flags themselves).
 
 `parse_cpuinfo` is pure (text in, dict out); `identity` reads /proc/cpuinfo and sysfs.
 """
@@ -28,6 +28,9 @@ _GENERATIONS = {
     ("AuthenticAMD", 25): [(0, 15, "Zen 3"), (32, 47, "Zen 3"), (64, 95, "Zen 3"), (16, 31, "Zen 4"),
                            (96, 127, "Zen 4"), (160, 175, "Zen 4c")],
     ("AuthenticAMD", 26): [(0, 79, "Zen 5"), (96, 127, "Zen 5")],
+    # Arm cores report "CPU implementer" (0x41: Arm) and "CPU part" instead of family and model.
+    ("Arm", 0x41): [(0xD0C, 0xD0C, "Neoverse N1"), (0xD40, 0xD40, "Neoverse V1"), (0xD49, 0xD49, "Neoverse N2"),
+                    (0xD4F, 0xD4F, "Neoverse V2")],
 }
 
 
@@ -40,7 +43,8 @@ def likely_microarchitecture(vendor: str, family: int | None, model: int | None)
 
 def parse_cpuinfo(text: str) -> dict:
     """The first processor's fields of a /proc/cpuinfo text: name, vendor, family, model, stepping, the
-    RELEVANT_FLAGS it has and the likely microarchitecture."""
+    RELEVANT_FLAGS it has and the likely microarchitecture. On Arm, family and model are the implementer and part
+    codes."""
     fields: dict[str, str] = {}
     for line in text.splitlines():
         if not line.strip():
@@ -60,6 +64,12 @@ def parse_cpuinfo(text: str) -> dict:
     flags = set(fields.get("flags", "").split())
     vendor = fields.get("vendor_id", "")
     family, model = number("cpu family"), number("model")
+    if not vendor and "CPU implementer" in fields:  # Arm: implementer and part, in hexadecimal
+        try:
+            family, model = int(fields["CPU implementer"], 16), int(fields.get("CPU part", ""), 16)
+            vendor = "Arm" if family == 0x41 else f"implementer {fields['CPU implementer']}"
+        except ValueError:
+            family, model = None, None
     return {"name": fields.get("model name", ""), "vendor": vendor, "family": family, "model": model,
             "stepping": number("stepping"), "flags": [f for f in RELEVANT_FLAGS if f in flags],
             "likely_microarchitecture": likely_microarchitecture(vendor, family, model)}
@@ -106,7 +116,9 @@ def describe(info: dict) -> str:
     'Intel(R) Xeon(R) Processor (family 6 model 207: Emerald Rapids, likely; AVX-512 with BF16, no AMX reported)'."""
     details = []
     if info.get("family") is not None and info.get("model") is not None:
-        where = f"family {info['family']} model {info['model']}"
+        arm = info.get("vendor") == "Arm" or info.get("vendor", "").startswith("implementer")
+        where = (f"implementer {info['family']:#x} part {info['model']:#x}" if arm
+                 else f"family {info['family']} model {info['model']}")
         if info.get("likely_microarchitecture"):
             where += f": {info['likely_microarchitecture']}, likely"
         details.append(where)

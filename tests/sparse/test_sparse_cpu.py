@@ -48,6 +48,30 @@ def test_an_avx2_only_epyc_and_the_tile_unit_are_named():
     assert cpu.describe(with_amx).endswith("(family 6 model 143: Sapphire Rapids, likely; AVX-512 with BF16, AMX)")
 
 
+GRAVITON2 = """processor\t: 0
+BogoMIPS\t: 243.75
+Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp ssbs
+CPU implementer\t: 0x41
+CPU architecture: 8
+CPU variant\t: 0x3
+CPU part\t: 0xd0c
+CPU revision\t: 1
+
+processor\t: 1
+CPU implementer\t: 0x61
+"""
+
+
+def test_an_arm_server_is_named_by_implementer_and_part():
+    info = cpu.parse_cpuinfo(GRAVITON2)
+    assert (info["vendor"], info["family"], info["model"]) == ("Arm", 0x41, 0xD0C)
+    assert info["likely_microarchitecture"] == "Neoverse N1" and info["flags"] == []
+    assert cpu.describe({**info, "name": "aarch64"}) == "aarch64 (implementer 0x41 part 0xd0c: Neoverse N1, likely)"
+    other = cpu.parse_cpuinfo("CPU implementer\t: 0x61\nCPU part\t: 0x22\n")
+    assert other["vendor"] == "implementer 0x61" and other["likely_microarchitecture"] is None
+    assert cpu.parse_cpuinfo("CPU implementer\t: 0x41\nCPU part\t: none\n")["family"] is None
+
+
 def test_unknown_or_missing_fields_give_no_guess():
     assert cpu.likely_microarchitecture("GenuineIntel", 6, 999) is None
     assert cpu.likely_microarchitecture("SomeVendor", 6, 207) is None
