@@ -1502,7 +1502,13 @@ Op make_op(const torch::Tensor& mask, const torch::Tensor& vals, const torch::Te
 
 int64_t best_isa() { return BEST_ISA; }
 
-// x: [ntok, words*64] fp32 contiguous, zero padded; returns y [ntok, rows] fp32
+// Inputs [n, in_features] as the decode kernels read them: fp32, contiguous, zero padded to cpad columns.
+torch::Tensor decode_inputs(torch::Tensor x, int64_t cpad) {
+  if (x.scalar_type() != torch::kFloat) x = x.to(torch::kFloat);
+  return cpad > x.size(1) ? at::constant_pad_nd(x, {0, cpad - x.size(1)}) : x.contiguous();
+}
+
+// x: [ntok, words*64] fp32 contiguous, zero padded (decode_inputs); returns y [ntok, rows] fp32
 torch::Tensor spmv(torch::Tensor mask, torch::Tensor values, torch::Tensor row_offsets, torch::Tensor x,
                    int64_t isa) {
   check(mask, values, row_offsets);
@@ -1541,8 +1547,7 @@ void grouped_decode_into(const torch::Tensor& x, torch::Tensor y, const std::vec
     TORCH_CHECK(g == 0 || starts[g] >= starts[g - 1] + counts[g - 1], "grouped: rows must be ascending, disjoint");
   }
   isa = checked_isa(isa, values[0]);
-  auto x2 = x.scalar_type() == torch::kFloat ? x : x.to(torch::kFloat);
-  x2 = cpad > in_features ? at::constant_pad_nd(x2, {0, cpad - in_features}) : x2.contiguous();
+  const auto x2 = decode_inputs(x, cpad);
   const float* xp = x2.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   std::vector<Op> ops;
@@ -1777,7 +1782,7 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& mask, const to
                      int64_t path, int64_t isa) {
   TORCH_CHECK(x.size(-1) == in_features, "x: last dimension must be in_features");
   TORCH_CHECK(path >= 0 && path <= 2, "path: 0 decode, 1 tiled, 2 amx");
-  const int64_t n = in_features ? x.numel() / in_features : 0, cpad = mask.size(1) * 64, pad = cpad - in_features;
+  const int64_t n = in_features ? x.numel() / in_features : 0, cpad = mask.size(1) * 64;
   auto x2 = x.reshape({n, in_features});
   torch::Tensor y;
   auto sizes = x.sizes().vec();
@@ -1790,12 +1795,10 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& mask, const to
     amx_linear(mask, values, row_offsets, x2, b.defined() ? b.data_ptr<float>() : nullptr, out);
     return out.view(sizes);
   } else {
-    if (x2.scalar_type() != torch::kFloat) x2 = x2.to(torch::kFloat);
     if (path == 0) {
-      x2 = pad ? at::constant_pad_nd(x2, {0, pad}) : x2.contiguous();
-      y = spmv(mask, values, row_offsets, x2, isa);
+      y = spmv(mask, values, row_offsets, decode_inputs(x2, cpad), isa);
     } else {
-      y = spmm(mask, values, row_offsets, x2, isa);
+      y = spmm(mask, values, row_offsets, x2.scalar_type() == torch::kFloat ? x2 : x2.to(torch::kFloat), isa);
     }
   }
   if (bias.has_value() && bias->defined()) y.add_(bias->to(torch::kFloat));
