@@ -294,15 +294,15 @@ ATP_TARGET_BEGIN("avx2,fma,f16c,popcnt")
 // 8 columns on the same port as the permute (int32 rows with the zeroing of the time, a shift and an and-not: in
 // cache 5-7% fewer cycles per 8 columns).
 struct alignas(32) SelectTable {
-  int32_t idx[256][8];
-  SelectTable() {
+  int32_t idx[256][8] = {};
+  constexpr SelectTable() {
     for (int b = 0; b < 256; ++b) {
       int k = 0;
       for (int i = 0; i < 8; ++i) idx[b][i] = ((b >> i) & 1) ? 8 + k++ : 0;
     }
   }
 };
-const SelectTable SELECT;
+constexpr SelectTable SELECT{};
 
 inline __m256i select_index(unsigned b) { return _mm256_load_si256(reinterpret_cast<const __m256i*>(SELECT.idx[b])); }
 
@@ -428,8 +428,8 @@ void decode_rows_avx2(const Op& op, int64_t r0, int64_t r1) {
 // pshufb controls for 16-bit values, one row per mask byte: lane i <- packed value number popcount(b & ((1 << i) - 1))
 // when bit i is set, else zero (0x80 in both bytes).
 struct SelectTable16 {
-  uint8_t ctl[256][16];
-  SelectTable16() {
+  uint8_t ctl[256][16] = {};
+  constexpr SelectTable16() {
     for (int b = 0; b < 256; ++b) {
       int k = 0;
       for (int i = 0; i < 8; ++i) {
@@ -441,7 +441,7 @@ struct SelectTable16 {
     }
   }
 };
-const SelectTable16 SELECT16;
+constexpr SelectTable16 SELECT16{};
 
 // The next popcount(b) packed values placed into the 8 lanes mask byte b selects (zeros elsewhere), in T's bits.
 template <typename T> inline void expand8_store(uint8_t b, const T* v, T* out);
@@ -479,8 +479,8 @@ void densify_rows_avx2(const Op& op, T* out, int64_t cols, int64_t r0, int64_t r
 // Positions of the set bits of each mask byte, in order (the rest 0): the AVX2 tiled kernel's column offsets,
 // eight per byte, stored whole and advanced by popcount (AVX2 has no compress).
 struct BitPositions {
-  int8_t pos[256][8];
-  BitPositions() {
+  int8_t pos[256][8] = {};
+  constexpr BitPositions() {
     for (int b = 0; b < 256; ++b) {
       int k = 0;
       for (int i = 0; i < 8; ++i) pos[b][i] = 0;
@@ -489,7 +489,7 @@ struct BitPositions {
     }
   }
 };
-const BitPositions BIT_POSITIONS;
+constexpr BitPositions BIT_POSITIONS{};
 
 template <typename T> inline __m256 bcast8(const T* v);
 template <> inline __m256 bcast8<float>(const float* v) { return _mm256_broadcast_ss(v); }

@@ -23,7 +23,7 @@ import os
 import sys
 import threading
 
-KERNEL_NAME = "atp_sparse_bitmask_v27"
+KERNEL_NAME = "atp_sparse_bitmask_v28"
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernel.cpp")
 ISA_CODES = {"cpp": 0, "avx2": 1, "avx512": 2}
 ISA_NAMES = ("avx512", "avx2", "cpp", "torch")  # best first

@@ -1,0 +1,61 @@
+"""Run by test_sparse_emulated_cpu.py inside an emulated CPU (qemu-x86_64 -cpu MODEL): the kernel must pick the
+instruction set that CPU really has by itself and give the dense results on every path. An instruction the CPU
+lacks stops the process with SIGILL, which no forced path on a newer CPU can show.
+
+Prints one JSON line: the instruction set chosen, the ones available, and how many comparisons passed."""
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from lib.sparse import format as fmt
+from lib.sparse import kernels
+from lib.sparse import linear as sparse_linear
+from lib.sparse.linear import SparseLinear
+
+# fp32: another summation order than the dense GEMM; bf16: one output rounding
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+# (rows, columns, sparsity): a width that is no multiple of 8 or 16, and one past the kernels' column chunks
+SHAPES = ((37, 300, 0.7), (20, 4500, 0.5))
+# 1 and 3: the decode kernel alone; 7: decode in two passes (or measured); 40: tiled or unpack + GEMM
+TOKENS = (1, 3, 7, 40)
+
+
+def pruned(rows: int, cols: int, sparsity: float, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(rows, cols, generator=gen)
+    weight[torch.rand(rows, cols, generator=gen) < sparsity] = 0
+    return weight.to(dtype)
+
+
+def main() -> int:
+    torch.set_num_threads(2)
+    checks = 0
+    for policy in ("sparse", "dense"):  # the kernels on every call; the unpacking for torch's GEMM above 4 tokens
+        sparse_linear.set_policy(policy)
+        for dtype, tolerance in TOLERANCE.items():
+            for seed, (rows, cols, sparsity) in enumerate(SHAPES):
+                weight = pruned(rows, cols, sparsity, dtype, seed)
+                bias = torch.randn(rows).to(dtype)
+                module = SparseLinear(cols, rows, **fmt.pack(weight), bias=bias)
+                for tokens in TOKENS:
+                    x = torch.randn(tokens, cols).to(dtype)
+                    with torch.inference_mode():
+                        got = module(x)
+                    expected = F.linear(x.float(), weight.float(), bias.float())
+                    scale = max(1.0, expected.abs().max().item())
+                    error = (got.float() - expected).abs().max().item()
+                    if got.shape != expected.shape or got.dtype != dtype or error > tolerance * scale:
+                        print(f"mismatch: {policy} {dtype} {rows}x{cols} {tokens} tokens: error {error:.3g}",
+                              file=sys.stderr)
+                        return 1
+                    checks += 1
+    print(json.dumps({"isa": kernels.isa(), "supported": kernels.supported_isas(), "checks": checks}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
