@@ -286,6 +286,8 @@ struct RowGroup {
 
 // ------------------------------------------------------------------------------------------ AVX2 + FMA
 ATP_TARGET_BEGIN("avx2,fma,f16c,popcnt")
+// Tables in this region are constexpr: a constructor here is compiled for AVX2 and would run when the extension
+// loads, on every CPU (SIGILL without AVX2; tests/sparse/test_sparse_emulated_cpu.py runs one without).
 
 // Expansion table, one 32-byte row per mask byte b: lane i <- 8 + packed value number popcount(b & ((1 << i) - 1))
 // when bit i is set, else 0. vpermps reads only the low 3 bits (the value's number); vpsignd then keeps a lane
