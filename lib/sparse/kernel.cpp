@@ -287,7 +287,7 @@ struct RowGroup {
 // ------------------------------------------------------------------------------------------ AVX2 + FMA
 ATP_TARGET_BEGIN("avx2,fma,f16c,popcnt")
 // Tables in this region are constexpr: a constructor here is compiled for AVX2 and would run when the extension
-// loads, on every CPU (SIGILL without AVX2; tests/sparse/test_sparse_emulated_cpu.py runs one without).
+// loads, on every CPU (SIGILL without AVX2; tests/sparse/test_sparse_portability.py runs one without).
 
 // Expansion table, one 32-byte row per mask byte b: lane i <- 8 + packed value number popcount(b & ((1 << i) - 1))
 // when bit i is set, else 0. vpermps reads only the low 3 bits (the value's number); vpsignd then keeps a lane
@@ -628,26 +628,30 @@ inline void transpose8(__m256 r[8]) {
 }
 
 // tile_inputs_avx512's layout with AVX2: 8 tokens x 8 columns at a time through transpose8, groups and column
-// blocks over the threads.
+// blocks over the threads. Each block in a function of its own: clang outlines an OpenMP loop's body into a function
+// without this region's target, where the intrinsics would not compile (GCC keeps it).
+void tile_input_block_avx2(const float* x, int64_t n, int64_t cols, int64_t cpad, int64_t per, int64_t ntiles,
+                           int64_t blocks, int64_t i, float* out) {
+  const auto [c0, t0, tiles, w] = input_block(i, blocks, 8, per, ntiles);
+  const int64_t have = std::max<int64_t>(0, std::min<int64_t>(8, cols - c0));
+  const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(have)),
+                                          _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  float* dst = out + t0 * cpad + c0 * w;
+  for (int64_t j = 0; j < w; j += 8) {  // 8 tokens at a time
+    __m256 v[8];
+    for (int k = 0; k < 8; ++k) {
+      const int64_t t = t0 + j + k;
+      v[k] = t < n && have ? _mm256_maskload_ps(x + t * cols + c0, keep) : _mm256_setzero_ps();
+    }
+    transpose8(v);
+    for (int k = 0; k < 8; ++k) _mm256_storeu_ps(dst + k * w + j, v[k]);
+  }
+}
+
 void tile_inputs_avx2(const float* x, int64_t n, int64_t cols, int64_t cpad, int64_t per, float* out) {
   const int64_t ntiles = (n + TILE - 1) / TILE, groups = (ntiles + per - 1) / per, blocks = cpad / 8;
 #pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
-  for (int64_t i = 0; i < groups * blocks; ++i) {
-    const auto [c0, t0, tiles, w] = input_block(i, blocks, 8, per, ntiles);
-    const int64_t have = std::max<int64_t>(0, std::min<int64_t>(8, cols - c0));
-    const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(have)),
-                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    float* dst = out + t0 * cpad + c0 * w;
-    for (int64_t j = 0; j < w; j += 8) {  // 8 tokens at a time
-      __m256 v[8];
-      for (int k = 0; k < 8; ++k) {
-        const int64_t t = t0 + j + k;
-        v[k] = t < n && have ? _mm256_maskload_ps(x + t * cols + c0, keep) : _mm256_setzero_ps();
-      }
-      transpose8(v);
-      for (int k = 0; k < 8; ++k) _mm256_storeu_ps(dst + k * w + j, v[k]);
-    }
-  }
+  for (int64_t i = 0; i < groups * blocks; ++i) tile_input_block_avx2(x, n, cols, cpad, per, ntiles, blocks, i, out);
 }
 
 ATP_TARGET_END
@@ -798,23 +802,27 @@ inline void transpose16(__m512i r[16]) {
 // (w = 16 x tiles tokens from token t0), [cpad][w] at out + t0 * cpad, zero past `cols` and past the last token.
 // 16 tokens x 16 columns at a time through the register transpose, groups and column blocks over the threads (torch's
 // pad + transposing copy ran on one thread, the other waiting: 13% of SmolLM2's 192x576 layer at 512 tokens).
+// Blocks in a function of their own, for clang (see tile_input_block_avx2).
+void tile_input_block_avx512(const float* x, int64_t n, int64_t cols, int64_t cpad, int64_t per, int64_t ntiles,
+                             int64_t blocks, int64_t i, float* out) {
+  const auto [c0, t0, tiles, w] = input_block(i, blocks, 16, per, ntiles);
+  const __mmask16 keep = cols - c0 >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << std::max<int64_t>(0, cols - c0)) - 1);
+  float* dst = out + t0 * cpad + c0 * w;
+  for (int64_t j = 0; j < tiles; ++j) {
+    __m512i v[16];
+    for (int k = 0; k < 16; ++k) {
+      const int64_t t = t0 + j * TILE + k;
+      v[k] = t < n ? _mm512_castps_si512(_mm512_maskz_loadu_ps(keep, x + t * cols + c0)) : _mm512_setzero_si512();
+    }
+    transpose16(v);
+    for (int k = 0; k < 16; ++k) _mm512_storeu_si512(dst + k * w + j * TILE, v[k]);
+  }
+}
+
 void tile_inputs_avx512(const float* x, int64_t n, int64_t cols, int64_t cpad, int64_t per, float* out) {
   const int64_t ntiles = (n + TILE - 1) / TILE, groups = (ntiles + per - 1) / per, blocks = cpad / 16;
 #pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
-  for (int64_t i = 0; i < groups * blocks; ++i) {
-    const auto [c0, t0, tiles, w] = input_block(i, blocks, 16, per, ntiles);
-    const __mmask16 keep = cols - c0 >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << std::max<int64_t>(0, cols - c0)) - 1);
-    float* dst = out + t0 * cpad + c0 * w;
-    for (int64_t j = 0; j < tiles; ++j) {
-      __m512i v[16];
-      for (int k = 0; k < 16; ++k) {
-        const int64_t t = t0 + j * TILE + k;
-        v[k] = t < n ? _mm512_castps_si512(_mm512_maskz_loadu_ps(keep, x + t * cols + c0)) : _mm512_setzero_si512();
-      }
-      transpose16(v);
-      for (int k = 0; k < 16; ++k) _mm512_storeu_si512(dst + k * w + j * TILE, v[k]);
-    }
-  }
+  for (int64_t i = 0; i < groups * blocks; ++i) tile_input_block_avx512(x, n, cols, cpad, per, ntiles, blocks, i, out);
 }
 
 template <typename T> inline __m512 bcast(const T* v);
@@ -1286,22 +1294,25 @@ void amx_block(const Op& op, const uint16_t* xv, int64_t ldx, const uint16_t* ta
 
 // The inputs as B tiles, [token tile][32-column block][16 column pairs][16 tokens][2] bf16, zero padded: per token
 // tile and column block, 16 rows of 32 values loaded and transposed as pairs (torch's 3-D transpose of the same took
-// 4.5 ms for 1024 x 4096, as long as a third of the multiply).
+// 4.5 ms for 1024 x 4096, as long as a third of the multiply). Blocks in a function of their own, for clang (see
+// tile_input_block_avx2).
+void amx_input_block(const at::BFloat16* x, int64_t n, int64_t cols, int64_t nkb, int64_t i, uint16_t* xv) {
+  const int64_t tb = i / nkb, kb = i % nkb, c0 = kb * 32;
+  const __mmask32 keep = cols - c0 >= 32 ? ~0u : static_cast<__mmask32>((1ull << std::max<int64_t>(0, cols - c0)) - 1);
+  __m512i v[16];
+  for (int t = 0; t < 16; ++t) {
+    const int64_t tok = tb * 16 + t;
+    v[t] = tok < n ? _mm512_maskz_loadu_epi16(keep, x + tok * cols + c0) : _mm512_setzero_si512();
+  }
+  transpose16(v);
+  uint16_t* dst = xv + (tb * nkb + kb) * 512;
+  for (int j = 0; j < 16; ++j) _mm512_storeu_si512(dst + 32 * j, v[j]);
+}
+
 void amx_inputs(const at::BFloat16* x, int64_t n, int64_t cols, int64_t nkb, uint16_t* xv) {
   const int64_t ntb = (n + TILE - 1) / TILE;
 #pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
-  for (int64_t i = 0; i < ntb * nkb; ++i) {
-    const int64_t tb = i / nkb, kb = i % nkb, c0 = kb * 32;
-    const __mmask32 keep = cols - c0 >= 32 ? ~0u : static_cast<__mmask32>((1ull << std::max<int64_t>(0, cols - c0)) - 1);
-    __m512i v[16];
-    for (int t = 0; t < 16; ++t) {
-      const int64_t tok = tb * 16 + t;
-      v[t] = tok < n ? _mm512_maskz_loadu_epi16(keep, x + tok * cols + c0) : _mm512_setzero_si512();
-    }
-    transpose16(v);
-    uint16_t* dst = xv + (tb * nkb + kb) * 512;
-    for (int j = 0; j < 16; ++j) _mm512_storeu_si512(dst + 32 * j, v[j]);
-  }
+  for (int64_t i = 0; i < ntb * nkb; ++i) amx_input_block(x, n, cols, nkb, i, xv);
 }
 
 // The inputs as A tiles for tokens as A: x's rows copied into [tpad][ld] bf16 (ld = the padded width + 32),

@@ -1,10 +1,13 @@
-"""Run by test_sparse_emulated_cpu.py inside an emulated CPU (qemu-x86_64 -cpu MODEL): the kernel must pick the
-instruction set that CPU really has by itself and give the dense results on every path. An instruction the CPU
-lacks stops the process with SIGILL, which no forced path on a newer CPU can show.
+"""Run by test_sparse_portability.py in a process of its own: inside an emulated CPU (qemu-x86_64 -cpu MODEL), where
+the kernel must pick the instruction set that CPU really has by itself, or with the kernel built by another compiler
+(CXX). Either way every path must give the dense results. An instruction the CPU lacks stops the process with
+SIGILL, which no forced path on a newer CPU can show.
 
-Prints one JSON line: the instruction set chosen, the ones available, and how many comparisons passed."""
+`--every-isa` checks each instruction set this machine runs, not only the one chosen. Prints one JSON line: the
+instruction set chosen, the ones available and checked, how many comparisons passed, and the built module's file."""
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
@@ -22,6 +25,7 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 SHAPES = ((37, 300, 0.7), (20, 4500, 0.5))
 # 1 and 3: the decode kernel alone; 7: decode in two passes (or measured); 40: tiled or unpack + GEMM
 TOKENS = (1, 3, 7, 40)
+CHECKS_PER_ISA = 2 * len(TOLERANCE) * len(SHAPES) * len(TOKENS)
 
 
 def pruned(rows: int, cols: int, sparsity: float, dtype: torch.dtype, seed: int) -> torch.Tensor:
@@ -31,11 +35,12 @@ def pruned(rows: int, cols: int, sparsity: float, dtype: torch.dtype, seed: int)
     return weight.to(dtype)
 
 
-def main() -> int:
-    torch.set_num_threads(2)
+def check_paths(isa: str) -> int:
+    """Every path on `isa` against the dense matmul; the number of comparisons, or raises on the first mismatch."""
     checks = 0
     for policy in ("sparse", "dense"):  # the kernels on every call; the unpacking for torch's GEMM above 4 tokens
         sparse_linear.set_policy(policy)
+        sparse_linear.clear_choices()
         for dtype, tolerance in TOLERANCE.items():
             for seed, (rows, cols, sparsity) in enumerate(SHAPES):
                 weight = pruned(rows, cols, sparsity, dtype, seed)
@@ -49,11 +54,31 @@ def main() -> int:
                     scale = max(1.0, expected.abs().max().item())
                     error = (got.float() - expected).abs().max().item()
                     if got.shape != expected.shape or got.dtype != dtype or error > tolerance * scale:
-                        print(f"mismatch: {policy} {dtype} {rows}x{cols} {tokens} tokens: error {error:.3g}",
-                              file=sys.stderr)
-                        return 1
+                        raise AssertionError(f"{isa} {policy} {dtype} {rows}x{cols} {tokens} tokens: error {error:.3g}")
                     checks += 1
-    print(json.dumps({"isa": kernels.isa(), "supported": kernels.supported_isas(), "checks": checks}))
+    return checks
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--every-isa", action="store_true")
+    every_isa = parser.parse_args().every_isa
+    torch.set_num_threads(2)
+    chosen = kernels.isa()
+    supported = kernels.supported_isas()
+    checked, checks = [], 0
+    for isa in supported if every_isa else [chosen]:
+        kernels.set_isa(isa)
+        try:
+            checks += check_paths(isa)
+        except AssertionError as error:
+            print(f"mismatch: {error}", file=sys.stderr)
+            return 1
+        checked.append(isa)
+    kernels.set_isa(chosen)
+    module = kernels.get()
+    print(json.dumps({"isa": chosen, "supported": supported, "checked": checked, "checks": checks,
+                      "module": getattr(module, "__file__", None)}))
     return 0
 
 
