@@ -35,7 +35,9 @@
 #else
 #define ATP_X86 0
 #endif
-#if ATP_X86 && defined(__x86_64__) && defined(__linux__)
+// AMX intrinsics arrived in GCC 11 and clang 12: an older compiler builds everything but the AMX path.
+#if ATP_X86 && defined(__x86_64__) && defined(__linux__) && \
+    (defined(__clang__) ? __clang_major__ >= 12 : __GNUC__ >= 11)
 #define ATP_AMX 1  // AMX tiles need the kernel's permission (arch_prctl), asked for once per process
 #include <cpuid.h>
 #include <sys/syscall.h>
