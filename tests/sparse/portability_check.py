@@ -4,7 +4,8 @@ the kernel must pick the instruction set that CPU really has by itself, or with 
 SIGILL, which no forced path on a newer CPU can show.
 
 `--every-isa` checks each instruction set this machine runs, not only the one chosen. Prints one JSON line: the
-instruction set chosen, the ones available and checked, how many comparisons passed, and the built module's file."""
+instruction set chosen, the ones available and checked, how many comparisons passed, the built module's file, and
+why there is none."""
 from __future__ import annotations
 
 import argparse
@@ -25,7 +26,9 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 SHAPES = ((37, 300, 0.7), (20, 4500, 0.5))
 # 1 and 3: the decode kernel alone; 7: decode in two passes (or measured); 40: tiled or unpack + GEMM
 TOKENS = (1, 3, 7, 40)
-CHECKS_PER_ISA = 2 * len(TOLERANCE) * len(SHAPES) * len(TOKENS)
+# the kernels on every call; the unpacking for torch's GEMM above 4 tokens
+POLICIES = ("sparse", "dense")
+CHECKS_PER_ISA = len(POLICIES) * len(TOLERANCE) * len(SHAPES) * len(TOKENS)
 
 
 def pruned(rows: int, cols: int, sparsity: float, dtype: torch.dtype, seed: int) -> torch.Tensor:
@@ -38,7 +41,7 @@ def pruned(rows: int, cols: int, sparsity: float, dtype: torch.dtype, seed: int)
 def check_paths(isa: str) -> int:
     """Every path on `isa` against the dense matmul; the number of comparisons, or raises on the first mismatch."""
     checks = 0
-    for policy in ("sparse", "dense"):  # the kernels on every call; the unpacking for torch's GEMM above 4 tokens
+    for policy in POLICIES:
         sparse_linear.set_policy(policy)
         sparse_linear.clear_choices()
         for dtype, tolerance in TOLERANCE.items():
@@ -78,7 +81,7 @@ def main() -> int:
     kernels.set_isa(chosen)
     module = kernels.get()
     print(json.dumps({"isa": chosen, "supported": supported, "checked": checked, "checks": checks,
-                      "module": getattr(module, "__file__", None)}))
+                      "module": getattr(module, "__file__", None), "reason": kernels.reason()}))
     return 0
 
 
