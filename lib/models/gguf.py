@@ -101,5 +101,22 @@ def load_gguf_model(path: str, dtype: torch.dtype = torch.float32, progress: boo
     from .load_report import check_loading_info
     check_loading_info(path, info)
     _drop_quantization_tags(model)
+    _special_tokens_from_metadata(tokenizer, path)
     model.eval()
     return model, tokenizer
+
+
+def _special_tokens_from_metadata(tokenizer, path: str) -> None:
+    """BOS and EOS as the file's metadata names them. transformers before 5.20 set the EOS token of a GGUF
+    tokenizer to its BOS token ('<s>' for both on a LLaMA vocabulary), which a saved tokenizer then kept and
+    generation stopped on."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(path).fields
+    for role in ("bos", "eos"):
+        field = fields.get(f"tokenizer.ggml.{role}_token_id")
+        if field is None or not field.data:
+            continue
+        token = tokenizer.convert_ids_to_tokens(int(field.parts[field.data[0]][0]))
+        if token is not None and getattr(tokenizer, f"{role}_token") != token:
+            setattr(tokenizer, f"{role}_token", token)

@@ -248,13 +248,14 @@ class AtpSparseHfQuantizer(HfQuantizer):
             model._weight_conversions = []
         return model
 
-    def update_weight_conversions(self, weight_conversions, model):
+    def update_weight_conversions(self, weight_conversions, *args, **kwargs):
         """transformers' own converters, less those that would rewrite packed experts: they describe hub layouts
         of the fused tensors (Qwen3-VL-MoE's transposes them), while this format stores the model's own names
-        (`<experts>.<projection>.<expert>.mask`, ...), which a converter's pattern also matches."""
+        (`<experts>.<projection>.<expert>.mask`, ...), which a converter's pattern also matches. (transformers
+        passes the model too from 5.21 on, not before: whatever it passes goes on to its own method.)"""
         from transformers.core_model_loading import WeightConverter
 
-        updated = super().update_weight_conversions(weight_conversions, model)
+        updated = super().update_weight_conversions(weight_conversions, *args, **kwargs)
         keys = [f"{name}.{proj}{suffix}" for name in getattr(self.quantization_config, "sparse_experts", [])
                 for proj in ("gate_up_proj", "up_proj", "down_proj") for suffix in ("", ".0.mask")]
 
