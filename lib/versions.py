@@ -4,7 +4,7 @@
 The floor is the oldest release the whole test suite was run on (5.10.4: all but two tests of a randomly
 initialised ERNIE-4.5-MoE, whose router transformers initialises to zeros before 5.23; INSTALL.md says more);
 5.0 and 4.57 fail broadly (5.0's fused experts lack `has_gate` and its quantizer hooks differ; 4.x keeps experts as
-separate modules and has other tokenizer classes). requirements.txt states the same floor."""
+separate modules and has other tokenizer classes). requirements.txt and pyproject.toml state the same floor."""
 from __future__ import annotations
 
 from .errors import UserError

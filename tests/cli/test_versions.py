@@ -45,6 +45,7 @@ def test_register_refuses_an_older_release(monkeypatch):
         lib.sparse.register()
 
 
-def test_requirements_state_the_same_floor():
+def test_requirements_and_pyproject_state_the_same_floor():
     lines = (REPO / "requirements.txt").read_text().splitlines()
     assert f"transformers>={MIN_TRANSFORMERS}" in [line.strip() for line in lines]
+    assert f'"transformers>={MIN_TRANSFORMERS}"' in (REPO / "pyproject.toml").read_text()
