@@ -123,6 +123,22 @@ def test_tokenizer_from_metadata_matches_the_trained_one(tiny_gguf):
     assert loaded_tokenizer.bos_token == "<s>" and loaded_tokenizer.eos_token == "</s>"
 
 
+def test_special_tokens_are_set_from_the_files_metadata(tiny_gguf):
+    """transformers before 5.20 gave a GGUF tokenizer its BOS token as EOS; the loader puts back what the file
+    names (here on a copy of the loaded tokenizer spoiled the same way, since this transformers no longer does it)."""
+    import copy
+
+    from lib.models.gguf import _special_tokens_from_metadata
+
+    _, _, path, _, loaded_tokenizer = tiny_gguf
+    spoiled = copy.deepcopy(loaded_tokenizer)
+    spoiled.eos_token = spoiled.bos_token
+    assert spoiled.eos_token == "<s>"
+    _special_tokens_from_metadata(spoiled, str(path))
+    assert spoiled.bos_token == "<s>" and spoiled.eos_token == "</s>"
+    assert spoiled.eos_token_id == loaded_tokenizer.convert_tokens_to_ids("</s>")
+
+
 def test_saves_and_reloads_as_plain_checkpoint(tiny_gguf, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

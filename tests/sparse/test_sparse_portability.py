@@ -47,6 +47,19 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def tool_or_skip(name: str, package: str) -> str:
+    """The path of `name`, after skipping where this test cannot run: not x86-64 Linux, the tool missing, or no
+    C++ kernel built here with the default compiler (the emulated processes only load that build)."""
+    if not on_x86_linux():
+        pytest.skip("the kernel's instruction sets are x86-64's (and QEMU here emulates x86-64 on x86-64)")
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"{name} not installed (apt install {package})")
+    if kernels.get() is None:
+        pytest.skip(f"no C++ kernel with the default compiler: {kernels.reason()}")
+    return path
+
+
 def run_check(command: list[str], env: dict[str, str], label: str) -> dict:
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     errors = "\n".join(line for line in result.stderr.splitlines() if "TCG doesn't support" not in line)
@@ -59,13 +72,7 @@ def run_check(command: list[str], env: dict[str, str], label: str) -> dict:
 @pytest.mark.parametrize("cpu,torch_reports,expected,supported", CPUS, ids=[cpu for cpu, *_ in CPUS])
 def test_kernel_on_an_emulated_cpu_picks_its_instruction_set_and_matches_dense(cpu, torch_reports, expected,
                                                                                supported):
-    if not on_x86_linux():
-        pytest.skip("emulates x86-64 CPUs on an x86-64 Linux machine")
-    qemu = shutil.which("qemu-x86_64")
-    if qemu is None:
-        pytest.skip("qemu-x86_64 not installed (apt install qemu-user)")
-    if kernels.get() is None:
-        pytest.skip(f"no C++ kernel: {kernels.reason()}")  # built here, natively: the emulated process only loads it
+    qemu = tool_or_skip("qemu-x86_64", "qemu-user")
     env = clean_env()
     # torch alone first: a qemu without AVX2 (before 7.2), or a torch or numpy that needs more than this CPU has,
     # is no fault of the kernel
@@ -84,13 +91,7 @@ def test_kernel_built_by_clang_matches_dense_on_every_instruction_set(tmp_path):
     """clang outlines an OpenMP loop's body into a function without the enclosing target region's features, so
     intrinsics written straight in such a loop do not compile there (GCC accepts them): the build failed and left
     users of clang the pure-PyTorch path. Built here into a fresh extension folder with CXX=clang++."""
-    if not on_x86_linux():
-        pytest.skip("the kernel's instruction sets are x86-64's")
-    clang = shutil.which("clang++")
-    if clang is None:
-        pytest.skip("clang++ not installed (apt install clang libomp-dev)")
-    if kernels.get() is None:
-        pytest.skip(f"no C++ kernel with the default compiler either: {kernels.reason()}")
+    clang = tool_or_skip("clang++", "clang libomp-dev")
     program = tmp_path / "omp.cpp"
     program.write_text("#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n")
     probe = subprocess.run([clang, "-fopenmp", str(program), "-o", str(tmp_path / "omp")], capture_output=True,
