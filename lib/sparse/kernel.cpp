@@ -82,8 +82,8 @@ constexpr int64_t ROW_CHUNK = 16;
 constexpr int64_t PARALLEL_MIN_WORK = 1024;
 constexpr int GROUP_TILES = 8;       // AVX-512 tiled kernel: tiles per group (128 tokens)
 constexpr int GROUP_TILES_AVX2 = 4;  // AVX2: 4 tiles (64 tokens) are 8 accumulators of its 16 vector registers
-#ifndef ATP_TILED_ROWS  // tiled kernels (AVX-512, AVX2): rows per work item, and the L1 bytes its partial sums
-#define ATP_TILED_ROWS 96   // and one block of inputs share (see tiled_block_cols)
+#ifndef ATP_TILED_ROWS  // tiled kernels: rows per work item (AVX2's standard items; tall and short items of
+#define ATP_TILED_ROWS 96   // both), and the L1 bytes partial sums and one block of inputs share (tiled_block_cols)
 #endif
 #ifndef ATP_TILED_L1
 #define ATP_TILED_L1 65536
@@ -98,6 +98,15 @@ constexpr int64_t TILED_TALL_BYTES = 2 * ATP_TILED_L1;
 // on a Xeon's 48 KiB L1d; a Zen 3 has 32 KiB (not measured there).
 constexpr int64_t TILED_L1_AVX2 = 48 * 1024;
 constexpr int64_t TILED_TALL_BYTES_AVX2 = 64 * 1024;
+// The AVX-512 kernel's standard items: 64 rows, in 64-column blocks at 128 tokens (32 KiB of partial sums + 32 KiB
+// of inputs). Against 96 rows in 32-column blocks (tuned on a Sapphire Rapids VM), on an Emerald Rapids VM (48 KiB
+// L1d, 2 threads, fp32, 128-2048 tokens): the 7B shapes' sparse time 2-16% lower at 50% and 10-21% at 70%,
+// SmolLM2's layers 3-28% at 50%; 32 or 48 rows, or 48- or 80-column blocks, were no better. (Prefetching the next
+// block's inputs, a share per row, was 3-9% slower.) Not re-measured on the Sapphire Rapids VM (same L1d and L2).
+#ifndef ATP_TILED_ROWS_AVX512
+#define ATP_TILED_ROWS_AVX512 64
+#endif
+constexpr int64_t TILED_ROWS_AVX512 = ATP_TILED_ROWS_AVX512;
 // Both kernels' short items: a call of one token group of at most 96 tokens on a weight wider than 2048 columns,
 // in 48-row items whose partial sums and inputs share 48 KiB (tiled_rows).
 constexpr int64_t TILED_SHORT_TILES = 6;
@@ -127,7 +136,8 @@ inline int64_t tiled_block_cols(int G, int64_t rows = TILED_ROWS, int64_t budget
 
 // Rows per work item of the tiled kernels, and the L1 budget that sets their column blocks. Every item pays a start
 // (its partial sums zeroed, its inputs streamed block by block, its sums written out). Three kinds:
-// - standard: 96 rows per token group; AVX2 in 96-column blocks (TILED_L1_AVX2), AVX-512 in 32.
+// - standard: AVX2 96 rows per token group in 96-column blocks (TILED_L1_AVX2), AVX-512 64 rows in 64-column blocks
+//   (TILED_ROWS_AVX512).
 // - tall: a weight of at most TILED_TALL_ROWS rows and 2048 columns (SmolLM2's 192x576 k/v projections) in one item
 //   per token group, where every thread still gets two items (else one sits idle: 192x576 at 128 tokens 0.92 ->
 //   0.62x); 96 rows could not spread the start.
@@ -150,7 +160,7 @@ inline TiledItems tiled_rows(int64_t rows, int64_t cols, int64_t ntiles, int64_t
   const bool tall = rows <= TILED_TALL_ROWS && cols <= 2048 && groups >= 2 * threads;
   if (isa == ISA_AVX2)
     return tall ? TiledItems{TILED_TALL_ROWS, TILED_TALL_BYTES_AVX2} : TiledItems{TILED_ROWS, TILED_L1_AVX2};
-  return tall ? TiledItems{TILED_TALL_ROWS, TILED_TALL_BYTES} : TiledItems{TILED_ROWS, ATP_TILED_L1};
+  return tall ? TiledItems{TILED_TALL_ROWS, TILED_TALL_BYTES} : TiledItems{TILED_ROWS_AVX512, ATP_TILED_L1};
 }
 
 // What one call works on. Pointers are raw; the kernels below never allocate (except per-thread scratch).

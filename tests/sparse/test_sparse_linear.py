@@ -536,19 +536,19 @@ def test_amx_k_chunk_partial_sums_never_shared_between_threads(rows, tokens, thr
     # item rows with AVX-512 (token groups of 128) and with AVX2 (groups of 64)
     (192, 576, 300, 1, (192, 192)),   # 3 or 5 groups, the last partial; one tall item each
     (150, 576, 770, 3, (192, 192)),   # 7 or 13 groups for 3 threads, rows short of a whole item
-    (192, 576, 100, 2, (96, 96)),     # 1 or 2 groups: one item per group would leave a thread idle
-    (193, 576, 300, 1, (96, 96)),     # more rows than one tall item
-    (150, 2100, 300, 1, (96, 96)),    # wider than 2048 columns
+    (192, 576, 100, 2, (64, 96)),     # 1 or 2 groups: one item per group would leave a thread idle
+    (193, 576, 300, 1, (64, 96)),     # more rows than one tall item
+    (150, 2100, 300, 1, (64, 96)),    # wider than 2048 columns
     (100, 2100, 60, 2, (48, 48)),     # one group of at most 96 tokens, wide: short items, the last partial
     (100, 2100, 90, 1, (48, 96)),     # 90 tokens: one AVX-512 group, two AVX2 groups
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("vector_isa", ["avx512", "avx2"])
 def test_tiled_kernel_work_items_match_dense(rows, cols, tokens, threads, item_rows, vector_isa, dtype):
-    """The AVX-512 and AVX2 tiled kernels split a call into work items of 96 rows per token group, except tall
-    items (one per group, up to 192 rows) for weights of at most 2048 columns where every thread still gets two,
-    and short items (48 rows) for a call of one group of at most 96 tokens on a wider weight: each kind, with
-    partial items and groups, as dense."""
+    """The AVX-512 and AVX2 tiled kernels split a call into work items of 64 (AVX-512) or 96 (AVX2) rows per token
+    group, except tall items (one per group, up to 192 rows) for weights of at most 2048 columns where every thread
+    still gets two, and short items (48 rows) for a call of one group of at most 96 tokens on a wider weight: each
+    kind, with partial items and groups, as dense."""
     kern = kernels.get()
     if kern is None or vector_isa not in kernels.supported_isas():
         pytest.skip(f"needs the {vector_isa} kernel")
