@@ -101,8 +101,9 @@ constexpr int64_t TILED_TALL_BYTES_AVX2 = 64 * 1024;
 // The AVX-512 kernel's standard items: 64 rows, in 64-column blocks at 128 tokens (32 KiB of partial sums + 32 KiB
 // of inputs). Against 96 rows in 32-column blocks (tuned on a Sapphire Rapids VM), on an Emerald Rapids VM (48 KiB
 // L1d, 2 threads, fp32, 128-2048 tokens): the 7B shapes' sparse time 2-16% lower at 50% and 10-21% at 70%,
-// SmolLM2's layers 3-28% at 50%; 32 or 48 rows, or 48- or 80-column blocks, were no better. (Prefetching the next
-// block's inputs, a share per row, was 3-9% slower.) Not re-measured on the Sapphire Rapids VM (same L1d and L2).
+// SmolLM2's layers 3-28% at 50%; 32 or 48 rows, or 48- or 80-column blocks, were no better. Not re-measured on the
+// Sapphire Rapids VM (same L1d and L2). (With 96-row items, prefetching the next block into L1 was 3-9% slower; with
+// these, into L2, faster: prefetch_block_share.)
 #ifndef ATP_TILED_ROWS_AVX512
 #define ATP_TILED_ROWS_AVX512 64
 #endif
@@ -187,6 +188,17 @@ inline void start_tiled_item(const Op& op, int64_t r0, int64_t nrows, int64_t W,
   const T* vals = static_cast<const T*>(op.vals);
   for (int64_t i = 0; i < nrows; ++i) cur[i] = vals + op.off[r0 + i];
   std::fill(part, part + nrows * W, 0.f);
+}
+
+// Row i's share (of nrows) of the next column block's inputs, `bytes` from `next`, into L2 (prefetcht1). A block's
+// first row otherwise waits on L3 for its inputs in the order its nonzeros pick, which no hardware prefetcher follows.
+// AVX-512 items (64 x 64), Emerald Rapids VM, 2 threads: 3-6% less time at 256-2048 tokens on the 7B shapes at 50%,
+// 3-9% at 70%, SmolLM2's layers and 32-128 tokens within noise; into L1 (prefetcht0) a little less, two blocks ahead
+// no better. The AVX2 kernel (96 x 96, 64-token groups) ran 10-20% slower with it.
+inline void prefetch_block_share(const void* next, int64_t bytes, int64_t i, int64_t nrows) {
+  const char* p = static_cast<const char*>(next);
+  const int64_t lines = bytes / 64, per = (lines + nrows - 1) / nrows;
+  for (int64_t l = i * per, end = std::min(lines, l + per); l < end; ++l) __builtin_prefetch(p + l * 64, 0, 2);
 }
 
 // A tiled work item's sums, part[row][token] (W tokens per row), into y[token][row] for the tokens that exist.
@@ -873,6 +885,7 @@ void tiled_item_avx512(const Op& op, const float* xg, int64_t t0, int64_t r0, in
         n += __builtin_popcount(k);
         col = _mm512_add_epi32(col, step);
       }
+      if (c0 + KB < cpad) prefetch_block_share(slab + KB * W * 4, std::min(KB, cpad - c0 - KB) * W * 4, i, nrows);
       const T* v = cur[i];
       cur[i] = v + n;
       __m512 a[G];
