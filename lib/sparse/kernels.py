@@ -19,6 +19,7 @@ its pure-PyTorch path.
 """
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import re
@@ -42,18 +43,30 @@ _use_kernel = True  # False when the isa is "torch"
 _amx_enabled = os.environ.get("ATP_SPARSE_AMX", "").strip().lower() not in ("off", "0", "no", "false")
 
 
-def _build():
-    from torch.utils.cpp_extension import load
+def _cpp_extension():
+    """torch.utils.cpp_extension, imported with its logger held at errors: a CUDA build of torch on a machine with a
+    CUDA toolkit but no GPU (a cluster's login node) warns at import that it found no CUDA runtime, on every process
+    that loads these kernels, which are CPU code and never use CUDA."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        import torch.utils.cpp_extension as cpp_extension
+    finally:
+        logger.setLevel(level)
+    return cpp_extension
 
+
+def _build():
     flags = ["-O3", "-fopenmp"]
-    return load(name=KERNEL_NAME, sources=[_SOURCE], extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
+    return _cpp_extension().load(name=KERNEL_NAME, sources=[_SOURCE], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                                 verbose=False)
 
 
 def _built_before() -> bool:
     """Whether torch's extension cache already holds a build of the kernel (then loading takes a second)."""
     try:
-        from torch.utils.cpp_extension import _get_build_directory
-        folder = _get_build_directory(KERNEL_NAME, verbose=False)
+        folder = _cpp_extension()._get_build_directory(KERNEL_NAME, verbose=False)
     except Exception:  # noqa: BLE001 - only decides whether to announce a slow build
         return False
     return any(name.endswith(".so") for name in os.listdir(folder)) if os.path.isdir(folder) else False

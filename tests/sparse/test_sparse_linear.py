@@ -644,6 +644,25 @@ def test_isa_forced_by_environment():
         assert result.returncode == 0 and result.stdout.split()[0] == best and "cannot run" in result.stderr
 
 
+def test_cuda_build_of_torch_without_a_gpu_adds_nothing_to_stderr(tmp_path):
+    """A CUDA build of torch on a machine with a CUDA toolkit and no GPU (torch 2.14 and 2.15 from PyPI on such a
+    machine) warns 'No CUDA runtime is found' when torch.utils.cpp_extension is imported; loading the CPU kernels
+    must not pass that on. The CUDA build is simulated on any torch; the plain import is the control (it warns
+    on 2.13-2.15)."""
+    simulate = ("import torch\n"
+                "torch.cuda._is_compiled = lambda: True\n"
+                "torch.version.cuda = '13.0'\n"
+                "torch.cuda.is_available = lambda: False\n")
+    env = {"CUDA_HOME": str(tmp_path), "ATP_SPARSE_KERNEL": "off"}  # the kernel's own lines stay out of this
+    plain = _run_python(simulate + "import torch.utils.cpp_extension\n", **env)
+    assert plain.returncode == 0, plain.stderr
+    if "No CUDA runtime" not in plain.stderr:
+        pytest.skip("this torch's cpp_extension does not warn about a missing CUDA runtime")
+    ours = _run_python(simulate + "from lib.sparse import kernels\n"
+                       "kernels._cpp_extension(); kernels._built_before()\n", **env)
+    assert ours.returncode == 0 and not ours.stderr.strip(), ours.stderr
+
+
 def test_failed_build_prints_one_line_and_falls_back(tmp_path):
     """A broken compiler: one clear line on stderr, the pure-PyTorch path, correct results, no crash."""
     code = (
