@@ -17,7 +17,7 @@ from .config import (DEFAULT_NSAMPLES, HUB_CALIBRATION, HUB_EVALUATION, DataConf
 from .errors import UserError
 from .pruning.pruner import PRUNERS
 from .registry import declared_params
-from .versions import check_transformers
+from .versions import check_versions
 
 EXIT_CODES = "exit codes: 0 success, 2 bad input or unusable environment, 3 illegal sparsity/beta, 130 interrupted"
 DEMO_DATA_DEFAULTS = {"tiny": {"nsamples": 16, "seqlen": 128, "max_eval_windows": 32},
@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         with termination_as_interrupt(), warnings.catch_warnings():
             warnings.showwarning = _plain_warning  # our own warnings as one plain line, not a source location
             config = parse_config(argv)
-            check_transformers()
+            check_versions()
             from .run import run
             run(config)
         return 0

@@ -1151,6 +1151,11 @@ def _cap_for_this_process(variables: dict, came_in_time) -> tuple[bool, dict]:
     return applied, {name: os.environ.get(name) for name in variables}
 
 
+def _assignments(variables: dict) -> str:
+    """The variables as a shell prefix sets them, e.g. 'A=1 B=2', for an error that tells how to set them up front."""
+    return " ".join(f"{name}={value}" for name, value in variables.items())
+
+
 def cap_dense_isa_below_amx() -> dict:
     """Keep torch's bf16 GEMM (oneDNN) off AMX for the rest of the process (before its first bf16 GEMM; ATen and
     MKL have no AMX code). Returns what the dense side runs, checked on one small bf16 product."""
@@ -1189,15 +1194,15 @@ def main(argv=None) -> int:
         dense_isa = cap_dense_isa_at_avx2()
         if not dense_isa["applied"]:
             print(f"error: --isa avx2: torch's kernels already run at {dense_isa['aten_capability']} in this "
-                  "process, so the dense side cannot be capped at AVX2; run the benchmark in a fresh process "
-                  "(or pass --dense_isa native)", file=sys.stderr)
+                  "process, so the dense side cannot be capped at AVX2; run the benchmark in a fresh process, "
+                  f"started with {_assignments(AVX2_CAP_ENV)} (or pass --dense_isa native)", file=sys.stderr)
             return 2
     if args.amx == "off" and args.dense_isa == "match":
         dense_isa = cap_dense_isa_below_amx()
         if not dense_isa["applied"]:
             print(f"error: --amx off: torch's bf16 GEMM already runs {dense_isa['bf16_gemm']} in this process, so "
-                  "it cannot be kept off AMX; run the benchmark in a fresh process (or pass --dense_isa native)",
-                  file=sys.stderr)
+                  f"it cannot be kept off AMX; run the benchmark in a fresh process, started with "
+                  f"{_assignments(NO_AMX_CAP_ENV)} (or pass --dense_isa native)", file=sys.stderr)
             return 2
     torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]

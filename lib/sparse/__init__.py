@@ -10,7 +10,7 @@ importing this package stays cheap. load_compressed calls it.
 def register() -> None:
     """Register the "atp_sparse" quantization method with transformers (idempotent); after it,
     ``AutoModelForCausalLM.from_pretrained(compressed_dir)`` returns the model with SparseLinear modules."""
-    from ..versions import check_transformers
-    check_transformers()  # before the quantizer module, which imports what older releases lack
+    from ..versions import check_versions
+    check_versions()  # before the quantizer module, which imports what older releases lack
     from .hf_quantizer import register as _register
     _register()

@@ -19,6 +19,8 @@ its pure-PyTorch path.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import platform
@@ -44,16 +46,21 @@ _amx_enabled = os.environ.get("ATP_SPARSE_AMX", "").strip().lower() not in ("off
 
 
 def _cpp_extension():
-    """torch.utils.cpp_extension, imported with its logger held at errors: a CUDA build of torch on a machine with a
-    CUDA toolkit but no GPU (a cluster's login node) warns at import that it found no CUDA runtime, on every process
-    that loads these kernels, which are CPU code and never use CUDA."""
+    """torch.utils.cpp_extension, imported without its one line about CUDA: a CUDA build of torch on a machine with a
+    CUDA toolkit but no GPU (a cluster's login node) says at import that it found no CUDA runtime (a logged warning
+    in 2.13-2.15, a print to stderr in 2.6), on every process that loads these kernels, which are CPU code and
+    never use CUDA. Anything else it writes to stderr is passed on."""
     logger = logging.getLogger("torch.utils.cpp_extension")
     level = logger.level
     logger.setLevel(logging.ERROR)
+    printed = io.StringIO()
     try:
-        import torch.utils.cpp_extension as cpp_extension
+        with contextlib.redirect_stderr(printed):
+            import torch.utils.cpp_extension as cpp_extension
     finally:
         logger.setLevel(level)
+        sys.stderr.write("".join(line for line in printed.getvalue().splitlines(keepends=True)
+                                 if not line.startswith("No CUDA runtime is found")))
     return cpp_extension
 
 

@@ -188,11 +188,16 @@ def test_without_matplotlib_the_measurements_land_and_one_warning_says_why_there
     assert json.loads((out / "results.json").read_text())["layer"] and not (out / "speedup.png").exists()
 
 
-CAPPED_RUN = """
-import json, sys
-sys.path.insert(0, {tests!r})
-from conftest import load_script
-bench = load_script("bench_speedup")
+# The script loaded as `python scripts/bench_speedup.py` loads it, without the tests' conftest: that imports
+# transformers' model code, which on torch 2.6 runs a torch op and so fixes torch's kernels at AVX-512 before the cap.
+FRESH_SCRIPT = """
+import importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("bench_speedup", {script!r})
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+"""
+SCRIPT = str(REPO / "scripts" / "bench_speedup.py")
+CAPPED_RUN = FRESH_SCRIPT + """
 bench.LLAMA2_7B_BLOCK = [("q", 48, 64), ("down", 64, 80)]
 code = bench.main(["--skip_model", "--skip_curve", "--sparsities", "0.7", "--repeats", "1", "--prefill_tokens", "8",
                    "--threads", "1", "--isa", "avx2", "--out", {out!r}])
@@ -209,7 +214,7 @@ def test_isa_avx2_caps_the_dense_side_in_a_fresh_process(tmp_path):
     out = tmp_path / "out"
     env = {k: v for k, v in __import__("os").environ.items() if k not in ("MKL_ENABLE_INSTRUCTIONS",
                                                                          "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")}
-    result = subprocess.run([sys.executable, "-c", CAPPED_RUN.format(tests=str(REPO / "tests"), out=str(out))],
+    result = subprocess.run([sys.executable, "-c", CAPPED_RUN.format(script=SCRIPT, out=str(out))],
                             cwd=REPO, capture_output=True, text=True, timeout=240, env=env)
     assert result.returncode == 0 and json.loads(result.stdout.splitlines()[-1]) == {"code": 0}, result.stderr
     environment = json.loads((out / "results.json").read_text())["environment"]
@@ -232,15 +237,12 @@ def test_isa_avx2_after_torch_picked_a_wider_isa_is_one_error_and_leaves_the_env
     assert load_script("bench_speedup").main(["--skip_model", "--isa", "avx2", "--sparsities", "0.7"]) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: --isa avx2: torch's kernels already run at")
+    assert "started with MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 (" in lines[0]
     assert not any(name in os.environ for name in ("MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA",
                                                    "ATEN_CPU_CAPABILITY"))
 
 
-NO_AMX_RUN = """
-import json, sys
-sys.path.insert(0, {tests!r})
-from conftest import load_script
-bench = load_script("bench_speedup")
+NO_AMX_RUN = FRESH_SCRIPT + """
 bench.LLAMA2_7B_BLOCK = [("q", 48, 64), ("down", 64, 80)]
 code = bench.main(["--skip_model", "--sparsities", "0.7", "--repeats", "1", "--prefill_tokens", "40", "--tokens", "40",
                    "--threads", "1", "--dtype", "bfloat16", "--amx", "off", "--out", {out!r}])
@@ -253,7 +255,7 @@ def test_amx_off_keeps_both_sides_off_the_tile_unit_in_a_fresh_process(tmp_path)
     AMX (checked on a small product and recorded), so both sides run as on an AVX-512 CPU without AMX."""
     out = tmp_path / "out"
     env = {k: v for k, v in __import__("os").environ.items() if k not in ("ONEDNN_MAX_CPU_ISA", "ATP_SPARSE_AMX")}
-    result = subprocess.run([sys.executable, "-c", NO_AMX_RUN.format(tests=str(REPO / "tests"), out=str(out))],
+    result = subprocess.run([sys.executable, "-c", NO_AMX_RUN.format(script=SCRIPT, out=str(out))],
                             cwd=REPO, capture_output=True, text=True, timeout=240, env=env)
     assert result.returncode == 0 and json.loads(result.stdout.splitlines()[-1]) == {"code": 0}, result.stderr
     saved = json.loads((out / "results.json").read_text())

@@ -29,14 +29,14 @@ NUM_LINEARS = 2 * 7
 DENSE_SHAPES = {(64, 64), (32, 64), (160, 64), (64, 160)}
 
 
-def pruned_llama(dtype=torch.float32, seed=0):
+def pruned_llama(seed=0):
     """A tiny LLaMA with biased attention projections, every block Linear 70% zeros per row."""
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                       tie_word_embeddings=True, attention_bias=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    model = LlamaForCausalLM(cfg).to(dtype).eval()
+    model = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():
         for module in model.model.layers.modules():
             if isinstance(module, nn.Linear):
@@ -274,7 +274,8 @@ def test_dtype_and_device_map(compressed, dtype):
     assert isinstance(q_proj, SparseLinear) and q_proj.values.dtype == dtype and q_proj.bias.dtype == dtype
     assert q_proj.mask.dtype == torch.int64 and q_proj.row_offsets.dtype == torch.int64
     assert model.model.embed_tokens.weight.dtype == dtype
-    reference = pruned_llama(dtype)
+    # the saved (fp32-pruned) model cast, not one pruned in bf16: bf16's rounding moves 158 weights across the 70% cut
+    reference = pruned_llama().to(dtype)
     tol = 1e-4 if dtype == torch.float32 else 6e-2
     torch.testing.assert_close(logits(model, IDS), logits(reference, IDS), rtol=tol, atol=tol)
 

@@ -648,7 +648,7 @@ def test_cuda_build_of_torch_without_a_gpu_adds_nothing_to_stderr(tmp_path):
     """A CUDA build of torch on a machine with a CUDA toolkit and no GPU (torch 2.14 and 2.15 from PyPI on such a
     machine) warns 'No CUDA runtime is found' when torch.utils.cpp_extension is imported; loading the CPU kernels
     must not pass that on. The CUDA build is simulated on any torch; the plain import is the control (it warns
-    on 2.13-2.15)."""
+    on 2.6 and 2.13-2.15)."""
     simulate = ("import torch\n"
                 "torch.cuda._is_compiled = lambda: True\n"
                 "torch.version.cuda = '13.0'\n"
