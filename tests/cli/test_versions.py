@@ -43,19 +43,12 @@ def test_the_torch_floor_and_newer_releases_pass(found):
     check_torch(found)
 
 
-def test_cli_stops_with_one_error_line_before_any_work(monkeypatch, capsys, tmp_path):
-    monkeypatch.setattr(versions, "installed_transformers", lambda: "4.57.6")
+@pytest.mark.parametrize("package, found", [("transformers", "4.57.6"), ("torch", "2.5.1")])
+def test_cli_stops_with_one_error_line_before_any_work(monkeypatch, capsys, tmp_path, package, found):
+    monkeypatch.setattr(versions, f"installed_{package}", lambda: found)
     code = main(["--demo", "tiny", "--save_model", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and err[0].startswith("error: transformers 4.57.6 is older")
-    assert not (tmp_path / "out").exists()
-
-
-def test_cli_refuses_an_older_torch_before_any_work(monkeypatch, capsys, tmp_path):
-    monkeypatch.setattr(versions, "installed_torch", lambda: "2.5.1")
-    code = main(["--demo", "tiny", "--save_model", str(tmp_path / "out")])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and err[0].startswith("error: torch 2.5.1 is older")
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"error: {package} {found} is older")
     assert not (tmp_path / "out").exists()
 
 
