@@ -30,7 +30,7 @@ import threading
 
 # The machine type in the name: torch's extension cache does not separate architectures, and a home directory
 # shared by x86-64 and Arm nodes would otherwise hand one the other's build.
-KERNEL_NAME = "atp_sparse_bitmask_v30_" + re.sub(r"\W", "_", platform.machine() or "unknown")
+KERNEL_NAME = "atp_sparse_bitmask_v31_" + re.sub(r"\W", "_", platform.machine() or "unknown")
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernel.cpp")
 ISA_CODES = {"cpp": 0, "avx2": 1, "avx512": 2}
 ISA_NAMES = ("avx512", "avx2", "cpp", "torch")  # best first

@@ -201,6 +201,35 @@ def test_avx512_without_vbmi2_runs_16bit_values_on_avx2_and_fp32_unchanged():
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("ntok", [1, 2, 3, 4, 5, 9])
+def test_bf16_decode_reads_its_inputs_as_pairs_to_fp32_accuracy(ntok):
+    """bf16 values on AVX-512 decode 32 columns per expand-load against inputs laid out as even/odd pairs: exact
+    products and fp32 sums, so within fp32 rounding of a float64 reference (the AVX2 kernel too), for a matrix whose
+    last rows are not a group of four, an empty and a dense row, padding columns, and 1-9 tokens; and the grouped
+    decode (experts) gives each matrix's rows exactly what a call of its own gives."""
+    kern = kernels.get()
+    if kern is None or "avx512" not in kernels.supported_isas() or not kern.has_vbmi2():
+        pytest.skip("needs the AVX-512 kernel with VBMI2")
+    g = torch.Generator().manual_seed(ntok)
+    weights = [pruned_weight(67, 333, 0.65, torch.bfloat16, seed=s, empty_rows=(5,), dense_rows=(6,)) for s in (1, 2)]
+    packed = [fmt.pack(w) for w in weights]
+    x = torch.randn(2 * ntok, 333, generator=g)
+    pad = torch.cat([x, torch.zeros(2 * ntok, packed[0]["mask"].shape[1] * 64 - 333)], 1)
+    alone = []
+    for w, p, rows in zip(weights, packed, (slice(0, ntok), slice(ntok, 2 * ntok))):
+        ref = x[rows].double() @ w.double().T
+        for isa in ("avx512", "avx2"):
+            y = kern.spmv(p["mask"], p["values"], p["row_offsets"], pad[rows].contiguous(), kernels.ISA_CODES[isa])
+            assert (y.double() - ref).abs().max().item() <= 1e-6 * ref.abs().max().item(), isa
+        alone.append(kern.spmv(p["mask"], p["values"], p["row_offsets"], pad[rows].contiguous(),
+                               kernels.ISA_CODES["avx512"]))
+    y = torch.full((2 * ntok, 67), float("nan"))
+    kern.grouped_decode_into(x, y, [0, ntok], [ntok, ntok], [p["mask"] for p in packed],
+                             [p["values"] for p in packed], [p["row_offsets"] for p in packed], 333,
+                             kernels.ISA_CODES["avx512"])
+    assert torch.equal(y, torch.cat(alone))
+
+
 def test_vbmi2_instructions_only_in_code_for_16bit_values_and_amx():
     """The AVX-512 region is compiled with VBMI2 allowed (for bf16/fp16 expand-loads), but a CPU without VBMI2 runs
     its fp32 code: in the built extension, every VBMI2 instruction sits in a function for 16-bit values or AMX."""
