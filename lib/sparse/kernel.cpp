@@ -758,8 +758,8 @@ inline void rows4_avx512(RowGroup<T> g, const float* x, int64_t ldx, float* out,
 // mask bits select (column order), a shift makes the even columns' fp32 values and an and the odd ones', and two FMAs
 // meet them with the inputs laid out as pairs (pairs_layout: per 32 columns the 16 even ones, then the 16 odd). The
 // former bf16 decode expanded each value into the high half of a 32-bit lane, 16 columns per expand-load (plus a
-// pdep): the 7B block's bf16 decode at 70%, 2 threads, Emerald Rapids VM, 8.0-8.2 -> 6.5-6.8 ms (torch 2.15's bf16
-// matvec, at memory speed: 1.80x -> 2.14-2.19x). vdpbf16ps (AVX512-BF16) in place of the shift, the and and the FMAs
+// pdep): the 7B block's bf16 decode at 70%, 2 threads, Emerald Rapids VM, 8.0-8.2 -> 6.4-6.8 ms (torch 2.15's bf16
+// matvec, at memory speed: 1.80x -> 2.14-2.20x). vdpbf16ps (AVX512-BF16) in place of the shift, the and and the FMAs
 // ran the block no faster and, in L1, slower (5.3 cycles per 32 columns against 4.2: it shares the shuffle port with
 // the expand-load). The expand-load's ~3 cycles per 32 columns keep the bf16 decode below memory speed.
 template <int NT>
