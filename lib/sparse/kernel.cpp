@@ -174,6 +174,21 @@ struct Op {
   int64_t rows, words, ntok;
 };
 
+// f(std::integral_constant<int, NT>(), t0) for each pass of the decode over ntok tokens, at most DECODE_NT from t0:
+// the decode kernels take their token count as a template parameter (one accumulator set per token, in registers).
+template <typename F>
+inline void for_token_passes(int64_t ntok, F&& f) {
+  static_assert(DECODE_NT == 4, "one case per token count");
+  for (int64_t t0 = 0; t0 < ntok; t0 += DECODE_NT) {
+    switch (std::min<int64_t>(DECODE_NT, ntok - t0)) {
+      case 1: f(std::integral_constant<int, 1>(), t0); break;
+      case 2: f(std::integral_constant<int, 2>(), t0); break;
+      case 3: f(std::integral_constant<int, 3>(), t0); break;
+      default: f(std::integral_constant<int, 4>(), t0); break;
+    }
+  }
+}
+
 template <typename T> inline float to_f(T v) { return static_cast<float>(v); }
 // The bits of a 16-bit value (bf16, fp16), for the broadcasts.
 inline short raw16(const void* v) {
@@ -438,16 +453,9 @@ void decode_rows_avx2(const Op& op, int64_t r0, int64_t r1) {
   for (; r < r1; ++r) {
     const uint8_t* m = reinterpret_cast<const uint8_t*>(op.mask + r * op.words);
     const T* v = vals + op.off[r];
-    for (int64_t t0 = 0; t0 < op.ntok; t0 += DECODE_NT) {
-      const float* x = op.x + t0 * ldx;
-      float* out = op.y + t0 * op.rows + r;
-      switch (std::min<int64_t>(DECODE_NT, op.ntok - t0)) {
-        case 1: row_avx2<T, 1>(m, v, x, ldx, nbytes, out, op.rows); break;
-        case 2: row_avx2<T, 2>(m, v, x, ldx, nbytes, out, op.rows); break;
-        case 3: row_avx2<T, 3>(m, v, x, ldx, nbytes, out, op.rows); break;
-        default: row_avx2<T, 4>(m, v, x, ldx, nbytes, out, op.rows); break;
-      }
-    }
+    for_token_passes(op.ntok, [&](auto nt, int64_t t0) {
+      row_avx2<T, decltype(nt)::value>(m, v, op.x + t0 * ldx, ldx, nbytes, op.y + t0 * op.rows + r, op.rows);
+    });
   }
 }
 
@@ -826,30 +834,16 @@ void decode_rows_pairs_avx512(const Op& op, int64_t r0, int64_t r1) {
   int64_t r = r0;
   for (; r + RowGroup<T>::R <= r1; r += RowGroup<T>::R) {
     const RowGroup<T> group(op, r);
-    for (int64_t t0 = 0; t0 < op.ntok; t0 += DECODE_NT) {
-      const float* x = op.x + t0 * ldx;
-      float* out = op.y + t0 * op.rows + r;
-      switch (std::min<int64_t>(DECODE_NT, op.ntok - t0)) {
-        case 1: rows4_pairs_avx512<1>(group, x, ldx, out, op.rows); break;
-        case 2: rows4_pairs_avx512<2>(group, x, ldx, out, op.rows); break;
-        case 3: rows4_pairs_avx512<3>(group, x, ldx, out, op.rows); break;
-        default: rows4_pairs_avx512<4>(group, x, ldx, out, op.rows); break;
-      }
-    }
+    for_token_passes(op.ntok, [&](auto nt, int64_t t0) {
+      rows4_pairs_avx512<decltype(nt)::value>(group, op.x + t0 * ldx, ldx, op.y + t0 * op.rows + r, op.rows);
+    });
   }
   for (; r < r1; ++r) {
     const uint64_t* m = reinterpret_cast<const uint64_t*>(op.mask + r * op.words);
     const T* v = static_cast<const T*>(op.vals) + op.off[r];
-    for (int64_t t0 = 0; t0 < op.ntok; t0 += DECODE_NT) {
-      const float* x = op.x + t0 * ldx;
-      float* out = op.y + t0 * op.rows + r;
-      switch (std::min<int64_t>(DECODE_NT, op.ntok - t0)) {
-        case 1: row_pairs_avx512<1>(m, v, x, ldx, op.words, out, op.rows); break;
-        case 2: row_pairs_avx512<2>(m, v, x, ldx, op.words, out, op.rows); break;
-        case 3: row_pairs_avx512<3>(m, v, x, ldx, op.words, out, op.rows); break;
-        default: row_pairs_avx512<4>(m, v, x, ldx, op.words, out, op.rows); break;
-      }
-    }
+    for_token_passes(op.ntok, [&](auto nt, int64_t t0) {
+      row_pairs_avx512<decltype(nt)::value>(m, v, op.x + t0 * ldx, ldx, op.words, op.y + t0 * op.rows + r, op.rows);
+    });
   }
 }
 
@@ -860,30 +854,16 @@ void decode_rows_avx512(const Op& op, int64_t r0, int64_t r1) {
   int64_t r = r0;
   for (; r + RowGroup<T>::R <= r1; r += RowGroup<T>::R) {
     const RowGroup<T> group(op, r);
-    for (int64_t t0 = 0; t0 < op.ntok; t0 += DECODE_NT) {
-      const float* x = op.x + t0 * ldx;
-      float* out = op.y + t0 * op.rows + r;
-      switch (std::min<int64_t>(DECODE_NT, op.ntok - t0)) {
-        case 1: rows4_avx512<T, 1>(group, x, ldx, out, op.rows); break;
-        case 2: rows4_avx512<T, 2>(group, x, ldx, out, op.rows); break;
-        case 3: rows4_avx512<T, 3>(group, x, ldx, out, op.rows); break;
-        default: rows4_avx512<T, 4>(group, x, ldx, out, op.rows); break;
-      }
-    }
+    for_token_passes(op.ntok, [&](auto nt, int64_t t0) {
+      rows4_avx512<T, decltype(nt)::value>(group, op.x + t0 * ldx, ldx, op.y + t0 * op.rows + r, op.rows);
+    });
   }
   for (; r < r1; ++r) {
     const uint16_t* m = reinterpret_cast<const uint16_t*>(op.mask + r * op.words);
     const T* v = vals + op.off[r];
-    for (int64_t t0 = 0; t0 < op.ntok; t0 += DECODE_NT) {
-      const float* x = op.x + t0 * ldx;
-      float* out = op.y + t0 * op.rows + r;
-      switch (std::min<int64_t>(DECODE_NT, op.ntok - t0)) {
-        case 1: row_avx512<T, 1>(m, v, x, ldx, nq, out, op.rows); break;
-        case 2: row_avx512<T, 2>(m, v, x, ldx, nq, out, op.rows); break;
-        case 3: row_avx512<T, 3>(m, v, x, ldx, nq, out, op.rows); break;
-        default: row_avx512<T, 4>(m, v, x, ldx, nq, out, op.rows); break;
-      }
-    }
+    for_token_passes(op.ntok, [&](auto nt, int64_t t0) {
+      row_avx512<T, decltype(nt)::value>(m, v, op.x + t0 * ldx, ldx, nq, op.y + t0 * op.rows + r, op.rows);
+    });
   }
 }
 
