@@ -768,8 +768,8 @@ inline void rows4_avx512(RowGroup<T> g, const float* x, int64_t ldx, float* out,
 // former bf16 decode expanded each value into the high half of a 32-bit lane, 16 columns per expand-load (plus a
 // pdep): the 7B block's bf16 decode at 70%, 2 threads, Emerald Rapids VM, 8.0-8.2 -> 6.4-6.8 ms (torch 2.15's bf16
 // matvec, at memory speed: 1.80x -> 2.14-2.20x). vdpbf16ps (AVX512-BF16) in place of the shift, the and and the FMAs
-// ran the block no faster and, in L1, slower (5.3 cycles per 32 columns against 4.2: it shares the shuffle port with
-// the expand-load). The expand-load's ~3 cycles per 32 columns keep the bf16 decode below memory speed.
+// ran the block no faster and, in L1, slower (5.3 cycles per 32 columns against 4.2; likely sharing the shuffle port
+// with the expand-load). The expand-load's ~3 cycles per 32 columns keep the bf16 decode below memory speed.
 template <int NT>
 inline void pairs_step(uint32_t bits, const at::BFloat16*& v, const __m512* even, const __m512* odd, __m512* acc) {
   const __m512i w = _mm512_maskz_expandloadu_epi16(static_cast<__mmask32>(bits), v);
