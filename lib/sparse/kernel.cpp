@@ -2,9 +2,10 @@
 //
 // One extension, three instruction sets chosen at run time (the `isa` argument of every entry point; kernels.py
 // picks the best the CPU has, ATP_SPARSE_ISA forces one): 2 = AVX-512 (F, BW, VL, DQ + BMI2; bf16/fp16 values also
-// need VBMI2, else they take AVX2), 1 = AVX2 (+FMA, F16C), 0 = portable C++. The file is compiled for the baseline
-// x86-64 (no -march=native); the SIMD code sits in regions compiled for their instruction set (function-level
-// target attributes), so one build runs on any CPU. The AVX-512 region may use VBMI2 only in code for 16-bit values.
+// need VBMI2, else they take AVX2), 1 = AVX2 (+FMA, F16C, BMI2), 0 = portable C++. The file is compiled for the
+// baseline x86-64 (no -march=native); the SIMD code sits in regions compiled for their instruction set
+// (function-level target attributes), so one build runs on any CPU. The AVX-512 region may use VBMI2 only in code
+// for 16-bit values.
 //
 // decode:  y[t, r] = sum_j W[r, j] x[t, j] for a few tokens: one pass over each packed row, the expanded weights
 //          reused for up to 4 tokens at a time (more tokens: the row is re-read from L1). grouped_decode_into runs
@@ -16,6 +17,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
+#include <cstddef>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -324,40 +326,65 @@ struct RowGroup {
 };
 
 // ------------------------------------------------------------------------------------------ AVX2 + FMA
-ATP_TARGET_BEGIN("avx2,fma,f16c,popcnt")
+ATP_TARGET_BEGIN("avx2,fma,f16c,popcnt,bmi,bmi2")
 // Tables in this region are constexpr: a constructor here is compiled for AVX2 and would run when the extension
 // loads, on every CPU (SIGILL without AVX2; tests/sparse/test_sparse_portability.py runs one without).
 
-// Expansion table, one 32-byte row per mask byte b: lane i <- 8 + packed value number popcount(b & ((1 << i) - 1))
-// when bit i is set, else 0. vpermps reads only the low 3 bits (the value's number); vpsignd then keeps a lane
-// whose entry is positive and zeroes one whose entry is 0, so the same row places the values and zeroes the other
-// lanes. int32 rows (8 KiB) load straight into the permute's index; byte rows (2 KiB) cost a widening shuffle per
-// 8 columns on the same port as the permute (int32 rows with the zeroing of the time, a shift and an and-not: in
-// cache 5-7% fewer cycles per 8 columns).
-struct alignas(32) SelectTable {
-  int32_t idx[256][8] = {};
+// Expansion tables, one row per mask byte b: idx[i] = 8 + packed value number popcount(b & ((1 << i) - 1)) when bit
+// i is set, else 0. vpermps reads only the low 3 bits of idx (the value's number); vpsignd then keeps a lane whose
+// entry is positive and zeroes one whose entry is 0, so the same row places the values and zeroes the other lanes.
+// int32 rows load straight into the permute's index (byte rows cost a widening shuffle per 8 columns on the same
+// port as the permute; int32 rows with the zeroing of the time, a shift and an and-not, took 5-7% fewer cycles per
+// 8 columns in cache). 64-byte rows also hold popcount(b) after idx, so the value pointer moves on by a load from
+// the row already addressed instead of a popcnt. With the rotate below and 64-bit offsets (no register copies),
+// two instructions fewer per 8 columns (fp32 10 -> 8, bf16 12 -> 10): the bf16 decode ran faster, the fp32 one no
+// faster, and slower with 64-byte rows than with the 32-byte rows' half-size table beside its inputs in L1, so fp32
+// keeps those and its popcnt. (7B block, 70%, AVX2 kernel, 2 threads, Emerald Rapids, medians: bf16 11.5-12.9 ->
+// 10.5-11.4 ms, in L2 2.76 -> 2.46 cycles per 8 columns; fp32 9.7-10.2 ms before and after, 11.5-13.1 with 64-byte
+// rows.)
+template <int RowBytes>
+struct SelectTable {
+  static_assert(RowBytes == 32 || RowBytes == 64, "a row is idx, or idx then the count");
+  static constexpr bool holds_counts = RowBytes == 64;
+  static constexpr int row_shift = RowBytes == 64 ? 6 : 5;
+  alignas(64) int32_t rows[256][RowBytes / 4] = {};
   constexpr SelectTable() {
     for (int b = 0; b < 256; ++b) {
       int k = 0;
-      for (int i = 0; i < 8; ++i) idx[b][i] = ((b >> i) & 1) ? 8 + k++ : 0;
+      for (int i = 0; i < 8; ++i) rows[b][i] = ((b >> i) & 1) ? 8 + k++ : 0;
+      if (holds_counts) rows[b][8] = k;
     }
   }
+  // Byte i of a mask word times the row size, its row's byte offset: one rotate (BMI2's rorx, which leaves the word
+  // in its register where a shift needs a copy first) and one and; 64-bit, so the row's loads take it as an index
+  // with no zero-extension. (Extracting the byte and scaling it took three or four instructions: the 7B block's
+  // decode as on an AVX2-only CPU 9.8-10.3 -> 9.6-10.0 ms fp32, 11.2 -> 10.6 ms bf16, 2 threads, Emerald Rapids.)
+  static uint64_t offset(uint64_t word, int i) {
+    const int right = (8 * i + 64 - row_shift) & 63;  // byte i to bits row_shift and up (byte 0: a left rotate)
+    return ((word >> right) | (word << (64 - right))) & (uint64_t{0xFF} << row_shift);
+  }
+  __m256i row(uint64_t offset) const {
+    return _mm256_load_si256(reinterpret_cast<const __m256i*>(reinterpret_cast<const char*>(rows) + offset));
+  }
+  __m256i row_of(unsigned b) const { return _mm256_load_si256(reinterpret_cast<const __m256i*>(rows[b])); }
+  int64_t count(uint64_t offset) const {  // popcount of the byte
+    if constexpr (holds_counts)
+      return *reinterpret_cast<const int32_t*>(reinterpret_cast<const char*>(rows) + offset + 32);
+    else
+      return __builtin_popcountll(offset);
+  }
 };
-constexpr SelectTable SELECT{};
-
-inline __m256i select_index(unsigned b) { return _mm256_load_si256(reinterpret_cast<const __m256i*>(SELECT.idx[b])); }
-
-// Byte i of a mask word times 32, the byte offset of its SELECT row, in one shift and one and; its popcount is the
-// byte's. (Extracting the byte and scaling it took three or four instructions: the 7B block's decode as on an
-// AVX2-only CPU 9.8-10.3 -> 9.6-10.0 ms fp32, 11.2 -> 10.6 ms bf16, 2 threads, Emerald Rapids.)
-inline unsigned select_offset(uint64_t word, int i) {
-  return static_cast<unsigned>(i == 0 ? word << 5 : word >> (8 * i - 5)) & 0x1FE0u;
-}
-inline __m256i select_row(unsigned offset) {
-  return _mm256_load_si256(reinterpret_cast<const __m256i*>(reinterpret_cast<const char*>(SELECT.idx) + offset));
+constexpr SelectTable<32> SELECT_ROWS32{};
+constexpr SelectTable<64> SELECT_ROWS64{};
+template <typename T>
+constexpr const auto& select_table() {
+  if constexpr (sizeof(T) == 4)
+    return SELECT_ROWS32;
+  else
+    return SELECT_ROWS64;
 }
 
-// Eight packed values placed by `idx` (a SELECT row), zeros where the mask bit is clear: a permute and one vpsignd
+// Eight packed values placed by `idx` (a SelectTable row), zeros where the mask bit is clear: a permute and one vpsignd
 // (one micro-op on Intel cores since Haswell and AMD's since Zen 2). It replaced a shift + and-not on Intel (the 7B
 // block's decode as on an AVX2-only CPU 10.5-11.0 -> 9.7-10.5 ms, 2 threads, Emerald Rapids) and a vblendvps on
 // AMD (one micro-op there too: not measured on AMD).
@@ -390,6 +417,7 @@ template <typename T, int NT>
 inline void row_avx2(const uint8_t* m, const T* v, const float* x, int64_t ldx, int64_t nbytes, float* out,
                      int64_t ostride) {
   constexpr int U = NT == 1 ? 4 : (NT == 2 ? 2 : 1);
+  const auto& table = select_table<T>();
   __m256 acc[NT][U];
   for (int t = 0; t < NT; ++t)
     for (int u = 0; u < U; ++u) acc[t][u] = _mm256_setzero_ps();
@@ -404,10 +432,10 @@ inline void row_avx2(const uint8_t* m, const T* v, const float* x, int64_t ldx, 
     const float* xg = x + g * 8;
 #pragma GCC unroll 8
     for (int i = 0; i < 8; ++i) {
-      const unsigned o = select_offset(word, i);
-      const __m256 w = expand8(load8(v), select_row(o));
+      const auto o = table.offset(word, i);
+      const __m256 w = expand8(load8(v), table.row(o));
       for (int t = 0; t < NT; ++t) acc[t][i % U] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xg + t * ldx + 8 * i), acc[t][i % U]);
-      v += __builtin_popcount(o);
+      v += table.count(o);
     }
   }
   for (int t = 0; t < NT; ++t) {
@@ -421,6 +449,7 @@ inline void row_avx2(const uint8_t* m, const T* v, const float* x, int64_t ldx, 
 template <typename T>
 inline void rows4_avx2(RowGroup<T> g, const float* x, float* out) {
   constexpr int R = RowGroup<T>::R;
+  const auto& table = select_table<T>();
   __m256 acc[R];
   for (int j = 0; j < R; ++j) acc[j] = _mm256_setzero_ps();
   for (int64_t w = 0; w < g.words; ++w) {
@@ -432,10 +461,10 @@ inline void rows4_avx2(RowGroup<T> g, const float* x, float* out) {
       const __m256 xv = _mm256_loadu_ps(xw + 8 * i);
 #pragma GCC unroll 4
       for (int j = 0; j < R; ++j) {
-        const unsigned o = select_offset(k[j], i);
-        const __m256 wv = expand8(load8(g.v[j]), select_row(o));
+        const auto o = table.offset(k[j], i);
+        const __m256 wv = expand8(load8(g.v[j]), table.row(o));
         acc[j] = _mm256_fmadd_ps(wv, xv, acc[j]);
-        g.v[j] += __builtin_popcount(o);
+        g.v[j] += table.count(o);
       }
     }
   }
@@ -480,7 +509,7 @@ constexpr SelectTable16 SELECT16{};
 // The next popcount(b) packed values placed into the 8 lanes mask byte b selects (zeros elsewhere), in T's bits.
 template <typename T> inline void expand8_store(uint8_t b, const T* v, T* out);
 template <> inline void expand8_store<float>(uint8_t b, const float* v, float* out) {
-  _mm256_storeu_ps(out, expand8(_mm256_loadu_ps(v), select_index(b)));
+  _mm256_storeu_ps(out, expand8(_mm256_loadu_ps(v), SELECT_ROWS32.row_of(b)));
 }
 template <typename T> inline void expand8_store(uint8_t b, const T* v, T* out) {  // bf16, fp16: 16-bit lanes
   const __m128i ctl = _mm_loadu_si128(reinterpret_cast<const __m128i*>(SELECT16.ctl[b]));
@@ -1440,7 +1469,8 @@ int64_t detect_isa() {
       __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("avx2") &&
       __builtin_cpu_supports("fma"))
     return ISA_AVX512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("popcnt"))
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("popcnt") &&
+      __builtin_cpu_supports("bmi2"))
     return ISA_AVX2;
 #endif
   return ISA_SCALAR;

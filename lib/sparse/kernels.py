@@ -7,7 +7,7 @@ instruction set, and the extension picks one at run time from what the CPU repor
 
 * ``avx512``: AVX-512 F/BW/VL/DQ + BMI2 (Intel Skylake-SP and later, AMD Zen 4 and later): expand-loads; bf16 and
   fp16 values also need VBMI2 (Ice Lake and later, Zen 4 and later), without it they take the AVX2 kernels;
-* ``avx2``: AVX2 + FMA (Intel Haswell and later, AMD Zen): byte-table permutes;
+* ``avx2``: AVX2 + FMA + BMI2 (Intel Haswell and later, AMD Zen): byte-table permutes;
 * ``cpp``: portable C++ (any CPU the compiler targets);
 * ``torch``: no C++ at all, SparseLinear's pure-PyTorch path (correct, slow: it unpacks the weight every call).
 
@@ -30,7 +30,7 @@ import threading
 
 # The machine type in the name: torch's extension cache does not separate architectures, and a home directory
 # shared by x86-64 and Arm nodes would otherwise hand one the other's build.
-KERNEL_NAME = "atp_sparse_bitmask_v31_" + re.sub(r"\W", "_", platform.machine() or "unknown")
+KERNEL_NAME = "atp_sparse_bitmask_v32_" + re.sub(r"\W", "_", platform.machine() or "unknown")
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernel.cpp")
 ISA_CODES = {"cpp": 0, "avx2": 1, "avx512": 2}
 ISA_NAMES = ("avx512", "avx2", "cpp", "torch")  # best first

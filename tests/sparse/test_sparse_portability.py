@@ -3,9 +3,10 @@
 Forcing the AVX2 path on an AVX-512 machine tests its arithmetic, but not that the process never executes an
 instruction the CPU lacks (code built for another instruction set that runs anyway, for instance while the extension
 loads) nor that the CPU's own report picks the path. qemu-x86_64 (user mode, QEMU 7.2+) emulates an AMD EPYC Milan
-(AVX2, no AVX-512) and an Intel Nehalem (SSE4.2, no AVX) and runs portability_check.py inside. AVX-512 without
-VBMI2, which QEMU cannot emulate, is checked in the compiled code. And the kernel built by clang (the source has a
-clang branch for its per-function targets) must equal dense on every instruction set, as GCC's build does.
+(AVX2, no AVX-512; and the same without BMI2) and an Intel Nehalem (SSE4.2, no AVX) and runs portability_check.py
+inside. AVX-512 without VBMI2, which QEMU cannot emulate, is checked in the compiled code. And the kernel built by
+clang (the source has a clang branch for its per-function targets) must equal dense on every instruction set, as
+GCC's build does.
 Each part skips where its tool is missing (`apt install qemu-user clang libomp-dev`; .ci/run installs them)."""
 from __future__ import annotations
 
@@ -26,9 +27,11 @@ from portability_check import CHECKS_PER_ISA  # tests/sparse is on sys.path (pyt
 REPO = Path(__file__).resolve().parents[2]
 CHECK = Path(__file__).with_name("portability_check.py")
 
-# qemu's CPU model, torch's own report there, the instruction set the kernel must choose, and all it may offer
+# qemu's CPU model, torch's own report there, the instruction set the kernel must choose, and all it may offer.
+# The AVX2 kernels use BMI2 too (rorx): a CPU (or a VM's CPU model) with AVX2 but without BMI2 must take C++.
 CPUS = [
     ("EPYC-Milan", "AVX2", "avx2", ["avx2", "cpp", "torch"]),
+    ("EPYC-Milan,-bmi2", "AVX2", "cpp", ["cpp", "torch"]),
     ("Nehalem", "DEFAULT", "cpp", ["cpp", "torch"]),
 ]
 # Switches that would make a child choose otherwise than by the CPU (torch's ATEN_CPU_CAPABILITY caps its report)
