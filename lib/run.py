@@ -50,9 +50,9 @@ def prepare(config: RunConfig) -> tuple[torch.device, torch.dtype]:
         zero_shot_tasks(config)
     if config.model.demo == "real":
         checkpoint_path(config)  # says how to install the checkpoint before anything else runs
-    if config.model.model is not None and not config.model.model.endswith(".gguf"):
-        num_blocks, widths = loading.shape_from_config(config.model.model)
-        skeleton = loading.skeleton_from_config(config.model.model)
+    if config.model.demo != "tiny":  # a checkpoint (a .gguf file too): its config read, no weights
+        num_blocks, widths = loading.shape_from_config(checkpoint_path(config))
+        skeleton = loading.skeleton_from_config(checkpoint_path(config))
         if skeleton is not None:  # the whole structure, checked before any weight is read
             check_structure(config, skeleton)
             check_room_for_the_model(config, skeleton, dtype)

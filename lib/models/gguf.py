@@ -75,16 +75,21 @@ def _quiet_conversion(progress: bool):
         module.tqdm = original
 
 
+def check_gguf_file(path: str) -> None:
+    """UserError unless `path` is an existing .gguf file and the gguf package (which reads it) is installed."""
+    if importlib.util.find_spec("gguf") is None:
+        raise UserError("loading a .gguf checkpoint needs the gguf package: pip install gguf")
+    if not is_gguf_file(path):
+        raise UserError(f"not an existing .gguf file: {path}")
+
+
 def load_gguf_model(path: str, dtype: torch.dtype = torch.float32, progress: bool = True):
     """(model, tokenizer) from a .gguf file: the causal LM with every weight unpacked to `dtype`, in eval mode.
 
     The model is a plain transformers model: `save_pretrained` works and `from_pretrained` on the saved folder
     gives back the same weights. Raises UserError when the gguf package is missing or the file cannot be read.
     """
-    if importlib.util.find_spec("gguf") is None:
-        raise UserError("loading a .gguf checkpoint needs the gguf package: pip install gguf")
-    if not is_gguf_file(path):
-        raise UserError(f"not an existing .gguf file: {path}")
+    check_gguf_file(path)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = os.path.split(os.path.abspath(path))

@@ -66,16 +66,30 @@ def _hub_error(name: str, exc: Exception) -> UserError:
                      f"or a hub id with the HuggingFace hub reachable", "model")
 
 
+def config_from_checkpoint(name: str):
+    """The transformers config of a hub id, a directory or a .gguf file (from its metadata: no tensor is read).
+    For a .gguf file, None when transformers cannot read one from it (the real load then reports why)."""
+    from transformers import AutoConfig
+    if not name.endswith(".gguf"):
+        return AutoConfig.from_pretrained(name)
+    from .gguf import check_gguf_file
+    check_gguf_file(name)
+    folder, file = os.path.split(os.path.abspath(name))
+    try:
+        return AutoConfig.from_pretrained(folder, gguf_file=file)
+    except Exception:  # noqa: BLE001 - an architecture or file transformers cannot map: let the real load decide
+        return None
+
+
 def shape_from_config(name: str) -> tuple[int | None, set[int]]:
     """(number of decoder blocks or None, the Linear input widths it names) from the config alone (cheap)."""
-    if name.endswith(".gguf"):
-        return None, set()
-    from transformers import AutoConfig
     check_model_path(name)
     try:
-        config = AutoConfig.from_pretrained(name)
+        config = config_from_checkpoint(name)
     except (OSError, ValueError) as exc:
         raise _hub_error(name, exc) from None
+    if config is None:
+        return None, set()
     config = getattr(config, "text_config", config)
     widths = {getattr(config, key) for key in ("hidden_size", "intermediate_size", "ffn_dim")
               if isinstance(getattr(config, key, None), int)}
@@ -94,14 +108,13 @@ def auto_model_class(config):
 
 
 def skeleton_from_config(name: str) -> nn.Module | None:
-    """The model built on the meta device from its config alone (no weights read); None for a .gguf file or a
-    config that cannot be built that way (the real load then decides)."""
-    if name.endswith(".gguf"):
-        return None
+    """The model built on the meta device from its config alone (no weights read; a .gguf file's from its
+    metadata); None for a config that cannot be built that way (the real load then decides)."""
     try:
         from accelerate import init_empty_weights
-        from transformers import AutoConfig
-        config = AutoConfig.from_pretrained(name)
+        config = config_from_checkpoint(name)
+        if config is None:
+            return None
         with init_empty_weights():
             return auto_model_class(config).from_config(config)
     except Exception:  # noqa: BLE001 - any config we cannot instantiate: let the real load decide
@@ -139,10 +152,10 @@ def model_max_positions(model: nn.Module) -> int | None:
 
 def estimated_weight_bytes(name: str, dtype: torch.dtype) -> int | None:
     """Size of the model's weights in `dtype`, from its config alone (built on the meta device); None if unknown."""
-    if name.endswith(".gguf"):
-        return os.path.getsize(name) * 4 if os.path.isfile(name) else None  # quantized file: a rough upper bound
     skeleton = skeleton_from_config(name)
     if skeleton is None:
+        if name.endswith(".gguf") and os.path.isfile(name):
+            return os.path.getsize(name) * 4  # a quantized file unpacked to fp32 at most: a rough upper bound
         return None
     return sum(p.numel() for p in skeleton.parameters()) * torch.tensor([], dtype=dtype).element_size()
 

@@ -193,3 +193,26 @@ def test_quiet_loading_silences_the_gguf_conversion_bar(tiny_gguf, capfd):
     assert "Converting and de-quantizing" in capfd.readouterr().err  # the bar this test is about exists
     load_gguf_model(str(path), progress=False)
     assert "Converting and de-quantizing" not in capfd.readouterr().err
+
+
+def test_bad_allocation_for_a_gguf_model_is_refused_before_its_tensors_are_read(tiny_gguf, cli, text_files,
+                                                                                monkeypatch, tmp_path):
+    """The allocation's checks need the number of decoder blocks: read from the file's metadata (as a directory's
+    config.json is read) rather than after unpacking every tensor, which takes minutes for a large quantized model.
+    The file's own block count in the error shows where it came from."""
+    import lib.models.loading as loading
+    _, _, path, loaded, _ = tiny_gguf
+    loads = []
+    real = loading.load_model_and_tokenizer
+    monkeypatch.setattr(loading, "load_model_and_tokenizer",
+                        lambda *args, **kwargs: loads.append(args[0]) or real(*args, **kwargs))
+    base = ["--model", path, "--calib_data", text_files.calib, "--eval_data", text_files.eval, "--nsamples", "2",
+            "--seqlen", "32", "--max_eval_windows", "2", "--quiet", "--results", tmp_path / "run.json"]
+    blocks = loaded.config.num_hidden_layers
+    code, _, err = cli(*base, "--sparsity_ratio", "0.7", "--beta", "0.9")
+    assert code == 3 and f"--beta 0.9 is illegal for sparsity 0.7 and {blocks} blocks" in err, err
+    assert loads == [] and not (tmp_path / "run.json").exists()
+    code, _, err = cli(*base, "--sparsity_type", "2:3")  # a width check from the file's shapes, also before loading
+    assert code == 2 and "--sparsity_type 2:3" in err and loads == [], err
+    code, _, err = cli(*base, "--sparsity_ratio", "0.5", "--beta", "0.01")  # control: a legal run loads the file
+    assert code == 0 and loads == [str(path)], err
