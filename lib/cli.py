@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval_batch_size", type=_number(int), default=4, help="perplexity windows per forward pass")
     g.add_argument("--eval_dense", action="store_true",
                    help="also report the dense model's perplexity before pruning (on by default in demos)")
-    g.add_argument("--max_eval_windows", type=_number(int), default=None, help="evaluate only the first N windows")
+    g.add_argument("--max_eval_windows", type=_number(int), default=None, help="evaluate only the first N windows (N >= 2)")
     g = p.add_argument_group("search (--search PARAM, or --PARAM search, e.g. --beta search)")
     g.add_argument("--search", default=None, choices=tuple(searchable),
                    help="tune one parameter by perplexity: a rule's (" + ", ".join(
@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--search_tol", type=_number(float), default=None,
                    help="golden stops at this bracket (default 1 step)")
     g.add_argument("--search_eval_windows", type=_number(int), default=None,
-                   help="score trials on the first N eval windows; the winner is re-evaluated on all")
+                   help="score trials on the first N eval windows (N >= 2); the winner is re-evaluated on all")
     g.add_argument("--search_refine", type=_number(int), default=2,
                    help="with --search_eval_windows: re-score this many best values on all windows (0: none)")
     g.add_argument("--search_workers", type=_number(int), default=1,

@@ -176,6 +176,12 @@ def read_texts(config: RunConfig, calibrate: bool | None = None) -> Texts:
     return Texts(calibration, evaluation_documents(config.data.eval_data))
 
 
+def data_location(name: str) -> str:
+    """Where a data source was read from, as the record keeps it: a local file or directory as its absolute path,
+    symbolic links resolved (a relative one would mean nothing beside the results file); a hub name as given."""
+    return os.path.realpath(name) if os.path.exists(name) else name
+
+
 def load_data(config: RunConfig, loaded: LoadedModel, texts: Texts | None = None,
               calibrate: bool | None = None) -> tuple[SessionData, dict]:
     """Calibration windows (when the pruner or the rule needs them, or always with `calibrate=True`) and evaluation
@@ -198,9 +204,10 @@ def load_data(config: RunConfig, loaded: LoadedModel, texts: Texts | None = None
         raise UserError(f"{config.data.eval_data}: only {eval_ids.shape[1]} tokens, fewer than one window of "
                         f"--seqlen {seqlen}", "eval_data")
     records = {
-        "eval": {"data": config.data.eval_data, "layout": eval_layout, "seqlen": seqlen,
+        "eval": {"data": data_location(config.data.eval_data), "layout": eval_layout, "seqlen": seqlen,
                  "tokens": int(eval_ids.shape[1])},
-        "calibration": {"data": config.data.calib_data, "layout": calib_layout, "nsamples": config.data.nsamples,
+        "calibration": {"data": data_location(config.data.calib_data), "layout": calib_layout,
+                        "nsamples": config.data.nsamples,
                         "seqlen": seqlen, "seed": config.data.seed} if needs_calib else None}
     data = SessionData(calib_ids, eval_ids, seqlen, config.data.calib_batch_size, config.data.eval_batch_size)
     return data, records

@@ -3,6 +3,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -135,6 +136,23 @@ def test_jsonl_and_saved_dataset_sources(cli, model_dir, text_files, tmp_path, c
     assert results["calibration"]["layout"] == layouts[calib]
     assert results["eval"]["layout"] == layouts[evaluation]
 
+
+
+def test_results_record_where_the_data_was_read(cli, model_dir, text_files, tmp_path, monkeypatch):
+    """A relative data path, or one through a symbolic link, means nothing beside a results file read later: the
+    record keeps the absolute path of the file itself (the flags' record keeps what was typed)."""
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "eval-link.txt").symlink_to(text_files.eval)
+    shutil.copy(text_files.calib, tmp_path / "texts" / "calib.txt")
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli("--model", model_dir("llama"), "--calib_data", "texts/calib.txt", "--eval_data",
+                       os.path.join("texts", "eval-link.txt"), "--nsamples", "4", "--seqlen", "32",
+                       "--max_eval_windows", "2", "--quiet", "--results", "run.json")
+    assert code == 0, err
+    results = json.loads((tmp_path / "run.json").read_text())
+    assert results["calibration"]["data"] == str((tmp_path / "texts" / "calib.txt").resolve())
+    assert results["eval"]["data"] == str(text_files.eval.resolve())
+    assert results["args"]["calib_data"] == "texts/calib.txt"
 
 # ---------------------------------------------------------------- saved checkpoints
 
