@@ -123,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval_batch_size", type=_number(int), default=4, help="perplexity windows per forward pass")
     g.add_argument("--eval_dense", action="store_true",
                    help="also report the dense model's perplexity before pruning (on by default in demos)")
-    g.add_argument("--max_eval_windows", type=_number(int), default=None, help="evaluate only the first N windows (N >= 2)")
+    g.add_argument("--max_eval_windows", type=_number(int), default=None,
+                   help="evaluate only the first N windows (N >= 2)")
     g = p.add_argument_group("search (--search PARAM, or --PARAM search, e.g. --beta search)")
     g.add_argument("--search", default=None, choices=tuple(searchable),
                    help="tune one parameter by perplexity: a rule's (" + ", ".join(
