@@ -20,6 +20,7 @@ its pure-PyTorch path.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import logging
 import os
@@ -28,10 +29,24 @@ import re
 import sys
 import threading
 
-# The machine type in the name: torch's extension cache does not separate architectures, and a home directory
-# shared by x86-64 and Arm nodes would otherwise hand one the other's build.
-KERNEL_NAME = "atp_sparse_bitmask_v32_" + re.sub(r"\W", "_", platform.machine() or "unknown")
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernel.cpp")
+
+
+def kernel_name(source: str = _SOURCE) -> str:
+    """The extension's name in torch's cache: the kernel's version, a digest of its source and the machine type.
+    The digest gives an edited kernel.cpp a build folder of its own (torch would rebuild in the old one, with no
+    word about the minute it takes, and a copy of the repository at another version would rebuild it again); the
+    machine type, because torch's cache does not separate architectures and a home directory shared by x86-64 and
+    Arm nodes would otherwise hand one the other's build."""
+    try:
+        with open(source, "rb") as handle:
+            digest = hashlib.sha256(handle.read()).hexdigest()[:12]
+    except OSError:  # no source: the build fails and says so; the name only has to be a name
+        digest = "nosource"
+    return f"atp_sparse_bitmask_v32_{digest}_" + re.sub(r"\W", "_", platform.machine() or "unknown")
+
+
+KERNEL_NAME = kernel_name()
 ISA_CODES = {"cpp": 0, "avx2": 1, "avx512": 2}
 ISA_NAMES = ("avx512", "avx2", "cpp", "torch")  # best first
 ISA_LABELS = {"avx512": "AVX-512", "avx2": "AVX2", "cpp": "portable C++", "torch": "pure PyTorch"}

@@ -692,6 +692,21 @@ def test_cuda_build_of_torch_without_a_gpu_adds_nothing_to_stderr(tmp_path):
     assert ours.returncode == 0 and not ours.stderr.strip(), ours.stderr
 
 
+
+def test_an_edited_kernel_source_gets_a_build_of_its_own(tmp_path):
+    """torch rebuilds an extension whose source changed in the same folder, so the 'building' line (said only when
+    the folder holds no build) would stay silent through the minute a rebuild takes, and two checkouts at different
+    versions would rebuild each other's. The name carries a digest of the source: same text, same name wherever
+    it lies; one byte more, another name."""
+    from lib.sparse import kernels
+    source = Path(kernels._SOURCE).read_bytes()
+    copy, edited = tmp_path / "copy.cpp", tmp_path / "edited.cpp"
+    copy.write_bytes(source)
+    edited.write_bytes(source + b"\n")
+    assert kernels.kernel_name(str(copy)) == kernels.KERNEL_NAME
+    assert kernels.kernel_name(str(edited)) != kernels.KERNEL_NAME
+    assert kernels.KERNEL_NAME.startswith("atp_sparse_bitmask_v") and kernels.KERNEL_NAME.isidentifier()
+
 def test_failed_build_prints_one_line_and_falls_back(tmp_path):
     """A broken compiler: one clear line on stderr, the pure-PyTorch path, correct results, no crash."""
     code = (
