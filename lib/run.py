@@ -51,8 +51,9 @@ def prepare(config: RunConfig) -> tuple[torch.device, torch.dtype]:
     if config.model.demo == "real":
         checkpoint_path(config)  # says how to install the checkpoint before anything else runs
     if config.model.demo != "tiny":  # a checkpoint (a .gguf file too): its config read, no weights
-        num_blocks, widths = loading.shape_from_config(checkpoint_path(config))
-        skeleton = loading.skeleton_from_config(checkpoint_path(config))
+        model_config = loading.checkpoint_config(checkpoint_path(config))  # read once: a .gguf's takes seconds
+        num_blocks, widths = loading.shape_from_config(model_config)
+        skeleton = loading.skeleton_from_config(model_config)
         if skeleton is not None:  # the whole structure, checked before any weight is read
             check_structure(config, skeleton)
             check_room_for_the_model(config, skeleton, dtype)

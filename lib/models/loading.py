@@ -81,13 +81,17 @@ def config_from_checkpoint(name: str):
         return None
 
 
-def shape_from_config(name: str) -> tuple[int | None, set[int]]:
-    """(number of decoder blocks or None, the Linear input widths it names) from the config alone (cheap)."""
+def checkpoint_config(name: str):
+    """config_from_checkpoint for a run's checks: a missing path or an unreachable hub is one UserError."""
     check_model_path(name)
     try:
-        config = config_from_checkpoint(name)
+        return config_from_checkpoint(name)
     except (OSError, ValueError) as exc:
         raise _hub_error(name, exc) from None
+
+
+def shape_from_config(config) -> tuple[int | None, set[int]]:
+    """(number of decoder blocks or None, the Linear input widths it names) from a config (None: nothing known)."""
     if config is None:
         return None, set()
     config = getattr(config, "text_config", config)
@@ -107,14 +111,13 @@ def auto_model_class(config):
                     f"vision-language model that transformers can build", "model")
 
 
-def skeleton_from_config(name: str) -> nn.Module | None:
-    """The model built on the meta device from its config alone (no weights read; a .gguf file's from its
-    metadata); None for a config that cannot be built that way (the real load then decides)."""
+def skeleton_from_config(config) -> nn.Module | None:
+    """The model built on the meta device from its config alone (no weights read); None for no config or one that
+    cannot be built that way (the real load then decides)."""
+    if config is None:
+        return None
     try:
         from accelerate import init_empty_weights
-        config = config_from_checkpoint(name)
-        if config is None:
-            return None
         with init_empty_weights():
             return auto_model_class(config).from_config(config)
     except Exception:  # noqa: BLE001 - any config we cannot instantiate: let the real load decide
@@ -152,7 +155,10 @@ def model_max_positions(model: nn.Module) -> int | None:
 
 def estimated_weight_bytes(name: str, dtype: torch.dtype) -> int | None:
     """Size of the model's weights in `dtype`, from its config alone (built on the meta device); None if unknown."""
-    skeleton = skeleton_from_config(name)
+    try:
+        skeleton = skeleton_from_config(config_from_checkpoint(name))
+    except Exception:  # noqa: BLE001 - only an estimate: unknown when the config cannot be read
+        skeleton = None
     if skeleton is None:
         if name.endswith(".gguf") and os.path.isfile(name):
             return os.path.getsize(name) * 4  # a quantized file unpacked to fp32 at most: a rough upper bound

@@ -206,12 +206,16 @@ def test_bad_allocation_for_a_gguf_model_is_refused_before_its_tensors_are_read(
     real = loading.load_model_and_tokenizer
     monkeypatch.setattr(loading, "load_model_and_tokenizer",
                         lambda *args, **kwargs: loads.append(args[0]) or real(*args, **kwargs))
+    reads = []  # the metadata read takes seconds for a real model's file: once per run
+    read_config = loading.config_from_checkpoint
+    monkeypatch.setattr(loading, "config_from_checkpoint",
+                        lambda name: reads.append(name) or read_config(name))
     base = ["--model", path, "--calib_data", text_files.calib, "--eval_data", text_files.eval, "--nsamples", "2",
             "--seqlen", "32", "--max_eval_windows", "2", "--quiet", "--results", tmp_path / "run.json"]
     blocks = loaded.config.num_hidden_layers
     code, _, err = cli(*base, "--sparsity_ratio", "0.7", "--beta", "0.9")
     assert code == 3 and f"--beta 0.9 is illegal for sparsity 0.7 and {blocks} blocks" in err, err
-    assert loads == [] and not (tmp_path / "run.json").exists()
+    assert loads == [] and not (tmp_path / "run.json").exists() and reads == [str(path)]
     code, _, err = cli(*base, "--sparsity_type", "2:3")  # a width check from the file's shapes, also before loading
     assert code == 2 and "--sparsity_type 2:3" in err and loads == [], err
     code, _, err = cli(*base, "--sparsity_ratio", "0.5", "--beta", "0.01")  # control: a legal run loads the file
