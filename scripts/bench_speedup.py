@@ -1235,6 +1235,7 @@ def main(argv=None) -> int:
                               "dense_bf16_gemm": (dense_isa or {}).get("bf16_gemm") or (
                                   onednn_bf16_kernel() if dtype == torch.bfloat16 else None),
                               "kernel": kernels.describe(),
+                              "avx2_decode_expand": kernels.avx2_expand(),
                               "policy": sparse_linear.policy(),
                               "transparent_huge_pages": pages.thp_mode(),
                               "packed_weights_on_huge_pages": pages.available(),

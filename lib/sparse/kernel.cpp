@@ -75,6 +75,9 @@ enum Isa : int64_t { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
 #ifndef DECODE1_PREFETCH_L1  // batch-1 decode (rows4_*): how far ahead in each row's values, into L1
 #define DECODE1_PREFETCH_L1 1024
 #endif
+#ifndef DECODE1_L2_GROUPS  // and how many groups of four rows ahead into L2 (0: none)
+#define DECODE1_L2_GROUPS 1
+#endif
 constexpr int TILE = 16;       // tokens per tile of the tiled kernels
 constexpr int DECODE_NT = 4;   // tokens per pass of the decode kernels
 constexpr int64_t ROW_CHUNK = 16;
@@ -291,6 +294,11 @@ void densify_rows_scalar(const Op& op, T* out, int64_t cols, int64_t r0, int64_t
   }
 }
 
+// How the AVX2 batch-1 decode expands fp32 and bf16 values (rows4_avx2_halves says why there are two ways): chosen
+// by kernels.py from a measurement on this CPU (set_avx2_expand). The result is the same either way.
+enum Avx2Expand : int64_t { EXPAND_PERMUTE = 0, EXPAND_HALVES = 1 };
+int64_t avx2_expand_fp32 = EXPAND_PERMUTE, avx2_expand_bf16 = EXPAND_PERMUTE;
+
 #if ATP_X86
 // ------------------------------------------------------------------------------------------ row groups
 // The decode's group of four consecutive rows (rows4_avx2, rows4_avx512): their value streams, their mask words,
@@ -317,8 +325,10 @@ struct RowGroup {
       k[j] = mask[j * words + w];
       const char* at = reinterpret_cast<const char*>(v[j]);
       _mm_prefetch(at + DECODE1_PREFETCH_L1, _MM_HINT_T0);
-      _mm_prefetch(at + next_group, _MM_HINT_T1);
-      _mm_prefetch(at + next_group + 64, _MM_HINT_T1);
+      if (DECODE1_L2_GROUPS) {
+        _mm_prefetch(at + DECODE1_L2_GROUPS * next_group, _MM_HINT_T1);
+        _mm_prefetch(at + DECODE1_L2_GROUPS * next_group + 64, _MM_HINT_T1);
+      }
       if ((w & 7) == 0) _mm_prefetch(reinterpret_cast<const char*>(mask + (j + R) * words + w), _MM_HINT_T0);
     }
   }
@@ -470,6 +480,94 @@ inline void rows4_avx2(RowGroup<T> g, const float* x, float* out) {
   for (int j = 0; j < R; ++j) out[j] = hsum8(acc[j]);
 }
 
+// The batch-1 decode's second way to expand eight packed values: in two 128-bit halves with in-lane byte shuffles
+// (vpshufb) instead of one cross-lane permute. Cores that run 256-bit operations as two 128-bit halves (AMD Zen 1
+// and Zen+) take several micro-ops and cycles for vpermps; there the halves took two thirds of the time or less
+// (EPYC family 23 model 1, one thread, ns per 8 columns of a row at 70%, 64 x 4096 fp32 in L2: permute 2.16, halves
+// 1.36, a bare load and FMA 0.78; the 7B block from memory, 2 threads: fp32 37.8 -> 22.9 ms, bf16 1.85x faster).
+// Where the permute is one micro-op (Intel since Haswell) the halves need twice the shuffles, loads and FMAs.
+// kernels.py times both on the CPU it runs on and keeps the faster (set_avx2_expand); the sums are the same bits
+// either way (the same FMA per lane, in the same order).
+//
+// Per mask byte b, 32 bytes of vpshufb control: the low half's four lanes (columns 0-3) and the high half's (4-7),
+// each placing its values' bytes in the lanes whose bits are set and zeroing the rest (0x80). fp32: the low half
+// reads the 4 values at v; the high half the 4 that end where the byte's values end (v + popcount(b) - 4), so its
+// popcount(b >> 4) values are the last of those four and the address comes from the pointer's advance, which is
+// computed anyway (reading after the low half's popcount instead cost an and and a popcount more per byte: 3-5%
+// slower). That read starts up to 4 values before the byte's own, so the first rows of a matrix, with fewer than 4
+// values before them, take the permute (decode_rows_avx2). bf16: both halves read the same 8 values at v (16 bytes)
+// and put each value's two bytes at the top of its lane, which makes it the fp32 of that value.
+struct HalvesTable {
+  alignas(64) uint8_t ctl[256][32] = {};
+  constexpr explicit HalvesTable(int value_bytes) {
+    for (int b = 0; b < 256; ++b)
+      for (int half = 0; half < 2; ++half) {
+        // the position of this half's first value in the 16 bytes it reads
+        int k = value_bytes == 4 ? (half ? 4 - __builtin_popcount(b >> 4) : 0) : __builtin_popcount(b & (half ? 15 : 0));
+        for (int i = 0; i < 4; ++i) {
+          const bool set = (b >> (4 * half + i)) & 1;
+          for (int y = 0; y < 4; ++y) {
+            const int from = value_bytes == 4 ? 4 * k + y : (y < 2 ? -1 : 2 * k + y - 2);  // bf16: low 2 bytes 0
+            ctl[b][16 * half + 4 * i + y] = set && from >= 0 ? static_cast<uint8_t>(from) : 0x80;
+          }
+          k += set;
+        }
+      }
+  }
+  const __m128i* half(uint64_t offset, int h) const {
+    return reinterpret_cast<const __m128i*>(reinterpret_cast<const char*>(ctl) + offset + 16 * h);
+  }
+};
+constexpr HalvesTable HALVES_FP32{4};
+constexpr HalvesTable HALVES_BF16{2};
+
+// The byte at `offset` (SelectTable<32>::offset: the byte times 32) of a row whose values are at v, expanded as two
+// halves of fp32 lanes; `next` is v advanced past the byte's values.
+template <typename T> inline void expand_halves(const T* v, const T* next, uint64_t offset, __m128& low, __m128& high);
+template <>
+inline void expand_halves<float>(const float* v, const float* next, uint64_t offset, __m128& low, __m128& high) {
+  low = _mm_castsi128_ps(_mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v)),
+                                          _mm_load_si128(HALVES_FP32.half(offset, 0))));
+  high = _mm_castsi128_ps(_mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(next - 4)),
+                                           _mm_load_si128(HALVES_FP32.half(offset, 1))));
+}
+template <>
+inline void expand_halves<at::BFloat16>(const at::BFloat16* v, const at::BFloat16*, uint64_t offset, __m128& low,
+                                        __m128& high) {
+  const __m128i vals = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v));
+  low = _mm_castsi128_ps(_mm_shuffle_epi8(vals, _mm_load_si128(HALVES_BF16.half(offset, 0))));
+  high = _mm_castsi128_ps(_mm_shuffle_epi8(vals, _mm_load_si128(HALVES_BF16.half(offset, 1))));
+}
+
+// rows4_avx2 with the halves expansion (fp32 and bf16 values): each row's sum in two 128-bit accumulators, the
+// low and high halves of rows4_avx2's one.
+template <typename T>
+inline void rows4_avx2_halves(RowGroup<T> g, const float* x, float* out) {
+  constexpr int R = RowGroup<T>::R;
+  __m128 low[R], high[R];
+  for (int j = 0; j < R; ++j) low[j] = high[j] = _mm_setzero_ps();
+  for (int64_t w = 0; w < g.words; ++w) {
+    uint64_t k[R];
+    g.next_word(w, k);
+    const float* xw = x + 64 * w;
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) {
+      const __m128 xl = _mm_loadu_ps(xw + 8 * i), xh = _mm_loadu_ps(xw + 8 * i + 4);
+#pragma GCC unroll 4
+      for (int j = 0; j < R; ++j) {
+        const auto o = SelectTable<32>::offset(k[j], i);
+        const T* next = g.v[j] + __builtin_popcountll(o);
+        __m128 wl, wh;
+        expand_halves(g.v[j], next, o, wl, wh);
+        low[j] = _mm_fmadd_ps(wl, xl, low[j]);
+        high[j] = _mm_fmadd_ps(wh, xh, high[j]);
+        g.v[j] = next;
+      }
+    }
+  }
+  for (int j = 0; j < R; ++j) out[j] = hsum8(_mm256_set_m128(high[j], low[j]));
+}
+
 template <typename T>
 void decode_rows_avx2(const Op& op, int64_t r0, int64_t r1) {
   const T* vals = static_cast<const T*>(op.vals);
@@ -477,7 +575,13 @@ void decode_rows_avx2(const Op& op, int64_t r0, int64_t r1) {
   int64_t r = r0;
   if (op.ntok == 1)
     for (; r + RowGroup<T>::R <= r1; r += RowGroup<T>::R)
-      rows4_avx2<T>(RowGroup<T>(op, r), op.x, op.y + r);
+      if constexpr (std::is_same<T, at::Half>::value)  // fp16: the permute only (no halves written for it)
+        rows4_avx2<T>(RowGroup<T>(op, r), op.x, op.y + r);
+      else if ((std::is_same<T, float>::value ? avx2_expand_fp32 : avx2_expand_bf16) == EXPAND_HALVES &&
+               (!std::is_same<T, float>::value || op.off[r] >= 4))  // fp32: 4 values before (expand_halves)
+        rows4_avx2_halves<T>(RowGroup<T>(op, r), op.x, op.y + r);
+      else
+        rows4_avx2<T>(RowGroup<T>(op, r), op.x, op.y + r);
   for (; r < r1; ++r) {
     const uint8_t* m = reinterpret_cast<const uint8_t*>(op.mask + r * op.words);
     const T* v = vals + op.off[r];
@@ -1983,6 +2087,15 @@ torch::Tensor densify_into(torch::Tensor mask, torch::Tensor values, torch::Tens
   return out;
 }
 
+int64_t set_avx2_expand(const std::string& dtype, int64_t way) {
+  TORCH_CHECK(way == EXPAND_PERMUTE || way == EXPAND_HALVES, "way must be 0 (permute) or 1 (halves)");
+  TORCH_CHECK(dtype == "float32" || dtype == "bfloat16", "dtype must be float32 or bfloat16");
+  int64_t& setting = dtype == "float32" ? avx2_expand_fp32 : avx2_expand_bf16;
+  const int64_t previous = setting;
+  setting = way;
+  return previous;
+}
+
 torch::Tensor densify(torch::Tensor mask, torch::Tensor values, torch::Tensor row_offsets, int64_t cols,
                       int64_t isa) {
   return densify_into(mask, values, row_offsets, torch::empty({mask.size(0), cols}, values.options()), isa);
@@ -2006,6 +2119,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_vbmi2", &has_vbmi2, "AVX-512 VBMI2 in use (bf16/fp16 values on the AVX-512 kernels; else AVX2)");
   m.def("set_avx512_vbmi2", &set_avx512_vbmi2, "switch VBMI2 off (or back on where the CPU has it); returns the "
         "previous setting", py::arg("on"));
+  m.def("set_avx2_expand", &set_avx2_expand, "how the AVX2 batch-1 decode expands values of a dtype ('float32', "
+        "'bfloat16'): 0 one 256-bit permute, 1 two 128-bit shuffles (same results); returns the previous way",
+        py::arg("dtype"), py::arg("way"));
   m.def("has_amx", &has_amx, "AMX-BF16 usable here (CPU support and the OS's permission)");
   m.def("densify", &densify, "dense weight of a bitmask-packed matrix", py::arg("mask"), py::arg("values"),
         py::arg("row_offsets"), py::arg("cols"), py::arg("isa"));

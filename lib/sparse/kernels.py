@@ -11,6 +11,12 @@ instruction set, and the extension picks one at run time from what the CPU repor
 * ``cpp``: portable C++ (any CPU the compiler targets);
 * ``torch``: no C++ at all, SparseLinear's pure-PyTorch path (correct, slow: it unpacks the weight every call).
 
+The AVX2 batch-1 decode has two ways to expand 8 packed fp32 or bf16 values, with the same results: one 256-bit
+cross-lane permute (cheap where it is one micro-op: Intel since Haswell) or two 128-bit in-lane shuffles (cheap on
+cores that split 256-bit operations into halves, where the permute costs several: AMD Zen 1/Zen+). No CPU flag tells
+them apart, so when the AVX2 kernel comes into use both are timed on a small matrix held in cache (about 20 ms, once
+per process) and the faster kept (:func:`avx2_expand`; ``ATP_SPARSE_AVX2_EXPAND=permute|halves`` forces one).
+
 ``ATP_SPARSE_ISA=avx512|avx2|cpp|torch`` (or :func:`set_isa`) forces one; asking for one the CPU lacks prints one line
 and uses the best it has. ``ATP_SPARSE_AMX=off`` (or :func:`set_amx`) keeps bf16 off the AMX path on a CPU that has
 it (bf16 then takes the tiled kernel, as on AVX-512 CPUs without AMX). When the build cannot run (no compiler, a
@@ -28,6 +34,7 @@ import platform
 import re
 import sys
 import threading
+import time
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernel.cpp")
 
@@ -43,7 +50,7 @@ def kernel_name(source: str = _SOURCE) -> str:
             digest = hashlib.sha256(handle.read()).hexdigest()[:12]
     except OSError:  # no source: the build fails and says so; the name only has to be a name
         digest = "nosource"
-    return f"atp_sparse_bitmask_v32_{digest}_" + re.sub(r"\W", "_", platform.machine() or "unknown")
+    return f"atp_sparse_bitmask_v33_{digest}_" + re.sub(r"\W", "_", platform.machine() or "unknown")
 
 
 KERNEL_NAME = kernel_name()
@@ -58,6 +65,11 @@ _isa = "torch"      # the instruction set in use (set when the module loads, or 
 ISA_CODE = 0        # its code, read by SparseLinear.forward on every call
 _use_kernel = True  # False when the isa is "torch"
 _amx_enabled = os.environ.get("ATP_SPARSE_AMX", "").strip().lower() not in ("off", "0", "no", "false")
+EXPAND_WAYS = ("permute", "halves")  # the codes of set_avx2_expand
+EXPAND_DTYPES = ("float32", "bfloat16")  # values dtypes with both ways (fp16 always permutes)
+EXPAND_MARGIN = 0.95  # halves only when it took at most this share of the permute's time (the permute by default)
+_expand: dict[str, str] = {}  # values dtype -> way, once the AVX2 kernel came into use
+_expand_seconds: dict[str, dict[str, float]] = {}  # values dtype -> way -> best seconds of a call (measured)
 
 
 def _cpp_extension():
@@ -118,6 +130,91 @@ def _activate(name: str) -> None:
     _isa = name
     ISA_CODE = ISA_CODES.get(name, 0)
     _use_kernel = name != "torch"
+    if _module not in (None, _UNSET) and _runs_avx2_decode(name) and not _expand:
+        _choose_expand(_module)
+
+
+def _runs_avx2_decode(name: str) -> bool:
+    """Whether some decode runs the AVX2 kernel under this isa: AVX2 itself, or bf16 values on AVX-512 without
+    VBMI2."""
+    return name == "avx2" or (name == "avx512" and not _module.has_vbmi2())
+
+
+def _requested_expand() -> str | None:
+    value = os.environ.get("ATP_SPARSE_AVX2_EXPAND", "").strip().lower()
+    if value in ("", "auto"):
+        return None
+    if value not in EXPAND_WAYS:
+        print(f"atp sparse: ATP_SPARSE_AVX2_EXPAND={value!r} is not one of auto, {', '.join(EXPAND_WAYS)}; measuring",
+              file=sys.stderr, flush=True)
+        return None
+    return value
+
+
+def measure_expand(module, dtype_name: str, rounds: int = 7, calls: int = 5) -> dict[str, float]:
+    """Best seconds of one AVX2 batch-1 decode call with each expansion way, on one thread (this compares a core's
+    instructions; a parallel region's start would blur the difference): a 128 x 4096 matrix at 70% (0.6 MiB of
+    packed fp32 values, in L2 or L3 on any CPU), the ways interleaved round by round so that a busy moment of a
+    shared machine slows both. Leaves the permute set."""
+    import torch  # here: loading the kernels needs no torch tensors
+
+    from lib.sparse import format as fmt
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(128, 4096, generator=generator)
+    weight = (weight * (torch.rand(128, 4096, generator=generator) < 0.3)).to(getattr(torch, dtype_name))
+    packed = fmt.pack(weight)
+    x = torch.randn(1, 4096, generator=generator)
+    seconds = {way: float("inf") for way in EXPAND_WAYS}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(rounds):
+            for code, way in enumerate(EXPAND_WAYS):
+                module.set_avx2_expand(dtype_name, code)
+                for _ in range(calls):
+                    start = time.perf_counter()
+                    module.linear(x, packed["mask"], packed["values"], packed["row_offsets"], None, 4096, 0,
+                                  ISA_CODES["avx2"])
+                    seconds[way] = min(seconds[way], time.perf_counter() - start)
+    finally:
+        module.set_avx2_expand(dtype_name, 0)
+        torch.set_num_threads(threads)
+    return seconds
+
+
+def _choose_expand(module) -> None:
+    forced = _requested_expand()
+    for dtype_name in EXPAND_DTYPES:
+        if forced is None:
+            seconds = measure_expand(module, dtype_name)
+            _expand_seconds[dtype_name] = seconds
+            way = "halves" if seconds["halves"] <= EXPAND_MARGIN * seconds["permute"] else "permute"
+        else:
+            way = forced
+        module.set_avx2_expand(dtype_name, EXPAND_WAYS.index(way))
+        _expand[dtype_name] = way
+
+
+def avx2_expand() -> dict:
+    """How the AVX2 batch-1 decode expands each values dtype here ({} when the AVX2 kernel is not in use), with
+    the measured seconds per call of each way (empty when ATP_SPARSE_AVX2_EXPAND forced it), for records."""
+    get()
+    return {dtype_name: {"way": way, "seconds": dict(_expand_seconds.get(dtype_name, {}))}
+            for dtype_name, way in _expand.items()}
+
+
+def set_avx2_expand(way: str, dtype_name: str | None = None) -> None:
+    """Use one expansion way for the AVX2 batch-1 decode of one values dtype, or of both (tests, benchmarks)."""
+    module = get()
+    if way not in EXPAND_WAYS:
+        raise ValueError(f"way must be one of {', '.join(EXPAND_WAYS)}, got {way!r}")
+    if module is None:
+        return
+    with _lock:
+        for name in ([dtype_name] if dtype_name else EXPAND_DTYPES):
+            module.set_avx2_expand(name, EXPAND_WAYS.index(way))
+            _expand[name] = way
 
 
 def get():
@@ -212,8 +309,23 @@ def describe() -> str:
     if name == "torch":
         return f"pure PyTorch ({_reason or 'forced'})"
     if name == "avx512" and not _module.has_vbmi2():
-        return "C++ AVX-512 (OpenMP; bf16/fp16 values on AVX2: no VBMI2)"
+        return f"C++ AVX-512 (OpenMP; bf16/fp16 values on AVX2: no VBMI2{_expand_note(('bfloat16',))})"
+    if name == "avx2":
+        return f"C++ AVX2 (OpenMP{_expand_note(EXPAND_DTYPES)})"
     return f"C++ {ISA_LABELS[name]} (OpenMP)"
+
+
+def _expand_note(dtype_names: tuple[str, ...]) -> str:
+    """'; decode expands fp32 in halves, bf16 in halves' with the measured speed of the chosen way."""
+    parts = []
+    for dtype_name in dtype_names:
+        way, seconds = _expand.get(dtype_name), _expand_seconds.get(dtype_name)
+        if way is None:
+            continue
+        short = {"float32": "fp32", "bfloat16": "bf16"}[dtype_name]
+        gain = f" {seconds['permute'] / seconds['halves']:.2f}x" if seconds and way == "halves" else ""
+        parts.append(f"{short} {'halves' + gain if way == 'halves' else 'permute'}")
+    return f"; decode expand: {', '.join(parts)}" if parts else ""
 
 
 def reset() -> None:
@@ -222,4 +334,6 @@ def reset() -> None:
     with _lock:
         _module = _UNSET
         _reason = None
+        _expand.clear()
+        _expand_seconds.clear()
         _activate("torch")

@@ -123,6 +123,120 @@ def test_every_mask_byte_pattern_places_its_values_exactly(isa, dtype):
             assert torch.equal(module(x), expected)
 
 
+@pytest.fixture(params=kernels.EXPAND_WAYS)
+def avx2_way(request):
+    """The AVX2 kernel with each way of expanding fp32 and bf16 values in the batch-1 decode (kernels.py measures
+    which is faster on this CPU; both must be right wherever they run)."""
+    if kernels.get() is None or "avx2" not in kernels.supported_isas():
+        pytest.skip("needs the AVX2 kernel")
+    previous_isa = kernels.set_isa("avx2")
+    previous = {name: entry["way"] for name, entry in kernels.avx2_expand().items()}
+    kernels.set_avx2_expand(request.param)
+    try:
+        yield request.param
+    finally:
+        for name, way in previous.items():
+            kernels.set_avx2_expand(way, name)
+        kernels.set_isa(previous_isa)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_avx2_expansion_ways_place_every_mask_byte_exactly(avx2_way, dtype):
+    """Both ways of the AVX2 batch-1 decode (one 256-bit permute; two 128-bit shuffles, the high half's values
+    read from after the low half's) on rows that run through all 256 byte patterns forwards and backwards, with
+    exact small-integer sums: the dense result bit for bit. Rows 16 + 3: the last three go through the one-row
+    loop."""
+    patterns = torch.cat([torch.arange(256), torch.arange(255, -1, -1), torch.arange(96)]).view(19, 32)
+    bits = (patterns.unsqueeze(-1) >> torch.arange(8)) & 1
+    g = torch.Generator().manual_seed(7)
+    magnitudes = torch.randint(1, 9, (19, 256), generator=g).float()
+    signs = torch.where(torch.rand(19, 256, generator=g) < 0.5, -1.0, 1.0)
+    w = (bits.reshape(19, 256).float() * magnitudes * signs).to(dtype)
+    module = SparseLinear(256, 19, **fmt.pack(w))
+    x = torch.randint(-4, 5, (1, 256), generator=g).float()
+    assert torch.equal(module(x), F.linear(x, w.float()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(67, 333), (8, 64), (4, 7), (130, 1100)])
+def test_avx2_expansion_ways_give_the_same_bits(dtype, shape):
+    """The two ways add the same products in the same order per lane, so the decode's result does not depend on
+    which one this CPU's measurement chose: equal bit for bit on random values (empty and full rows, a row length
+    that is no multiple of 8 or 64), and within fp32 rounding of the dense result."""
+    if kernels.get() is None or "avx2" not in kernels.supported_isas():
+        pytest.skip("needs the AVX2 kernel")
+    rows, cols = shape
+    w = pruned_weight(rows, cols, 0.7, dtype, seed=11, empty_rows=(1,), dense_rows=(2,))
+    module = SparseLinear(cols, rows, **fmt.pack(w), bias=torch.randn(rows).to(dtype))
+    x = torch.randn(1, cols, generator=torch.Generator().manual_seed(3))
+    previous_isa = kernels.set_isa("avx2")
+    previous = {name: entry["way"] for name, entry in kernels.avx2_expand().items()}
+    try:
+        outs = {}
+        for way in kernels.EXPAND_WAYS:
+            kernels.set_avx2_expand(way, str(dtype).replace("torch.", ""))
+            outs[way] = module(x)
+    finally:
+        for name, way in previous.items():
+            kernels.set_avx2_expand(way, name)
+        kernels.set_isa(previous_isa)
+    assert torch.equal(outs["permute"], outs["halves"])
+    ref = F.linear(x, w.float(), module.bias.float())
+    assert (outs["halves"] - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
+
+
+@pytest.mark.parametrize("values_before", [0, 1, 3, 4, 5])
+def test_avx2_halves_near_the_start_of_the_values(avx2_way, values_before):
+    """fp32's high half reads the four values that end where its byte's end, so a row group with fewer than four
+    values before it (the first of a matrix) takes the permute: matrices whose first rows hold 0-5 values, then
+    ordinary rows, equal the dense result bit for bit (small integers: exact sums)."""
+    g = torch.Generator().manual_seed(values_before)
+    w = torch.randint(-4, 5, (12, 200), generator=g).float()
+    w[torch.rand(12, 200, generator=g) < 0.7] = 0
+    w[:4] = 0
+    w[0, torch.randperm(200, generator=g)[:values_before]] = 3.0
+    module = SparseLinear(200, 12, **fmt.pack(w))
+    x = torch.randint(-4, 5, (1, 200), generator=g).float()
+    assert int(module.row_offsets[4]) == values_before
+    assert torch.equal(module(x), F.linear(x, w))
+
+
+def test_avx2_expansion_measured_once_and_recorded():
+    """Where the AVX2 kernel is in use the two ways were timed (finite seconds for each) and the faster kept
+    unless within the margin; the kernel's description names the choice."""
+    if kernels.get() is None or "avx2" not in kernels.supported_isas():
+        pytest.skip("needs the AVX2 kernel")
+    seconds = kernels.measure_expand(kernels.get(), "float32", rounds=1, calls=2)
+    assert set(seconds) == set(kernels.EXPAND_WAYS) and all(0 < s < 1 for s in seconds.values())
+    previous_isa = kernels.set_isa("avx2")
+    try:
+        record = kernels.avx2_expand()
+        assert set(record) == set(kernels.EXPAND_DTYPES)
+        for name, entry in record.items():
+            assert entry["way"] in kernels.EXPAND_WAYS
+            if entry["seconds"]:  # measured (not forced by ATP_SPARSE_AVX2_EXPAND)
+                faster = entry["seconds"]["halves"] <= kernels.EXPAND_MARGIN * entry["seconds"]["permute"]
+                assert entry["way"] == ("halves" if faster else "permute")
+        assert "decode expand: fp32" in kernels.describe()
+    finally:
+        kernels.set_isa(previous_isa)
+
+
+def test_avx2_expansion_forced_by_environment():
+    """ATP_SPARSE_AVX2_EXPAND=permute|halves skips the measurement and uses that way for fp32 and bf16; an unknown
+    value gives one line on stderr and the measurement."""
+    if kernels.get() is None or "avx2" not in kernels.supported_isas():
+        pytest.skip("needs the AVX2 kernel")
+    code = "from lib.sparse import kernels\nprint(kernels.avx2_expand())\n"
+    for way in kernels.EXPAND_WAYS:
+        result = _run_python(code, ATP_SPARSE_ISA="avx2", ATP_SPARSE_AVX2_EXPAND=way)
+        assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+        assert result.stdout.count(f"'way': '{way}', 'seconds': {{}}") == 2
+    result = _run_python(code, ATP_SPARSE_ISA="avx2", ATP_SPARSE_AVX2_EXPAND="sideways")
+    assert result.returncode == 0 and "'permute':" in result.stdout
+    assert len([line for line in result.stderr.splitlines() if line.strip()]) == 1
+
+
 def test_no_tokens(isa):
     w = pruned_weight(9, 70, 0.7, torch.float32)
     module = SparseLinear(70, 9, **fmt.pack(w))
