@@ -503,7 +503,8 @@ struct HalvesTable {
     for (int b = 0; b < 256; ++b)
       for (int half = 0; half < 2; ++half) {
         // the position of this half's first value in the 16 bytes it reads
-        int k = value_bytes == 4 ? (half ? 4 - __builtin_popcount(b >> 4) : 0) : __builtin_popcount(b & (half ? 15 : 0));
+        int k = value_bytes == 4 ? (half ? 4 - __builtin_popcount(b >> 4) : 0)
+                                 : __builtin_popcount(b & (half ? 15 : 0));
         for (int i = 0; i < 4; ++i) {
           const bool set = (b >> (4 * half + i)) & 1;
           for (int y = 0; y < 4; ++y) {
