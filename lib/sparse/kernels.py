@@ -111,13 +111,22 @@ def _requested() -> str:
     return value or "auto"
 
 
+def _env_word(variable: str, value: str, allowed: tuple[str, ...], otherwise: str) -> str | None:
+    """An environment setting's word if it is one of `allowed`; None for '' and 'auto', and for anything else after
+    one line on stderr saying what happens instead (`otherwise`)."""
+    if value in ("", "auto"):
+        return None
+    if value not in allowed:
+        print(f"atp sparse: {variable}={value!r} is not one of auto, {', '.join(allowed)}; {otherwise}",
+              file=sys.stderr, flush=True)
+        return None
+    return value
+
+
 def _choose(module, requested: str) -> str:
     best = {2: "avx512", 1: "avx2", 0: "cpp"}[int(module.best_isa())] if module is not None else "torch"
-    if requested in ("", "auto"):
-        return best
-    if requested not in ISA_NAMES:
-        print(f"atp sparse: ATP_SPARSE_ISA={requested!r} is not one of auto, {', '.join(ISA_NAMES)}; using {best}",
-              file=sys.stderr, flush=True)
+    requested = _env_word("ATP_SPARSE_ISA", requested, ISA_NAMES, f"using {best}")
+    if requested is None:
         return best
     if requested != "torch" and (module is None or ISA_NAMES.index(requested) < ISA_NAMES.index(best)):
         print(f"atp sparse: this CPU cannot run the {requested} kernel; using {best}", file=sys.stderr, flush=True)
@@ -141,14 +150,8 @@ def _runs_avx2_decode(name: str) -> bool:
 
 
 def _requested_expand() -> str | None:
-    value = os.environ.get("ATP_SPARSE_AVX2_EXPAND", "").strip().lower()
-    if value in ("", "auto"):
-        return None
-    if value not in EXPAND_WAYS:
-        print(f"atp sparse: ATP_SPARSE_AVX2_EXPAND={value!r} is not one of auto, {', '.join(EXPAND_WAYS)}; measuring",
-              file=sys.stderr, flush=True)
-        return None
-    return value
+    return _env_word("ATP_SPARSE_AVX2_EXPAND", os.environ.get("ATP_SPARSE_AVX2_EXPAND", "").strip().lower(),
+                     EXPAND_WAYS, "measuring")
 
 
 def measure_expand(module, dtype_name: str, rounds: int = 7, calls: int = 5) -> dict[str, float]:
