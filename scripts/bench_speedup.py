@@ -97,6 +97,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="off: bf16 without the tile unit on both sides, as on an AVX-512 CPU without AMX (this "
                         "project's AMX path switched off; with --dense_isa match, torch's oneDNN capped at "
                         "AVX512_CORE_BF16)")
+    p.add_argument("--bf16_dot", choices=["on", "off"], default="on",
+                   help="off: the tiled kernel for bf16 weights and inputs on fp32 multiply-adds instead of "
+                        "AVX512_BF16's dot products, on a CPU that has them (the dense side unchanged)")
     p.add_argument("--experts", action="store_true",
                    help="also a mixture-of-experts layer (--experts_shape) at --curve_level: transformers' experts "
                         "forward on the dense fused tensors against the packed experts (lib/sparse/experts.py)")
@@ -112,6 +115,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise BenchError("give --model DIR or --demo real (or --skip_model)")
     if args.amx == "off" and args.isa in ("avx2", "cpp", "torch"):
         raise BenchError(f"--amx off: --isa {args.isa} never uses AMX")
+    if args.bf16_dot == "off" and args.isa in ("avx2", "cpp", "torch"):
+        raise BenchError(f"--bf16_dot off: --isa {args.isa} never uses AVX512_BF16")
     if args.skip_model and args.skip_layer and not args.experts:
         raise BenchError("--skip_model and --skip_layer together leave nothing to measure")
     try:
@@ -1209,6 +1214,8 @@ def main(argv=None) -> int:
     kernels.get()
     if args.amx == "off":
         kernels.set_amx(False)
+    if args.bf16_dot == "off":
+        kernels.set_bf16_dot(False)
     try:
         if args.isa != "auto":
             kernels.set_isa(args.isa)
@@ -1230,6 +1237,7 @@ def main(argv=None) -> int:
                               "threads": args.threads,
                               "cores": os.cpu_count(), "torch": torch.__version__,
                               "isa": kernels.isa(), "amx": kernels.has_amx() and kernels.isa() == "avx512",
+                              "bf16_dot": kernels.has_bf16_dot(),
                               "dense_isa": dense_isa or {"aten_capability": torch.backends.cpu.get_cpu_capability(),
                                                          "capped_at": None},
                               "dense_bf16_gemm": (dense_isa or {}).get("bf16_gemm") or (

@@ -17,9 +17,14 @@ cores that split 256-bit operations into halves, where the permute costs several
 them apart, so when the AVX2 kernel comes into use both are timed on a small matrix held in cache (about 20 ms, once
 per process) and the faster kept (:func:`avx2_expand`; ``ATP_SPARSE_AVX2_EXPAND=permute|halves`` forces one).
 
+On CPUs with AVX512_BF16 (Intel Cooper Lake and Sapphire Rapids on, AMD Zen 4 on) the tiled path for bf16 weights
+and bf16 inputs runs on its dot products (two bf16 products per 32-bit lane; :func:`has_bf16_dot`), where torch's
+dense bf16 GEMM runs on them too.
+
 ``ATP_SPARSE_ISA=avx512|avx2|cpp|torch`` (or :func:`set_isa`) forces one; asking for one the CPU lacks prints one line
 and uses the best it has. ``ATP_SPARSE_AMX=off`` (or :func:`set_amx`) keeps bf16 off the AMX path on a CPU that has
-it (bf16 then takes the tiled kernel, as on AVX-512 CPUs without AMX). When the build cannot run (no compiler, a
+it (bf16 then takes the tiled kernel, as on AVX-512 CPUs without AMX); ``ATP_SPARSE_BF16_DOT=off`` (or
+:func:`set_bf16_dot`) keeps that tiled kernel off the dot products (fp32 multiply-adds instead). When the build cannot run (no compiler, a
 failing one, ATP_SPARSE_KERNEL=off) one line is printed on stderr and `get()` returns None: SparseLinear then uses
 its pure-PyTorch path.
 """
@@ -50,7 +55,7 @@ def kernel_name(source: str = _SOURCE) -> str:
             digest = hashlib.sha256(handle.read()).hexdigest()[:12]
     except OSError:  # no source: the build fails and says so; the name only has to be a name
         digest = "nosource"
-    return f"atp_sparse_bitmask_v33_{digest}_" + re.sub(r"\W", "_", platform.machine() or "unknown")
+    return f"atp_sparse_bitmask_v34_{digest}_" + re.sub(r"\W", "_", platform.machine() or "unknown")
 
 
 KERNEL_NAME = kernel_name()
@@ -64,7 +69,8 @@ _lock = threading.Lock()
 _isa = "torch"      # the instruction set in use (set when the module loads, or by set_isa)
 ISA_CODE = 0        # its code, read by SparseLinear.forward on every call
 _use_kernel = True  # False when the isa is "torch"
-_amx_enabled = os.environ.get("ATP_SPARSE_AMX", "").strip().lower() not in ("off", "0", "no", "false")
+_OFF_WORDS = ("off", "0", "no", "false")
+_amx_enabled = os.environ.get("ATP_SPARSE_AMX", "").strip().lower() not in _OFF_WORDS
 EXPAND_WAYS = ("permute", "halves")  # the codes of set_avx2_expand
 EXPAND_DTYPES = ("float32", "bfloat16")  # values dtypes with both ways (fp16 always permutes)
 EXPAND_MARGIN = 0.95  # halves only when it took at most this share of the permute's time (the permute by default)
@@ -233,7 +239,7 @@ def get():
 def _load() -> None:
     global _module, _reason
     requested = _requested()
-    if os.environ.get("ATP_SPARSE_KERNEL", "").lower() in ("off", "0", "no", "false"):
+    if os.environ.get("ATP_SPARSE_KERNEL", "").lower() in _OFF_WORDS:
         _reason = "disabled by ATP_SPARSE_KERNEL"
         _module = None
     elif requested == "torch":
@@ -252,6 +258,8 @@ def _load() -> None:
     if _module is None and requested != "torch":
         print(f"atp sparse: C++ kernel unavailable ({_reason}); using the pure-PyTorch path (slow)",
               file=sys.stderr, flush=True)
+    if _module is not None and os.environ.get("ATP_SPARSE_BF16_DOT", "").strip().lower() in _OFF_WORDS:
+        _module.set_avx512_bf16(False)
     _activate(_choose(_module, requested))
 
 
@@ -294,6 +302,23 @@ def set_amx(enabled: bool) -> bool:
     return previous
 
 
+def has_bf16_dot() -> bool:
+    """The tiled path for bf16 weights and bf16 inputs runs on AVX512_BF16's dot products: the AVX-512 kernel is in
+    use, the CPU has AVX512_BF16 (and VBMI2), and it was not switched off (ATP_SPARSE_BF16_DOT=off,
+    set_bf16_dot(False))."""
+    module = get()
+    return bool(module is not None and _isa == "avx512" and module.has_bf16_dot())
+
+
+def set_bf16_dot(enabled: bool) -> bool:
+    """Allow (True, where the CPU has it) or forbid (False) the dot-product tiled kernel from now on (tests,
+    benchmarks); returns the previous setting. SparseLinear keys its measured choices by it."""
+    module = get()
+    if module is None:
+        return False
+    return bool(module.set_avx512_bf16(bool(enabled)))
+
+
 def set_isa(name: str) -> str:
     """Use another instruction set from now on (tests, benchmarks); returns the previous one. ValueError when this
     machine cannot run it."""
@@ -315,6 +340,8 @@ def describe() -> str:
         return f"C++ AVX-512 (OpenMP; bf16/fp16 values on AVX2: no VBMI2{_expand_note(('bfloat16',))})"
     if name == "avx2":
         return f"C++ AVX2 (OpenMP{_expand_note(EXPAND_DTYPES)})"
+    if name == "avx512" and _module.has_bf16_dot():
+        return "C++ AVX-512 (OpenMP; bf16 tiled on AVX512_BF16 dot products)"
     return f"C++ {ISA_LABELS[name]} (OpenMP)"
 
 

@@ -344,6 +344,95 @@ def test_bf16_decode_reads_its_inputs_as_pairs_to_fp32_accuracy(ntok):
     assert torch.equal(y, torch.cat(alone))
 
 
+def _needs_bf16_dot():
+    kern = kernels.get()
+    if kern is None or kernels.isa() != "avx512" or not kernels.has_bf16_dot():
+        pytest.skip("needs the AVX-512 kernel on a CPU with AVX512_BF16 and VBMI2")
+    return kern
+
+
+# (rows, cols, tokens): the fp32 kernel's work items (short: one group of few tokens on a wide weight; tall: a narrow
+# weight; standard, halved for the dot kernel) with an odd width, padding columns, partial tiles and groups
+BF16_DOT_CASES = [(67, 333, 1), (67, 333, 17), (300, 1000, 130), (150, 576, 300), (64, 4100, 40), (40, 64, 16)]
+
+
+@pytest.mark.parametrize("rows,cols,ntok", BF16_DOT_CASES)
+def test_bf16_dot_tiled_kernel_sums_exact_products_in_fp32(rows, cols, ntok):
+    """On AVX512_BF16 the tiled kernel for bf16 weights and bf16 inputs multiplies pairs of adjacent columns on the
+    dot products: bf16 x bf16 products are exact in fp32, so the result lies within fp32 rounding of a float64
+    reference, as the fp32 tiled kernel's does (which it replaces: the bits differ, the sums run in another order);
+    an empty and a dense row, and pairs with one nonzero of two, included."""
+    kern = _needs_bf16_dot()
+    w = pruned_weight(rows, cols, 0.7, torch.bfloat16, seed=cols, empty_rows=(1,), dense_rows=(2,))
+    p = fmt.pack(w)
+    x = torch.randn(ntok, cols, generator=torch.Generator().manual_seed(ntok)).to(torch.bfloat16)
+    ref = x.double() @ w.double().T
+    dot = kern.spmm(p["mask"], p["values"], p["row_offsets"], x, kernels.ISA_CODES["avx512"])
+    before = kernels.set_bf16_dot(False)
+    try:
+        fp32 = kern.spmm(p["mask"], p["values"], p["row_offsets"], x, kernels.ISA_CODES["avx512"])
+    finally:
+        kernels.set_bf16_dot(before)
+    bound = 1e-6 * max(1.0, ref.abs().max().item())
+    assert dot.dtype == torch.float32 and dot.shape == (ntok, rows)
+    assert (dot.double() - ref).abs().max().item() <= bound
+    assert (fp32.double() - ref).abs().max().item() <= bound
+    assert not torch.equal(dot, fp32)
+    assert torch.equal(dot[:, 1], torch.zeros(ntok))
+
+
+def test_bf16_dot_only_for_bf16_inputs_and_not_when_switched_off():
+    """fp32 inputs against bf16 weights keep the fp32 tiled kernel (rounding them to bf16 would lose precision the
+    caller asked for): bit for bit what the kernel gives with the dot products switched off. Switched off,
+    kernels.describe() and has_bf16_dot() say so, and SparseLinear measures its choices anew."""
+    kern = _needs_bf16_dot()
+    w = pruned_weight(64, 200, 0.7, torch.bfloat16, seed=7)
+    p = fmt.pack(w)
+    x = torch.randn(40, 200, generator=torch.Generator().manual_seed(3))
+    on = kern.spmm(p["mask"], p["values"], p["row_offsets"], x, kernels.ISA_CODES["avx512"])
+    before = kernels.set_bf16_dot(False)
+    try:
+        assert not kernels.has_bf16_dot() and "AVX512_BF16" not in kernels.describe()
+        off = kern.spmm(p["mask"], p["values"], p["row_offsets"], x, kernels.ISA_CODES["avx512"])
+    finally:
+        kernels.set_bf16_dot(before)
+    assert torch.equal(on, off)
+    assert kernels.has_bf16_dot() and "AVX512_BF16" in kernels.describe()
+
+
+def test_bf16_dot_choices_are_measured_apart(monkeypatch):
+    """A choice of path measured with the dot-product kernel is not reused without it, nor the other way round;
+    both give the dense result."""
+    _needs_bf16_dot()
+    monkeypatch.setattr(sparse_linear, "_policy", "auto")
+    previous_amx = kernels.set_amx(False)  # on AMX CPUs bf16 would take the AMX path instead of the tiled kernel
+    sparse_linear.clear_choices()
+    w = pruned_weight(64, 96, 0.7, torch.bfloat16)
+    x = torch.randn(40, 96).to(torch.bfloat16)
+    before = kernels.set_bf16_dot(False)
+    try:
+        check(w, None, x, torch.bfloat16)
+        kernels.set_bf16_dot(True)
+        check(w, None, x, torch.bfloat16)
+        assert len(sparse_linear.choices()) == 2
+    finally:
+        kernels.set_bf16_dot(before)
+        kernels.set_amx(previous_amx)
+        sparse_linear.clear_choices()
+
+
+def test_bf16_dot_switched_off_by_environment():
+    """ATP_SPARSE_BF16_DOT=off keeps bf16 tiled calls on the fp32 multiply-adds from the start."""
+    _needs_bf16_dot()
+    code = ("from lib.sparse import kernels\n"
+            "print(kernels.has_bf16_dot(), kernels.describe())\n")
+    result = _run_python(code, ATP_SPARSE_BF16_DOT="off")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[0] == "False" and "AVX512_BF16" not in result.stdout
+    result = _run_python(code)
+    assert result.returncode == 0 and result.stdout.split()[0] == "True"
+
+
 def test_vbmi2_instructions_only_in_code_for_16bit_values_and_amx():
     """The AVX-512 region is compiled with VBMI2 allowed (for bf16/fp16 expand-loads), but a CPU without VBMI2 runs
     its fp32 code: in the built extension, every VBMI2 instruction sits in a function for 16-bit values or AMX."""
