@@ -7,7 +7,8 @@ around a decode matvec cost as much as the matvec of a small layer. Paths, chose
 * ``decode`` (up to DECODE_MAX_TOKENS tokens): one streaming pass over the packed weight, the expanded weights
   reused for up to 4 tokens at a time. Always taken for 1 to 4 tokens: it reads a third of the dense bytes.
 * ``tiled``: the 16-token tiled kernel (each decoded nonzero reused for every token of a tile); for bf16 weights and
-  bf16 inputs on CPUs with AVX512_BF16, each pair of adjacent columns holding a nonzero, on the dot products;
+  bf16 inputs on CPUs with AVX512_BF16, each pair of adjacent columns holding a nonzero, on the dot products (and
+  the decode of 5-16 such tokens in one pass);
 * ``amx`` (bf16 weights and inputs, CPUs with AMX): rows decoded into dense bf16 tiles in cache, multiplied on the
   tile unit; it replaces ``tiled`` there, since torch's own bf16 GEMM runs on AMX too;
 * ``dense``: the kernel unpacks the weight into a reusable workspace (one per dtype, the size of the largest

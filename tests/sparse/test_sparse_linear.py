@@ -381,22 +381,54 @@ def test_bf16_dot_tiled_kernel_sums_exact_products_in_fp32(rows, cols, ntok):
     assert torch.equal(dot[:, 1], torch.zeros(ntok))
 
 
+@pytest.mark.parametrize("ntok", [4, 5, 8, 13, 16, 17, 35])
+def test_bf16_dot_decode_takes_every_token_in_one_pass(ntok):
+    """From 5 tokens, bf16 inputs against bf16 weights decode on the dot products, up to 16 tokens per pass over the
+    weight (more in passes of 16): within fp32 rounding of a float64 reference like the fp32 decode, and another
+    route (the bits differ) except at 4 tokens and below, which keep the fp32 decode; an odd width, padding
+    columns, an empty and a dense row, rows not a multiple of 16."""
+    kern = _needs_bf16_dot()
+    w = pruned_weight(67, 333, 0.7, torch.bfloat16, seed=ntok, empty_rows=(1,), dense_rows=(2,))
+    p = fmt.pack(w)
+    x = torch.randn(ntok, 333, generator=torch.Generator().manual_seed(ntok)).to(torch.bfloat16)
+    ref = x.double() @ w.double().T
+    dot = kern.spmv(p["mask"], p["values"], p["row_offsets"], x, kernels.ISA_CODES["avx512"])
+    before = kernels.set_bf16_dot(False)
+    try:
+        fp32 = kern.spmv(p["mask"], p["values"], p["row_offsets"], x, kernels.ISA_CODES["avx512"])
+    finally:
+        kernels.set_bf16_dot(before)
+    bound = 1e-6 * max(1.0, ref.abs().max().item())
+    assert dot.dtype == torch.float32 and dot.shape == (ntok, 67)
+    assert (dot.double() - ref).abs().max().item() <= bound
+    assert (fp32.double() - ref).abs().max().item() <= bound
+    assert torch.equal(dot, fp32) == (ntok <= 4)
+    assert torch.equal(dot[:, 1], torch.zeros(ntok))
+
+
 def test_bf16_dot_only_for_bf16_inputs_and_not_when_switched_off():
-    """fp32 inputs against bf16 weights keep the fp32 tiled kernel (rounding them to bf16 would lose precision the
-    caller asked for): bit for bit what the kernel gives with the dot products switched off. Switched off,
-    kernels.describe() and has_bf16_dot() say so, and SparseLinear measures its choices anew."""
+    """fp32 inputs against bf16 weights keep the fp32 kernels (rounding them to bf16 would lose precision the
+    caller asked for): bit for bit what the tiled kernel and the decode give with the dot products switched off.
+    Switched off, kernels.describe() and has_bf16_dot() say so."""
     kern = _needs_bf16_dot()
     w = pruned_weight(64, 200, 0.7, torch.bfloat16, seed=7)
     p = fmt.pack(w)
     x = torch.randn(40, 200, generator=torch.Generator().manual_seed(3))
-    on = kern.spmm(p["mask"], p["values"], p["row_offsets"], x, kernels.ISA_CODES["avx512"])
+    pad = torch.cat([x, torch.zeros(40, p["mask"].shape[1] * 64 - 200)], 1)
+    avx512 = kernels.ISA_CODES["avx512"]
+
+    def run():
+        return [kern.spmm(p["mask"], p["values"], p["row_offsets"], x, avx512),
+                kern.spmv(p["mask"], p["values"], p["row_offsets"], pad[:9].contiguous(), avx512)]
+
+    on = run()
     before = kernels.set_bf16_dot(False)
     try:
         assert not kernels.has_bf16_dot() and "AVX512_BF16" not in kernels.describe()
-        off = kern.spmm(p["mask"], p["values"], p["row_offsets"], x, kernels.ISA_CODES["avx512"])
+        off = run()
     finally:
         kernels.set_bf16_dot(before)
-    assert torch.equal(on, off)
+    assert all(torch.equal(a, b) for a, b in zip(on, off))
     assert kernels.has_bf16_dot() and "AVX512_BF16" in kernels.describe()
 
 
