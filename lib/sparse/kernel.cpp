@@ -203,6 +203,22 @@ inline void for_token_passes(int64_t ntok, F&& f) {
   }
 }
 
+// f(std::integral_constant<int, n>()) for a count n of 1 to 8 known only at run time (the tiled kernels' tiles per
+// group, the dot-product decode's tokens per pass); more than 8 counts as 8.
+template <typename F>
+inline void with_count_up_to_8(int64_t n, F&& f) {
+  switch (n) {
+    case 1: f(std::integral_constant<int, 1>()); break;
+    case 2: f(std::integral_constant<int, 2>()); break;
+    case 3: f(std::integral_constant<int, 3>()); break;
+    case 4: f(std::integral_constant<int, 4>()); break;
+    case 5: f(std::integral_constant<int, 5>()); break;
+    case 6: f(std::integral_constant<int, 6>()); break;
+    case 7: f(std::integral_constant<int, 7>()); break;
+    default: f(std::integral_constant<int, 8>()); break;
+  }
+}
+
 template <typename T> inline float to_f(T v) { return static_cast<float>(v); }
 // The bits of a 16-bit value (bf16, fp16), for the broadcasts.
 inline short raw16(const void* v) {
@@ -1142,16 +1158,7 @@ void tiled_item_avx512(const Op& op, const float* xg, int64_t t0, int64_t r0, in
 
 template <typename T>
 void tiled_item_avx512_g(const Op& op, const float* xg, int64_t G, int64_t t0, int64_t r0, int64_t r1, int64_t kb) {
-  switch (G) {
-    case 1: tiled_item_avx512<T, 1>(op, xg, t0, r0, r1, kb); break;
-    case 2: tiled_item_avx512<T, 2>(op, xg, t0, r0, r1, kb); break;
-    case 3: tiled_item_avx512<T, 3>(op, xg, t0, r0, r1, kb); break;
-    case 4: tiled_item_avx512<T, 4>(op, xg, t0, r0, r1, kb); break;
-    case 5: tiled_item_avx512<T, 5>(op, xg, t0, r0, r1, kb); break;
-    case 6: tiled_item_avx512<T, 6>(op, xg, t0, r0, r1, kb); break;
-    case 7: tiled_item_avx512<T, 7>(op, xg, t0, r0, r1, kb); break;
-    default: tiled_item_avx512<T, 8>(op, xg, t0, r0, r1, kb); break;
-  }
+  with_count_up_to_8(G, [&](auto g) { tiled_item_avx512<T, decltype(g)::value>(op, xg, t0, r0, r1, kb); });
 }
 
 // The `count` packed 16-bit values at v placed in the 32 lanes whose bits of k are set, zeros elsewhere: a masked
@@ -1291,16 +1298,7 @@ void tiled_item_dot(const Op& op, const uint32_t* xg, int64_t t0, int64_t r0, in
 
 template <typename T>
 void tiled_item_dot_g(const Op& op, const uint32_t* xg, int64_t G, int64_t t0, int64_t r0, int64_t r1, int64_t kb) {
-  switch (G) {
-    case 1: tiled_item_dot<T, 1>(op, xg, t0, r0, r1, kb); break;
-    case 2: tiled_item_dot<T, 2>(op, xg, t0, r0, r1, kb); break;
-    case 3: tiled_item_dot<T, 3>(op, xg, t0, r0, r1, kb); break;
-    case 4: tiled_item_dot<T, 4>(op, xg, t0, r0, r1, kb); break;
-    case 5: tiled_item_dot<T, 5>(op, xg, t0, r0, r1, kb); break;
-    case 6: tiled_item_dot<T, 6>(op, xg, t0, r0, r1, kb); break;
-    case 7: tiled_item_dot<T, 7>(op, xg, t0, r0, r1, kb); break;
-    default: tiled_item_dot<T, 8>(op, xg, t0, r0, r1, kb); break;
-  }
+  with_count_up_to_8(G, [&](auto g) { tiled_item_dot<T, decltype(g)::value>(op, xg, t0, r0, r1, kb); });
 }
 
 // The decode for 5 or more bf16 tokens against bf16 weights on AVX512_BF16, up to DOT_DECODE_NT tokens per pass
@@ -2116,12 +2114,8 @@ torch::Tensor spmv_dot(const torch::Tensor& mask, const torch::Tensor& values, c
     const Op op = make_op(mask, values, row_offsets, nullptr, y.data_ptr<float>() + t0 * mask.size(0), pass);
     const B16* xt = xp + t0 * cpad;
     void (*fn)(const Op&, const B16*, int64_t, int64_t) = nullptr;
-    switch (pass) {
-#define ATP_DOT_DECODE_CASE(N) case N: fn = dot_decode_rows<B16, N>; break;
-      ATP_DOT_DECODE_CASE(1) ATP_DOT_DECODE_CASE(2) ATP_DOT_DECODE_CASE(3) ATP_DOT_DECODE_CASE(4)
-      ATP_DOT_DECODE_CASE(5) ATP_DOT_DECODE_CASE(6) ATP_DOT_DECODE_CASE(7) ATP_DOT_DECODE_CASE(8)
-#undef ATP_DOT_DECODE_CASE
-    }
+    static_assert(DOT_DECODE_NT <= 8, "with_count_up_to_8");
+    with_count_up_to_8(pass, [&](auto nt) { fn = dot_decode_rows<B16, decltype(nt)::value>; });
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (int64_t c = 0; c < chunks; ++c) fn(op, xt, c * ROW_CHUNK, std::min(op.rows, (c + 1) * ROW_CHUNK));
   }

@@ -344,6 +344,17 @@ def test_bf16_decode_reads_its_inputs_as_pairs_to_fp32_accuracy(ntok):
     assert torch.equal(y, torch.cat(alone))
 
 
+def _with_and_without_bf16_dot(run):
+    """run() with the dot products, then again with them switched off."""
+    on = run()
+    before = kernels.set_bf16_dot(False)
+    try:
+        off = run()
+    finally:
+        kernels.set_bf16_dot(before)
+    return on, off
+
+
 def _needs_bf16_dot():
     kern = kernels.get()
     if kern is None or kernels.isa() != "avx512" or not kernels.has_bf16_dot():
@@ -367,12 +378,8 @@ def test_bf16_dot_tiled_kernel_sums_exact_products_in_fp32(rows, cols, ntok):
     p = fmt.pack(w)
     x = torch.randn(ntok, cols, generator=torch.Generator().manual_seed(ntok)).to(torch.bfloat16)
     ref = x.double() @ w.double().T
-    dot = kern.spmm(p["mask"], p["values"], p["row_offsets"], x, kernels.ISA_CODES["avx512"])
-    before = kernels.set_bf16_dot(False)
-    try:
-        fp32 = kern.spmm(p["mask"], p["values"], p["row_offsets"], x, kernels.ISA_CODES["avx512"])
-    finally:
-        kernels.set_bf16_dot(before)
+    dot, fp32 = _with_and_without_bf16_dot(
+        lambda: kern.spmm(p["mask"], p["values"], p["row_offsets"], x, kernels.ISA_CODES["avx512"]))
     bound = 1e-6 * max(1.0, ref.abs().max().item())
     assert dot.dtype == torch.float32 and dot.shape == (ntok, rows)
     assert (dot.double() - ref).abs().max().item() <= bound
@@ -392,12 +399,8 @@ def test_bf16_dot_decode_takes_every_token_in_one_pass(ntok):
     p = fmt.pack(w)
     x = torch.randn(ntok, 333, generator=torch.Generator().manual_seed(ntok)).to(torch.bfloat16)
     ref = x.double() @ w.double().T
-    dot = kern.spmv(p["mask"], p["values"], p["row_offsets"], x, kernels.ISA_CODES["avx512"])
-    before = kernels.set_bf16_dot(False)
-    try:
-        fp32 = kern.spmv(p["mask"], p["values"], p["row_offsets"], x, kernels.ISA_CODES["avx512"])
-    finally:
-        kernels.set_bf16_dot(before)
+    dot, fp32 = _with_and_without_bf16_dot(
+        lambda: kern.spmv(p["mask"], p["values"], p["row_offsets"], x, kernels.ISA_CODES["avx512"]))
     bound = 1e-6 * max(1.0, ref.abs().max().item())
     assert dot.dtype == torch.float32 and dot.shape == (ntok, 67)
     assert (dot.double() - ref).abs().max().item() <= bound
@@ -418,16 +421,13 @@ def test_bf16_dot_only_for_bf16_inputs_and_not_when_switched_off():
     avx512 = kernels.ISA_CODES["avx512"]
 
     def run():
+        said.append((kernels.has_bf16_dot(), "AVX512_BF16" in kernels.describe()))
         return [kern.spmm(p["mask"], p["values"], p["row_offsets"], x, avx512),
                 kern.spmv(p["mask"], p["values"], p["row_offsets"], pad[:9].contiguous(), avx512)]
 
-    on = run()
-    before = kernels.set_bf16_dot(False)
-    try:
-        assert not kernels.has_bf16_dot() and "AVX512_BF16" not in kernels.describe()
-        off = run()
-    finally:
-        kernels.set_bf16_dot(before)
+    said = []
+    on, off = _with_and_without_bf16_dot(run)
+    assert said == [(True, True), (False, False)]
     assert all(torch.equal(a, b) for a, b in zip(on, off))
     assert kernels.has_bf16_dot() and "AVX512_BF16" in kernels.describe()
 
