@@ -98,8 +98,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "project's AMX path switched off; with --dense_isa match, torch's oneDNN capped at "
                         "AVX512_CORE_BF16)")
     p.add_argument("--bf16_dot", choices=["on", "off"], default="on",
-                   help="off: the tiled kernel for bf16 weights and inputs on fp32 multiply-adds instead of "
-                        "AVX512_BF16's dot products, on a CPU that has them (the dense side unchanged)")
+                   help="off: the tiled kernel and the 5+ token decode for bf16 weights and inputs on fp32 "
+                        "multiply-adds instead of AVX512_BF16's dot products, on a CPU that has them (the dense side "
+                        "unchanged)")
     p.add_argument("--experts", action="store_true",
                    help="also a mixture-of-experts layer (--experts_shape) at --curve_level: transformers' experts "
                         "forward on the dense fused tensors against the packed experts (lib/sparse/experts.py)")

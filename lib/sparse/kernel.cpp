@@ -14,7 +14,7 @@
 //          transposed, tiles grouped: see tile_inputs); the SIMD kernels decode each row's columns once per group
 //          of tiles (AVX-512 up to 8, AVX2 up to 4) and column block. bf16 weights and bf16 inputs on AVX512_BF16:
 //          per pair of adjacent columns holding a nonzero, on the dot products (tiled_item_dot); their decode from
-//          5 tokens, up to 16 per pass (dot_decode_rows).
+//          5 tokens, 8 per pass over the weight (dot_decode_rows).
 // densify: the dense weight, for the dense-GEMM path of large batches.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -1767,9 +1767,9 @@ bool cpu_vbmi2() {
 }
 bool use_vbmi2 = cpu_vbmi2();
 
-// AVX512_BF16 (Cooper Lake, Sapphire Rapids, Zen 4 and later) beside VBMI2: the tiled kernel for bf16 weights and
-// bf16 inputs runs on its dot products (tiled_item_dot). set_avx512_bf16(false) lets the tests and the benchmark
-// run the fp32 tiled kernel on such a CPU instead.
+// AVX512_BF16 (Cooper Lake, Sapphire Rapids, Zen 4 and later) beside VBMI2: the tiled kernel and the decode of 5+
+// tokens for bf16 weights and bf16 inputs run on its dot products (tiled_item_dot, dot_decode_rows).
+// set_avx512_bf16(false) lets the tests and the benchmark run the fp32 kernels on such a CPU instead.
 bool cpu_bf16_dot() {
 #if ATP_BF16_DOT
   if (!cpu_vbmi2()) return false;
@@ -1964,10 +1964,14 @@ Op make_op(const torch::Tensor& mask, const torch::Tensor& vals, const torch::Te
 
 int64_t best_isa() { return BEST_ISA; }
 
+// x [n, in_features] contiguous and zero padded to cpad columns, in its own dtype.
+torch::Tensor padded_columns(const torch::Tensor& x, int64_t cpad) {
+  return cpad > x.size(1) ? at::constant_pad_nd(x, {0, cpad - x.size(1)}) : x.contiguous();
+}
+
 // Inputs [n, in_features] as the decode kernels read them: fp32, contiguous, zero padded to cpad columns.
 torch::Tensor decode_inputs(torch::Tensor x, int64_t cpad) {
-  if (x.scalar_type() != torch::kFloat) x = x.to(torch::kFloat);
-  return cpad > x.size(1) ? at::constant_pad_nd(x, {0, cpad - x.size(1)}) : x.contiguous();
+  return padded_columns(x.scalar_type() == torch::kFloat ? x : x.to(torch::kFloat), cpad);
 }
 
 namespace {
@@ -1978,8 +1982,8 @@ torch::Tensor spmv_dot(const torch::Tensor& mask, const torch::Tensor& values, c
 
 // x: [ntok, words*64] fp32 contiguous, zero padded (decode_inputs), or bf16 [ntok, in_features]; returns y
 // [ntok, rows] fp32. bf16 inputs with bf16 values take the dot-product decode from 5 tokens where it runs
-// (spmv_dot: one pass for up to 16 tokens; 1 to 4 keep the fp32 decode, which reads the weight once for them too);
-// otherwise they are read as fp32.
+// (spmv_dot: 8 tokens per pass over the weight; 1 to 4 keep the fp32 decode, which reads the weight once for them
+// too); otherwise they are read as fp32.
 torch::Tensor spmv(torch::Tensor mask, torch::Tensor values, torch::Tensor row_offsets, torch::Tensor x,
                    int64_t isa) {
   check(mask, values, row_offsets);
@@ -2103,7 +2107,7 @@ torch::Tensor spmv_dot(const torch::Tensor& mask, const torch::Tensor& values, c
   const int64_t ntok = x.size(0), cpad = mask.size(1) * 64;
   auto y = torch::empty({ntok, mask.size(0)}, x.options().dtype(torch::kFloat));
   if (ntok == 0) return y;
-  const auto xb = cpad > x.size(1) ? at::constant_pad_nd(x, {0, cpad - x.size(1)}) : x.contiguous();
+  const auto xb = padded_columns(x, cpad);
 #if ATP_BF16_DOT
   using B16 = at::BFloat16;
   const B16* xp = xb.data_ptr<B16>();
@@ -2413,10 +2417,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_avx2_expand", &set_avx2_expand, "how the AVX2 batch-1 decode expands values of a dtype ('float32', "
         "'bfloat16'): 0 one 256-bit permute, 1 two 128-bit shuffles (same results); returns the previous way",
         py::arg("dtype"), py::arg("way"));
-  m.def("has_bf16_dot", &has_bf16_dot, "the tiled kernel for bf16 weights and inputs on AVX512_BF16's dot products "
-        "(this CPU has them, and they are switched on)");
-  m.def("set_avx512_bf16", &set_avx512_bf16, "switch the AVX512_BF16 tiled kernel off (or back on where the CPU has "
-        "it); returns the previous setting", py::arg("on"));
+  m.def("has_bf16_dot", &has_bf16_dot, "the tiled kernel and the decode of 5+ tokens for bf16 weights and inputs on "
+        "AVX512_BF16's dot products (this CPU has them, and they are switched on)");
+  m.def("set_avx512_bf16", &set_avx512_bf16, "switch the AVX512_BF16 kernels off (or back on where the CPU has "
+        "them); returns the previous setting", py::arg("on"));
   m.def("has_amx", &has_amx, "AMX-BF16 usable here (CPU support and the OS's permission)");
   m.def("densify", &densify, "dense weight of a bitmask-packed matrix", py::arg("mask"), py::arg("values"),
         py::arg("row_offsets"), py::arg("cols"), py::arg("isa"));

@@ -17,16 +17,16 @@ cores that split 256-bit operations into halves, where the permute costs several
 them apart, so when the AVX2 kernel comes into use both are timed on a small matrix held in cache (about 20 ms, once
 per process) and the faster kept (:func:`avx2_expand`; ``ATP_SPARSE_AVX2_EXPAND=permute|halves`` forces one).
 
-On CPUs with AVX512_BF16 (Intel Cooper Lake and Sapphire Rapids on, AMD Zen 4 on) the tiled path for bf16 weights
-and bf16 inputs runs on its dot products (two bf16 products per 32-bit lane; :func:`has_bf16_dot`), where torch's
-dense bf16 GEMM runs on them too.
+On CPUs with AVX512_BF16 (Intel Cooper Lake and Sapphire Rapids on, AMD Zen 4 on) the tiled kernel and the decode
+of 5 or more tokens for bf16 weights and bf16 inputs run on its dot products (two bf16 products per 32-bit lane;
+:func:`has_bf16_dot`), where torch's dense bf16 GEMM runs on them too.
 
 ``ATP_SPARSE_ISA=avx512|avx2|cpp|torch`` (or :func:`set_isa`) forces one; asking for one the CPU lacks prints one line
 and uses the best it has. ``ATP_SPARSE_AMX=off`` (or :func:`set_amx`) keeps bf16 off the AMX path on a CPU that has
 it (bf16 then takes the tiled kernel, as on AVX-512 CPUs without AMX); ``ATP_SPARSE_BF16_DOT=off`` (or
-:func:`set_bf16_dot`) keeps that tiled kernel off the dot products (fp32 multiply-adds instead). When the build cannot run (no compiler, a
-failing one, ATP_SPARSE_KERNEL=off) one line is printed on stderr and `get()` returns None: SparseLinear then uses
-its pure-PyTorch path.
+:func:`set_bf16_dot`) keeps bf16 off the dot products (fp32 multiply-adds instead). When the build cannot run (no
+compiler, a failing one, ATP_SPARSE_KERNEL=off) one line is printed on stderr and `get()` returns None: SparseLinear
+then uses its pure-PyTorch path.
 """
 from __future__ import annotations
 
@@ -303,15 +303,15 @@ def set_amx(enabled: bool) -> bool:
 
 
 def has_bf16_dot() -> bool:
-    """The tiled path for bf16 weights and bf16 inputs runs on AVX512_BF16's dot products: the AVX-512 kernel is in
-    use, the CPU has AVX512_BF16 (and VBMI2), and it was not switched off (ATP_SPARSE_BF16_DOT=off,
-    set_bf16_dot(False))."""
+    """The tiled kernel and the decode of 5+ tokens for bf16 weights and bf16 inputs run on AVX512_BF16's dot
+    products: the AVX-512 kernel is in use, the CPU has AVX512_BF16 (and VBMI2), and they were not switched off
+    (ATP_SPARSE_BF16_DOT=off, set_bf16_dot(False))."""
     module = get()
     return bool(module is not None and _isa == "avx512" and module.has_bf16_dot())
 
 
 def set_bf16_dot(enabled: bool) -> bool:
-    """Allow (True, where the CPU has it) or forbid (False) the dot-product tiled kernel from now on (tests,
+    """Allow (True, where the CPU has it) or forbid (False) the dot-product kernels from now on (tests,
     benchmarks); returns the previous setting. SparseLinear keys its measured choices by it."""
     module = get()
     if module is None:
@@ -341,7 +341,7 @@ def describe() -> str:
     if name == "avx2":
         return f"C++ AVX2 (OpenMP{_expand_note(EXPAND_DTYPES)})"
     if name == "avx512" and _module.has_bf16_dot():
-        return "C++ AVX-512 (OpenMP; bf16 tiled on AVX512_BF16 dot products)"
+        return "C++ AVX-512 (OpenMP; bf16 tiled and 5+ token decode on AVX512_BF16 dot products)"
     return f"C++ {ISA_LABELS[name]} (OpenMP)"
 
 

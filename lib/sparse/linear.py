@@ -8,7 +8,7 @@ around a decode matvec cost as much as the matvec of a small layer. Paths, chose
   reused for up to 4 tokens at a time. Always taken for 1 to 4 tokens: it reads a third of the dense bytes.
 * ``tiled``: the 16-token tiled kernel (each decoded nonzero reused for every token of a tile); for bf16 weights and
   bf16 inputs on CPUs with AVX512_BF16, each pair of adjacent columns holding a nonzero, on the dot products (and
-  the decode of 5-16 such tokens in one pass);
+  the decode of 5-16 such tokens, 8 per pass over the weight);
 * ``amx`` (bf16 weights and inputs, CPUs with AMX): rows decoded into dense bf16 tiles in cache, multiplied on the
   tile unit; it replaces ``tiled`` there, since torch's own bf16 GEMM runs on AMX too;
 * ``dense``: the kernel unpacks the weight into a reusable workspace (one per dtype, the size of the largest
@@ -241,7 +241,8 @@ class SparseLinear(nn.Module):
     def _choice_key(self, n: int, x_dtype: torch.dtype, paths: tuple[str, ...]) -> tuple:
         return (self.out_features, self.in_features, self.values.dtype, x_dtype, token_bucket(n),
                 torch.get_num_threads(), kernels.ISA_CODE, paths,  # paths: with or without AMX (kernels.set_amx)
-                kernels.has_bf16_dot())  # the tiled path on AVX512_BF16's dot products or not (set_bf16_dot)
+                # bf16 on AVX512_BF16's dot products or not (set_bf16_dot); other dtypes never take them
+                self.values.dtype == torch.bfloat16 and kernels.has_bf16_dot())
 
     def path_for(self, n: int, x_dtype: torch.dtype) -> str | None:
         """The path `forward` takes for n tokens of x_dtype: the only candidate, the measured choice, or None while
