@@ -14,7 +14,8 @@
 //          transposed, tiles grouped: see tile_inputs); the SIMD kernels decode each row's columns once per group
 //          of tiles (AVX-512 up to 8, AVX2 up to 4) and column block. bf16 weights and bf16 inputs on AVX512_BF16:
 //          per pair of adjacent columns holding a nonzero, on the dot products (tiled_item_dot); their decode from
-//          5 tokens, 8 per pass over the weight (dot_decode_rows).
+//          5 tokens, up to 8 in one pass over the weight (dot_decode_rows), more in column blocks with rows three
+//          at a time (dot_block_item).
 // densify: the dense weight, for the dense-GEMM path of large batches.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -186,6 +187,7 @@ struct Op {
   const float* x;  // decode: [ntok][cpad]; tiled: tile_inputs' layout
   float* y;        // [ntok][rows]
   int64_t rows, words, ntok;
+  int64_t nvals = 0;  // values' length: kernels read whole vectors of them up to here (see expand32)
 };
 
 // f(std::integral_constant<int, NT>(), t0) for each pass of the decode over ntok tokens, at most DECODE_NT from t0:
@@ -1102,6 +1104,7 @@ void tiled_item_avx512(const Op& op, const float* xg, int64_t t0, int64_t r0, in
   alignas(64) float part[TILED_TALL_ROWS][W];
   alignas(64) int32_t offs[2048 + 16];
   const T* cur[TILED_TALL_ROWS];
+  const T* vend = static_cast<const T*>(op.vals) + op.nvals;
   start_tiled_item(op, r0, nrows, W, &part[0][0], cur);
   const __m512i step = _mm512_set1_epi32(16 * W * 4);
   const __m512i ramp = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
@@ -1161,12 +1164,15 @@ void tiled_item_avx512_g(const Op& op, const float* xg, int64_t G, int64_t t0, i
   with_count_up_to_8(G, [&](auto g) { tiled_item_avx512<T, decltype(g)::value>(op, xg, t0, r0, r1, kb); });
 }
 
-// The `count` packed 16-bit values at v placed in the 32 lanes whose bits of k are set, zeros elsewhere: a masked
-// load of exactly those values (it reads nothing past them) and the expand in registers.
+// The `count` packed 16-bit values at v placed in the 32 lanes whose bits of k are set, zeros elsewhere: a load of
+// 32 values (the expand takes the first `count`) and the expand in registers; within 32 values of the end of the
+// values (end), a masked load of exactly `count`, which reads nothing past them. The masked load everywhere cost
+// the bf16 tiled kernel 5-12% more time at 64-256 tokens on Zen 5 (2 threads, 70%, 4096x4096 and 4096x11008).
 template <typename T>  // bf16 or fp16 (a template, so that its name says so: VBMI2 only in code for 16-bit values)
-inline __m512i expand32(uint32_t k, int count, const T* v) {
+inline __m512i expand32(uint32_t k, int count, const T* v, const T* end) {
   static_assert(sizeof(T) == 2, "16-bit values");
-  const __m512i packed = _mm512_maskz_loadu_epi16(static_cast<__mmask32>(_bzhi_u32(~0u, count)), v);
+  const __m512i packed = end - v >= 32 ? _mm512_loadu_si512(v)
+                                       : _mm512_maskz_loadu_epi16(static_cast<__mmask32>(_bzhi_u32(~0u, count)), v);
   return _mm512_maskz_expand_epi16(static_cast<__mmask32>(k), packed);
 }
 
@@ -1179,6 +1185,7 @@ template <typename T>
 void densify_rows_avx512(const Op& op, T* out, int64_t cols, int64_t r0, int64_t r1) {
   constexpr int B = 64 / sizeof(T);  // columns per 512-bit block: 16 fp32, 32 bf16 / fp16
   const T* vals = static_cast<const T*>(op.vals);
+  const T* vend = vals + op.nvals;
   const int64_t nq = (cols + B - 1) / B;
   for (int64_t r = r0; r < r1; ++r) {
     const T* v = vals + op.off[r];
@@ -1197,7 +1204,7 @@ void densify_rows_avx512(const Op& op, T* out, int64_t cols, int64_t r0, int64_t
         const uint32_t k = reinterpret_cast<const uint32_t*>(op.mask + r * op.words)[q];
         const int count = __builtin_popcount(k);
         const __mmask32 store = static_cast<__mmask32>(left >= 32 ? ~0u : (1u << left) - 1u);
-        _mm512_mask_storeu_epi16(o + c, store, expand32(k, count, v));
+        _mm512_mask_storeu_epi16(o + c, store, expand32(k, count, v, vend));
         v += count;
       }
     }
@@ -1233,6 +1240,7 @@ void tiled_item_dot(const Op& op, const uint32_t* xg, int64_t t0, int64_t r0, in
   alignas(64) uint32_t pairs[DOT_MAX_BLOCK / 2 + 16];
   static_assert(std::is_same<T, at::BFloat16>::value, "bf16 values (vdpbf16ps)");
   const T* cur[TILED_TALL_ROWS];
+  const T* vend = static_cast<const T*>(op.vals) + op.nvals;
   start_tiled_item(op, r0, nrows, W, &part[0][0], cur);
   const __m512i step = _mm512_set1_epi32(16 * W * 4);
   const __m512i ramp = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
@@ -1248,7 +1256,7 @@ void tiled_item_dot(const Op& op, const uint32_t* xg, int64_t t0, int64_t r0, in
       for (int64_t q = 0; q < nq; ++q) {
         const uint32_t k = m[q];
         const int count = __builtin_popcount(k);
-        const __m512i w = expand32(k, count, v);
+        const __m512i w = expand32(k, count, v, vend);
         v += count;
         // the pairs with a mask bit set, from the mask word (testing the expanded pairs for nonzero bits
         // instead made both compresses wait on the expand-load: 1.9x the time per pair at 16 tokens, Zen 5)
@@ -1301,8 +1309,8 @@ void tiled_item_dot_g(const Op& op, const uint32_t* xg, int64_t G, int64_t t0, i
   with_count_up_to_8(G, [&](auto g) { tiled_item_dot<T, decltype(g)::value>(op, xg, t0, r0, r1, kb); });
 }
 
-// The decode for 5 or more bf16 tokens against bf16 weights on AVX512_BF16, up to DOT_DECODE_NT tokens per pass
-// over the weight (the fp32 decode takes four per pass). Per 32 columns, the row's values expanded once into 16
+// The decode for 5 to DOT_DECODE_NT bf16 tokens against bf16 weights on AVX512_BF16, in one pass over the weight
+// (the fp32 decode takes four per pass; more tokens: dot_block_item). Per 32 columns, the row's values expanded once into 16
 // pairs, then one dot product per token against that token's 32 columns (16 pairs as they lie in a bf16 row).
 // x: [ntok][ldx] bf16, zero padded to the mask's width. 4096x4096 at 70%, 2 threads, Zen 5, against dense: with 16
 // tokens per pass 1.9x / 1.3x / 0.8x / 0.5x at 5 / 8 / 12 / 16 tokens (16 accumulators, and 16 loads of inputs per
@@ -1311,15 +1319,15 @@ void tiled_item_dot_g(const Op& op, const uint32_t* xg, int64_t G, int64_t t0, i
 constexpr int DOT_DECODE_NT = 8;
 
 template <typename T, int NT>
-inline void dot_decode_row(const uint32_t* m, const T* v, const T* x, int64_t ldx, int64_t nq, float* out,
-                           int64_t ostride) {
+inline void dot_decode_row(const uint32_t* m, const T* v, const T* vend, const T* x, int64_t ldx, int64_t nq,
+                           float* out, int64_t ostride) {
   __m512 acc[NT];
 #pragma GCC unroll 8
   for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
   for (int64_t q = 0; q < nq; ++q) {
     const uint32_t k = m[q];
     const int count = __builtin_popcount(k);
-    const __m512bh w = (__m512bh)expand32(k, count, v);
+    const __m512bh w = (__m512bh)expand32(k, count, v, vend);
     v += count;
     if (ATP_PREFETCH_BYTES) _mm_prefetch(reinterpret_cast<const char*>(v) + ATP_PREFETCH_BYTES, _MM_HINT_T0);
 #pragma GCC unroll 8
@@ -1335,8 +1343,150 @@ void dot_decode_rows(const Op& op, const T* x, int64_t r0, int64_t r1) {
   const T* vals = static_cast<const T*>(op.vals);
   const int64_t ldx = op.words * 64, nq = op.words * 2;
   for (int64_t r = r0; r < r1; ++r)
-    dot_decode_row<T, NT>(reinterpret_cast<const uint32_t*>(op.mask + r * op.words), vals + op.off[r], x, ldx, nq,
-                          op.y + r, op.rows);
+    dot_decode_row<T, NT>(reinterpret_cast<const uint32_t*>(op.mask + r * op.words), vals + op.off[r],
+                          vals + op.nvals, x, ldx, nq, op.y + r, op.rows);
+}
+
+// The decode from 9 tokens on the dot products (dot_block_item): blocks of columns, so that the inputs a block takes
+// stay in L1 while every row of a work item passes over them, and rows DOT_BLOCK_RB at a time, so that each load of
+// inputs feeds that many dot products. The decode above reloads every token's inputs per row from L2 (4096 columns
+// of 8 tokens are 64 KiB), which left it below dense from 12 tokens. 4096x4096 / 11008x4096 / 4096x11008 at 70%, 2
+// threads, Zen 5, against dense (each paired with it in one process): 16 tokens 0.83-1.03x -> 1.21-1.39x, 32
+// tokens 0.57-0.67x -> 1.01-1.18x, 64 tokens 0.41-0.48x -> 0.76-0.88x (at 5 tokens the decode above, 2.3-2.5x,
+// beats this one's 1.4-1.7x: a group of 8 tokens is then partly padding).
+constexpr int64_t DOT_BLOCK_COLS = 1024;  // 8 tokens' inputs of a block: 16 KiB
+constexpr int64_t DOT_BLOCK_RB = 3;       // 24 accumulators, 3 expanded rows and one input in 32 registers
+constexpr int64_t DOT_BLOCK_ROWS = 48;    // rows per work item, a multiple of DOT_BLOCK_RB
+constexpr int64_t DOT_BLOCK_TOKENS = 128;  // tokens per pass over the weight (the partial sums' size)
+constexpr int DOT_BLOCK_NT = 8;            // tokens per group
+
+// Lane t of the result: the sum of the 16 lanes of a[t], for t < NT (8 or 16; with 8, lanes 8-15 repeat 0-7).
+template <int NT>
+inline __m512 lane_sums(const __m512* a) {
+  static_assert(NT == 8 || NT == 16, "8 or 16 accumulators");
+  __m512 s[NT / 2], u[NT / 4], v[NT / 8];
+#pragma GCC unroll 8
+  for (int j = 0; j < NT / 2; ++j)  // per 128-bit lane: a[2j] in elements 0 and 2, a[2j + 1] in 1 and 3
+    s[j] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * j], a[2 * j + 1]), _mm512_unpackhi_ps(a[2 * j], a[2 * j + 1]));
+#pragma GCC unroll 4
+  for (int m = 0; m < NT / 4; ++m)  // per 128-bit lane: tokens 4m .. 4m + 3
+    u[m] = _mm512_add_ps(
+        _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(s[2 * m]), _mm512_castps_pd(s[2 * m + 1]))),
+        _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(s[2 * m]), _mm512_castps_pd(s[2 * m + 1]))));
+#pragma GCC unroll 2
+  for (int p = 0; p < NT / 8; ++p)  // 128-bit lanes: tokens 8p .. 8p + 3 twice, then 8p + 4 .. 8p + 7 twice
+    v[p] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * p], u[2 * p + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(u[2 * p], u[2 * p + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 hi = v[NT / 8 - 1];
+  return _mm512_add_ps(_mm512_shuffle_f32x4(v[0], hi, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(v[0], hi, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// The inputs as dot_block_item reads them: per group of 8 tokens, per 32 columns, the group's tokens' 32 columns one
+// after another (64 bytes each: one pointer and constant offsets reach every token of a 32-column step). x: bf16
+// [n][ldx], zero padded to ldx columns; out: [ceil(n / 8) * 8][ldx] in that order, the padding tokens zero.
+inline void dot_block_inputs(const at::BFloat16* x, int64_t n, int64_t ldx, at::BFloat16* out) {
+  const int64_t np = (n + DOT_BLOCK_NT - 1) / DOT_BLOCK_NT * DOT_BLOCK_NT, nq = ldx / 32;
+  for (int64_t t0 = 0; t0 < np; t0 += DOT_BLOCK_NT) {
+    at::BFloat16* g = out + t0 * ldx;
+    for (int64_t q = 0; q < nq; ++q)
+      for (int64_t t = 0; t < DOT_BLOCK_NT; ++t) {
+        const __m512i row = t0 + t < n ? _mm512_loadu_si512(x + (t0 + t) * ldx + 32 * q) : _mm512_setzero_si512();
+        _mm512_storeu_si512(g + (q * DOT_BLOCK_NT + t) * 32, row);
+      }
+  }
+}
+
+// R rows (masks m + r * mstride, values from v[r], advanced) against one group of tokens over nq 32-column steps of
+// xq (dot_block_inputs), each row's sums added into p + r * pstride.
+template <typename T, int R>
+inline void dot_block_rows(const uint32_t* m, int64_t mstride, const T** v, const T* vend, const T* xq, int64_t nq,
+                           float* p, int64_t pstride) {
+  constexpr int NT = DOT_BLOCK_NT;
+  __m512 acc[R][NT];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_setzero_ps();
+  for (int64_t q = 0; q < nq; ++q, xq += NT * 32) {
+    __m512bh w[R];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const uint32_t k = m[r * mstride + q];
+      const int count = __builtin_popcount(k);
+      w[r] = (__m512bh)expand32(k, count, v[r], vend);
+      v[r] += count;
+    }
+#pragma GCC unroll 8
+    for (int t = 0; t < NT; ++t) {
+      const __m512bh x = (__m512bh)_mm512_loadu_si512(xq + 32 * t);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], w[r], x);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    const __m256 sums = _mm512_castps512_ps256(lane_sums<NT>(acc[r]));
+    _mm256_storeu_ps(p + r * pstride, _mm256_add_ps(_mm256_loadu_ps(p + r * pstride), sums));
+  }
+}
+
+// Row i's values and mask words [q0, q0 + nq) (its `count` values from v) into L2. Into L1 they pushed the
+// block's inputs out (16 tokens: 2.8 -> 2.1 ms on 4096x4096 into L2 instead).
+template <typename T>
+inline void prefetch_row_block(const uint32_t* m, int64_t nq, const T* v, int64_t count) {
+  for (const char* b = reinterpret_cast<const char*>(v), *e = b + count * sizeof(T); b < e; b += 64)
+    _mm_prefetch(b, _MM_HINT_T1);
+  for (const char* b = reinterpret_cast<const char*>(m), *e = b + nq * 4; b < e; b += 64)
+    _mm_prefetch(b, _MM_HINT_T1);
+}
+
+// Rows [r0, r1) (at most DOT_BLOCK_ROWS) against np tokens (a multiple of DOT_BLOCK_NT, at most DOT_BLOCK_TOKENS) of
+// xb (dot_block_inputs), y's tokens from t0: per column block, per group of tokens, the rows DOT_BLOCK_RB at a time;
+// each row's values of a block are expanded once per group (from L2 after the first), the next block's prefetched
+// during the first group, the first block's requested for all rows at the start.
+template <typename T>
+void dot_block_item(const Op& op, const T* xb, int64_t np, int64_t t0, int64_t r0, int64_t r1) {
+  const int64_t ldx = op.words * 64, nrows = r1 - r0, mstride = op.words * 2;
+  alignas(64) float part[DOT_BLOCK_ROWS * DOT_BLOCK_TOKENS];
+  const T* cur[DOT_BLOCK_ROWS];
+  const T* next[DOT_BLOCK_ROWS];
+  const T* vend = static_cast<const T*>(op.vals) + op.nvals;
+  const uint32_t* mrows = reinterpret_cast<const uint32_t*>(op.mask + r0 * op.words);
+  start_tiled_item(op, r0, nrows, np, part, cur);
+  const int64_t nq0 = std::min(DOT_BLOCK_COLS, ldx) / 32;
+  for (int64_t i = 0; i < nrows; ++i) {
+    const uint32_t* m = mrows + i * mstride;
+    int64_t count = 0;
+    for (int64_t q = 0; q < nq0; ++q) count += __builtin_popcount(m[q]);
+    prefetch_row_block(m, nq0, cur[i], count);
+  }
+  for (int64_t c0 = 0; c0 < ldx; c0 += DOT_BLOCK_COLS) {
+    const int64_t nq = std::min(DOT_BLOCK_COLS, ldx - c0) / 32;
+    for (int64_t g = 0; g < np; g += DOT_BLOCK_NT) {
+      const T* xq = xb + g * ldx + c0 * DOT_BLOCK_NT;
+      for (int64_t i = 0; i < nrows; i += DOT_BLOCK_RB) {
+        const int64_t R = std::min(DOT_BLOCK_RB, nrows - i);
+        const uint32_t* m = mrows + i * mstride + c0 / 32;
+        const T* v[DOT_BLOCK_RB];
+        for (int64_t r = 0; r < R; ++r) v[r] = cur[i + r];
+        float* p = part + i * np + g;
+        static_assert(DOT_BLOCK_RB == 3, "one case per count of rows");
+        if (R == 3) dot_block_rows<T, 3>(m, mstride, v, vend, xq, nq, p, np);
+        else if (R == 2) dot_block_rows<T, 2>(m, mstride, v, vend, xq, nq, p, np);
+        else dot_block_rows<T, 1>(m, mstride, v, vend, xq, nq, p, np);
+        if (g == 0)
+          for (int64_t r = 0; r < R; ++r) {
+            if (c0 + DOT_BLOCK_COLS < ldx)  // the next block holds about as many values as this one
+              prefetch_row_block(m + r * mstride + nq, std::min(DOT_BLOCK_COLS, ldx - c0 - DOT_BLOCK_COLS) / 32,
+                                 v[r], v[r] - cur[i + r]);
+            next[i + r] = v[r];
+          }
+      }
+    }
+    std::copy(next, next + nrows, cur);
+  }
+  store_tiled_sums(op, part, np, t0, r0, nrows);
 }
 
 ATP_TARGET_END
@@ -1949,7 +2099,7 @@ void check(const torch::Tensor& mask, const torch::Tensor& vals, const torch::Te
 Op make_op(const torch::Tensor& mask, const torch::Tensor& vals, const torch::Tensor& off, const float* x, float* y,
            int64_t ntok) {
   return Op{mask.data_ptr<int64_t>(), vals.data_ptr(), off.data_ptr<int64_t>(), x, y, mask.size(0), mask.size(1),
-            ntok};
+            ntok, vals.numel()};
 }
 
 #define ATP_DISPATCH(VALS, FN, ...)                                                            \
@@ -1982,8 +2132,8 @@ torch::Tensor spmv_dot(const torch::Tensor& mask, const torch::Tensor& values, c
 
 // x: [ntok, words*64] fp32 contiguous, zero padded (decode_inputs), or bf16 [ntok, in_features]; returns y
 // [ntok, rows] fp32. bf16 inputs with bf16 values take the dot-product decode from 5 tokens where it runs
-// (spmv_dot: 8 tokens per pass over the weight; 1 to 4 keep the fp32 decode, which reads the weight once for them
-// too); otherwise they are read as fp32.
+// (spmv_dot: 5 to 8 tokens in one pass over the weight, more in column blocks; 1 to 4 keep the fp32 decode, which
+// reads the weight once for them too); otherwise they are read as fp32.
 torch::Tensor spmv(torch::Tensor mask, torch::Tensor values, torch::Tensor row_offsets, torch::Tensor x,
                    int64_t isa) {
   check(mask, values, row_offsets);
@@ -2100,8 +2250,8 @@ torch::Tensor tile_input_pairs(torch::Tensor xb, int64_t cpad) {
   return out;
 }
 
-// The decode on AVX512_BF16 (dot_decode_rows): x bf16 [ntok, in_features], ntok tokens in passes of up to
-// DOT_DECODE_NT; returns y [ntok, rows] fp32.
+// The decode on AVX512_BF16: x bf16 [ntok, in_features] (5 or more tokens); returns y [ntok, rows] fp32.
+// Up to DOT_DECODE_NT tokens dot_decode_rows, more dot_block_item.
 torch::Tensor spmv_dot(const torch::Tensor& mask, const torch::Tensor& values, const torch::Tensor& row_offsets,
                        const torch::Tensor& x) {
   const int64_t ntok = x.size(0), cpad = mask.size(1) * 64;
@@ -2110,19 +2260,30 @@ torch::Tensor spmv_dot(const torch::Tensor& mask, const torch::Tensor& values, c
   const auto xb = padded_columns(x, cpad);
 #if ATP_BF16_DOT
   using B16 = at::BFloat16;
-  const B16* xp = xb.data_ptr<B16>();
-  const int64_t chunks = (mask.size(0) + ROW_CHUNK - 1) / ROW_CHUNK;
-  const int nt = at::get_num_threads();
-  for (int64_t t0 = 0; t0 < ntok; t0 += DOT_DECODE_NT) {
-    const int64_t pass = std::min<int64_t>(DOT_DECODE_NT, ntok - t0);
-    const Op op = make_op(mask, values, row_offsets, nullptr, y.data_ptr<float>() + t0 * mask.size(0), pass);
-    const B16* xt = xp + t0 * cpad;
-    void (*fn)(const Op&, const B16*, int64_t, int64_t) = nullptr;
-    static_assert(DOT_DECODE_NT <= 8, "with_count_up_to_8");
-    with_count_up_to_8(pass, [&](auto nt) { fn = dot_decode_rows<B16, decltype(nt)::value>; });
-#pragma omp parallel for schedule(static) num_threads(nt)
-    for (int64_t c = 0; c < chunks; ++c) fn(op, xt, c * ROW_CHUNK, std::min(op.rows, (c + 1) * ROW_CHUNK));
+  if (ntok > DOT_DECODE_NT) {  // in passes of up to DOT_BLOCK_TOKENS tokens (dot_block_item)
+    const int64_t np_all = (ntok + DOT_BLOCK_NT - 1) / DOT_BLOCK_NT * DOT_BLOCK_NT;
+    auto xr = torch::empty({np_all * cpad}, xb.options());
+    dot_block_inputs(xb.data_ptr<B16>(), ntok, cpad, xr.data_ptr<B16>());
+    const Op op = make_op(mask, values, row_offsets, nullptr, y.data_ptr<float>(), ntok);
+    const int64_t items = (op.rows + DOT_BLOCK_ROWS - 1) / DOT_BLOCK_ROWS;
+    for (int64_t t0 = 0; t0 < np_all; t0 += DOT_BLOCK_TOKENS) {
+      const int64_t np = std::min(DOT_BLOCK_TOKENS, np_all - t0);
+      const B16* xp = xr.data_ptr<B16>() + t0 * cpad;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads())
+      for (int64_t i = 0; i < items; ++i)
+        dot_block_item<B16>(op, xp, np, t0, i * DOT_BLOCK_ROWS, std::min(op.rows, (i + 1) * DOT_BLOCK_ROWS));
+    }
+    return y;
   }
+  // 5 to DOT_DECODE_NT tokens: one pass over the weight (dot_decode_rows)
+  const Op op = make_op(mask, values, row_offsets, nullptr, y.data_ptr<float>(), ntok);
+  void (*fn)(const Op&, const B16*, int64_t, int64_t) = nullptr;
+  static_assert(DOT_DECODE_NT <= 8, "with_count_up_to_8");
+  with_count_up_to_8(ntok, [&](auto nt) { fn = dot_decode_rows<B16, decltype(nt)::value>; });
+  const int64_t chunks = (op.rows + ROW_CHUNK - 1) / ROW_CHUNK;
+  const B16* xp = xb.data_ptr<B16>();
+#pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
+  for (int64_t c = 0; c < chunks; ++c) fn(op, xp, c * ROW_CHUNK, std::min(op.rows, (c + 1) * ROW_CHUNK));
 #endif
   return y;
 }

@@ -4,11 +4,12 @@ forward(x) = x @ W^T + b for inputs (..., in_features), accumulated in fp32, ret
 paths are one C++ call each (kernel.cpp `linear`: reshape, padding, kernel, bias, dtype), because the PyTorch glue
 around a decode matvec cost as much as the matvec of a small layer. Paths, chosen per call:
 
-* ``decode`` (up to DECODE_MAX_TOKENS tokens): one streaming pass over the packed weight, the expanded weights
-  reused for up to 4 tokens at a time. Always taken for 1 to 4 tokens: it reads a third of the dense bytes.
+* ``decode`` (up to DECODE_MAX_TOKENS tokens, see decode_max_tokens): one streaming pass over the packed weight, the
+  expanded weights reused for up to 4 tokens at a time. Always taken for 1 to 4 tokens: it reads a third of the
+  dense bytes. bf16 weights and inputs on AVX512_BF16: 5-8 tokens in one pass on the dot products, 9-64 in column
+  blocks whose inputs stay in L1 while the rows pass over them, three rows sharing each load of inputs.
 * ``tiled``: the 16-token tiled kernel (each decoded nonzero reused for every token of a tile); for bf16 weights and
-  bf16 inputs on CPUs with AVX512_BF16, each pair of adjacent columns holding a nonzero, on the dot products (and
-  the decode of 5-16 such tokens, 8 per pass over the weight);
+  bf16 inputs on CPUs with AVX512_BF16, each pair of adjacent columns holding a nonzero, on the dot products;
 * ``amx`` (bf16 weights and inputs, CPUs with AMX): rows decoded into dense bf16 tiles in cache, multiplied on the
   tile unit; it replaces ``tiled`` there, since torch's own bf16 GEMM runs on AMX too;
 * ``dense``: the kernel unpacks the weight into a reusable workspace (one per dtype, the size of the largest
@@ -40,6 +41,8 @@ from . import kernels
 from . import pages
 
 DECODE_MAX_TOKENS = 16   # the decode kernel is a candidate up to this many tokens (one pass per 4 tokens)
+# ... up to this many for bf16 weights and inputs on AVX512_BF16's dot products without AMX (decode_max_tokens)
+DOT_DECODE_MAX_TOKENS = 64
 ALWAYS_DECODE_TOKENS = 4  # up to this many, the decode kernel without measuring
 TUNE_ROUNDS = 2           # timed rounds per candidate path when measuring a choice (the first one warms up)
 TUNE_MAX_ROUNDS = 4       # ... up to this many while the two fastest are within TUNE_CLOSE
@@ -109,6 +112,15 @@ def amx_usable(values_dtype: torch.dtype, x_dtype: torch.dtype) -> bool:
             and kernels.isa() == "avx512" and kernels.has_amx())
 
 
+def decode_max_tokens(values_dtype: torch.dtype = torch.float32, x_dtype: torch.dtype = torch.float32) -> int:
+    """The most tokens the decode kernel is a candidate for: DOT_DECODE_MAX_TOKENS for bf16 weights and inputs on
+    AVX512_BF16 without AMX (its column-blocked decode beat the tiled kernel up to 48-64 tokens on Zen 5; on AMX
+    CPUs the AMX path takes over from 17), else DECODE_MAX_TOKENS."""
+    dot = (values_dtype == torch.bfloat16 and x_dtype == torch.bfloat16 and kernels.get() is not None
+           and kernels.isa() == "avx512" and kernels.has_bf16_dot())
+    return DOT_DECODE_MAX_TOKENS if dot and not amx_usable(values_dtype, x_dtype) else DECODE_MAX_TOKENS
+
+
 def candidate_paths(n: int, values_dtype: torch.dtype = torch.float32,
                     x_dtype: torch.dtype = torch.float32) -> tuple[str, ...]:
     """The paths a call with n tokens may take (the first is the only one, or they are measured). bf16 on AMX
@@ -116,11 +128,12 @@ def candidate_paths(n: int, values_dtype: torch.dtype = torch.float32,
     if n <= ALWAYS_DECODE_TOKENS:
         return ("decode",)
     many = "amx" if amx_usable(values_dtype, x_dtype) else "tiled"
+    decode_max = decode_max_tokens(values_dtype, x_dtype)
     if _policy == "sparse":
-        return ("decode",) if n <= DECODE_MAX_TOKENS else (many,)
+        return ("decode",) if n <= decode_max else (many,)
     if _policy == "dense":
         return ("dense",)
-    return ("decode", many, "dense") if n <= DECODE_MAX_TOKENS else (many, "dense")
+    return ("decode", many, "dense") if n <= decode_max else (many, "dense")
 
 
 def too_close_to_call(seconds: dict[str, float]) -> bool:

@@ -388,25 +388,93 @@ def test_bf16_dot_tiled_kernel_sums_exact_products_in_fp32(rows, cols, ntok):
     assert torch.equal(dot[:, 1], torch.zeros(ntok))
 
 
-@pytest.mark.parametrize("ntok", [4, 5, 8, 13, 16, 17, 35])
-def test_bf16_dot_decode_takes_every_token_in_one_pass(ntok):
-    """From 5 tokens, bf16 inputs against bf16 weights decode on the dot products, up to 16 tokens per pass over the
-    weight (more in passes of 16): within fp32 rounding of a float64 reference like the fp32 decode, and another
-    route (the bits differ) except at 4 tokens and below, which keep the fp32 decode; an odd width, padding
-    columns, an empty and a dense row, rows not a multiple of 16."""
+# (rows, cols, tokens): 5-8 tokens in one pass; from 9 the column-blocked decode: rows three at a time (67: a last
+# lone row; 200: items of 48 rows, the last of 8), an odd width and padding columns, two column blocks and a
+# short one (2100 columns), groups of 8 tokens with padding tokens (13, 35), passes of 128 tokens (130, 300)
+DOT_DECODE_CASES = [(67, 333, 4), (67, 333, 5), (67, 333, 8), (67, 333, 9), (67, 333, 13), (67, 333, 16),
+                    (200, 2100, 17), (67, 333, 35), (50, 2100, 64), (49, 130, 130), (7, 1100, 300)]
+
+
+@pytest.mark.parametrize("rows,cols,ntok", DOT_DECODE_CASES)
+def test_bf16_dot_decode_sums_exact_products_in_fp32(rows, cols, ntok):
+    """From 5 tokens, bf16 inputs against bf16 weights decode on the dot products: within fp32 rounding of a float64
+    reference like the fp32 decode, and another route (the bits differ) except at 4 tokens and below, which keep
+    the fp32 decode; an empty and a dense row."""
     kern = _needs_bf16_dot()
-    w = pruned_weight(67, 333, 0.7, torch.bfloat16, seed=ntok, empty_rows=(1,), dense_rows=(2,))
+    w = pruned_weight(rows, cols, 0.7, torch.bfloat16, seed=ntok, empty_rows=(1,), dense_rows=(2,))
     p = fmt.pack(w)
-    x = torch.randn(ntok, 333, generator=torch.Generator().manual_seed(ntok)).to(torch.bfloat16)
+    x = torch.randn(ntok, cols, generator=torch.Generator().manual_seed(ntok)).to(torch.bfloat16)
     ref = x.double() @ w.double().T
     dot, fp32 = _with_and_without_bf16_dot(
         lambda: kern.spmv(p["mask"], p["values"], p["row_offsets"], x, kernels.ISA_CODES["avx512"]))
     bound = 1e-6 * max(1.0, ref.abs().max().item())
-    assert dot.dtype == torch.float32 and dot.shape == (ntok, 67)
+    assert dot.dtype == torch.float32 and dot.shape == (ntok, rows)
     assert (dot.double() - ref).abs().max().item() <= bound
     assert (fp32.double() - ref).abs().max().item() <= bound
     assert torch.equal(dot, fp32) == (ntok <= 4)
     assert torch.equal(dot[:, 1], torch.zeros(ntok))
+
+
+def test_16bit_kernels_read_no_value_past_the_end():
+    """The 16-bit kernels load 32 packed values at a time except within 32 of the end of the values, where a masked
+    load reads only those that exist: values cut to exactly their count (no padding) and ending where a page that
+    may not be read begins give the same results as the padded ones, in the dot products' decode (6 and 24 tokens)
+    and tiled kernel and in the unpacking (the last row is dense, so its every load meets the end). In a child
+    process: a read past the end is a crash there."""
+    _needs_bf16_dot()
+    code = """
+import ctypes, mmap, torch
+from lib.sparse import format as fmt, kernels
+kern, avx512 = kernels.get(), kernels.ISA_CODES["avx512"]
+g = torch.Generator().manual_seed(3)
+w = torch.randn(20, 300, generator=g) * (torch.rand(20, 300, generator=g) > 0.7)
+w[19] = torch.randn(300, generator=g)  # dense
+w = w.to(torch.bfloat16)
+p = fmt.pack(w)
+nnz = int(p["row_offsets"][-1])
+pages = (nnz * 2 + 4095) // 4096
+area = mmap.mmap(-1, (pages + 1) * 4096)
+start = ctypes.addressof(ctypes.c_char.from_buffer(area))
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+assert libc.mprotect(start + pages * 4096, 4096, 0) == 0  # the page after the values: no access
+values = torch.frombuffer(area, dtype=torch.bfloat16, count=pages * 2048)[pages * 2048 - nnz:]
+values.copy_(p["values"][:nnz])
+for n in (6, 24):
+    x = torch.randn(n, 300, generator=torch.Generator().manual_seed(n)).to(torch.bfloat16)
+    for call in (kern.spmv, kern.spmm):
+        assert torch.equal(call(p["mask"], values, p["row_offsets"], x, avx512),
+                           call(p["mask"], p["values"], p["row_offsets"], x, avx512))
+assert torch.equal(kern.densify(p["mask"], values, p["row_offsets"], 300, avx512), w)
+print("ok")
+"""
+    result = _run_python(code)
+    assert result.returncode == 0 and result.stdout.split() == ["ok"], result.stderr[-2000:]
+
+
+def test_bf16_dot_decode_is_a_candidate_up_to_64_tokens(monkeypatch):
+    """bf16 weights and inputs on AVX512_BF16 without AMX: the decode (in column blocks) is measured against the
+    other paths up to DOT_DECODE_MAX_TOKENS tokens; fp32, fp32 inputs and the dot products switched off keep
+    DECODE_MAX_TOKENS."""
+    _needs_bf16_dot()
+    monkeypatch.setattr(sparse_linear, "_policy", "auto")
+    previous_amx = kernels.set_amx(False)
+    try:
+        bf16 = (torch.bfloat16, torch.bfloat16)
+        assert sparse_linear.decode_max_tokens(*bf16) == sparse_linear.DOT_DECODE_MAX_TOKENS == 64
+        assert sparse_linear.candidate_paths(64, *bf16) == ("decode", "tiled", "dense")
+        assert sparse_linear.candidate_paths(65, *bf16) == ("tiled", "dense")
+        assert sparse_linear.decode_max_tokens(torch.bfloat16, torch.float32) == sparse_linear.DECODE_MAX_TOKENS
+        assert sparse_linear.candidate_paths(17, torch.float32, torch.float32) == ("tiled", "dense")
+        monkeypatch.setattr(sparse_linear, "_policy", "sparse")
+        assert sparse_linear.candidate_paths(64, *bf16) == ("decode",)
+        before = kernels.set_bf16_dot(False)
+        try:
+            assert sparse_linear.decode_max_tokens(*bf16) == sparse_linear.DECODE_MAX_TOKENS
+        finally:
+            kernels.set_bf16_dot(before)
+    finally:
+        kernels.set_amx(previous_amx)
 
 
 def test_bf16_dot_only_for_bf16_inputs_and_not_when_switched_off():
@@ -550,7 +618,7 @@ def test_amx_path_for_bf16_where_the_cpu_has_it(monkeypatch):
     against dense with the other paths in test_matches_dense."""
     monkeypatch.setattr(sparse_linear, "_policy", "sparse")
     amx = kernels.get() is not None and kernels.isa() == "avx512" and kernels.has_amx()
-    assert sparse_linear.candidate_paths(40, torch.bfloat16, torch.bfloat16) == (("amx",) if amx else ("tiled",))
+    assert sparse_linear.candidate_paths(80, torch.bfloat16, torch.bfloat16) == (("amx",) if amx else ("tiled",))
     assert sparse_linear.candidate_paths(40, torch.bfloat16, torch.float32) == ("tiled",)
     assert sparse_linear.candidate_paths(40, torch.float16, torch.float16) == ("tiled",)
     assert sparse_linear.candidate_paths(9, torch.bfloat16, torch.bfloat16) == ("decode",)
@@ -571,14 +639,14 @@ def test_amx_switched_off_takes_the_tiled_kernel_and_measures_anew(monkeypatch):
     monkeypatch.setattr(sparse_linear, "_policy", "auto")
     sparse_linear.clear_choices()
     w = pruned_weight(64, 96, 0.7, torch.bfloat16)
-    x = torch.randn(40, 96).to(torch.bfloat16)
+    x = torch.randn(80, 96).to(torch.bfloat16)  # above DOT_DECODE_MAX_TOKENS: no decode once AMX is off
     previous = kernels.set_amx(False)
     try:
         assert not kernels.has_amx()
-        assert sparse_linear.candidate_paths(40, torch.bfloat16, torch.bfloat16) == ("tiled", "dense")
+        assert sparse_linear.candidate_paths(80, torch.bfloat16, torch.bfloat16) == ("tiled", "dense")
         check(w, None, x, torch.bfloat16)
         kernels.set_amx(True)
-        assert sparse_linear.candidate_paths(40, torch.bfloat16, torch.bfloat16) == ("amx", "dense")
+        assert sparse_linear.candidate_paths(80, torch.bfloat16, torch.bfloat16) == ("amx", "dense")
         check(w, None, x, torch.bfloat16)
         assert sorted(tuple(sorted(c["seconds"])) for c in sparse_linear.choices()) == [("amx", "dense"),
                                                                                       ("dense", "tiled")]
