@@ -2031,11 +2031,28 @@ void grouped_decode_run(const std::vector<Op>& ops, int64_t isa) {
   }
 }
 
-// Rows per work item of the dot-product kernel: half the AVX-512 kernel's standard items (the same tall and short
-// items). With the column blocks twice as wide as the fp32 kernel's (pairs take half the bytes per column), a
-// 4096x4096 bf16 weight at 70%, 2 threads, Zen 5, medians of 11: 32 rows 5.9 / 24.2 ms at 128 / 512 tokens against
-// 64 rows 6.9 / 29.4 (64 rows in blocks four times as wide: 6.3 / 25.2; as wide as the fp32 kernel's: 9.4 / 47.9).
-inline int64_t dot_item_rows(int64_t rows) { return rows == TILED_ROWS_AVX512 ? rows / 2 : rows; }
+#if ATP_BF16_DOT
+// Rows per work item of the dot-product kernel. A weight with many rows: DOT_ROWS rows per item in column blocks
+// whose inputs take DOT_SLAB_BYTES (dot_block_cols). The 7B shapes in bf16 at 70%, 2 threads, Zen 5, against dense
+// (each paired with it in one process): 128 / 256 tokens 0.75-0.85x / 0.67-0.73x in 32-row items and 192-column
+// blocks, 0.88-0.95x / 0.77-0.81x in 128-row items and 128-column blocks (64 rows 3-5% slower, 192 rows within
+// noise, 96-column blocks 0.54x); at 64 tokens 256-column blocks as fast as before, 448 10% slower. (Before the
+// 16-bit values were loaded 32 at a time without a mask, 32-row items had been the faster ones.) Fewer rows than
+// 4 such items per thread keep half the AVX-512 kernel's standard items, for balance; tall and short items as the
+// AVX-512 kernel's.
+constexpr int64_t DOT_ROWS = 128;
+constexpr int64_t DOT_SLAB_BYTES = 32 * 1024;
+inline int64_t dot_item_rows(int64_t plan_rows, int64_t rows, int64_t threads) {
+  if (plan_rows != TILED_ROWS_AVX512) return plan_rows;
+  return rows >= DOT_ROWS * 4 * threads ? DOT_ROWS : plan_rows / 2;
+}
+// Columns per block for G tiles (inputs: 64 bytes per tile per pair of columns): DOT_SLAB_BYTES of inputs in DOT_ROWS
+// items, else twice the AVX-512 kernel's blocks (pairs take half its bytes per column).
+inline int64_t dot_block_cols(int G, int64_t R, const TiledItems& plan) {
+  if (R == DOT_ROWS) return std::max<int64_t>(32, DOT_SLAB_BYTES / (G * 64) / 16 * 32);
+  return std::min(DOT_MAX_BLOCK, 2 * tiled_block_cols(G, R, plan.l1_budget));
+}
+#endif  // ATP_BF16_DOT
 
 // dot: bf16 values against inputs as pairs of bf16 columns (tile_input_pairs), on AVX512_BF16 (tiled_item_dot).
 template <typename T>
@@ -2047,7 +2064,12 @@ void tiled_run(const Op& op, int64_t isa, bool dot = false) {
   if (isa == ISA_AVX512 || isa == ISA_AVX2) {  // op.x: the grouped layout (tile_inputs)
     const int64_t per = group_tiles(isa), groups = (ntiles + per - 1) / per;
     const TiledItems plan = tiled_rows(op.rows, cpad, ntiles, nt, isa);
-    const int64_t R = dot ? dot_item_rows(plan.rows) : plan.rows, items = (op.rows + R - 1) / R;
+#if ATP_BF16_DOT
+    const int64_t R = dot ? dot_item_rows(plan.rows, op.rows, nt) : plan.rows;
+#else
+    const int64_t R = plan.rows;
+#endif
+    const int64_t items = (op.rows + R - 1) / R;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
     for (int64_t i = 0; i < groups * items; ++i) {
       const int64_t g = i / items, c = i % items;
@@ -2057,9 +2079,9 @@ void tiled_run(const Op& op, int64_t isa, bool dot = false) {
       const int64_t kb = tiled_block_cols(static_cast<int>(G), R, plan.l1_budget);
 #if ATP_BF16_DOT
       if constexpr (std::is_same<T, at::BFloat16>::value)
-        if (dot) {  // pairs of columns: half the input bytes per column, so blocks twice as wide
+        if (dot) {  // pairs of columns (dot_item_rows, dot_block_cols)
           const uint32_t* pairs = reinterpret_cast<const uint32_t*>(op.x) + g * per * TILE * cpad / 2;
-          tiled_item_dot_g<T>(op, pairs, G, t0, r0, r1, std::min(DOT_MAX_BLOCK, 2 * kb));
+          tiled_item_dot_g<T>(op, pairs, G, t0, r0, r1, dot_block_cols(static_cast<int>(G), R, plan));
           continue;
         }
 #endif

@@ -363,8 +363,10 @@ def _needs_bf16_dot():
 
 
 # (rows, cols, tokens): the fp32 kernel's work items (short: one group of few tokens on a wide weight; tall: a narrow
-# weight; standard, halved for the dot kernel) with an odd width, padding columns, partial tiles and groups
-BF16_DOT_CASES = [(67, 333, 1), (67, 333, 17), (300, 1000, 130), (150, 576, 300), (64, 4100, 40), (40, 64, 16)]
+# weight; standard, halved for the dot kernel) with an odd width, padding columns, partial tiles and groups; 2100
+# rows (up to 4 threads): the dot kernel's 128-row items, a short last one, two column blocks for 8 tiles, one for 1
+BF16_DOT_CASES = [(67, 333, 1), (67, 333, 17), (300, 1000, 130), (150, 576, 300), (64, 4100, 40), (40, 64, 16),
+                  (2100, 200, 140)]
 
 
 @pytest.mark.parametrize("rows,cols,ntok", BF16_DOT_CASES)
