@@ -1348,17 +1348,25 @@ void dot_decode_rows(const Op& op, const T* x, int64_t r0, int64_t r1) {
 }
 
 // The decode from 9 tokens on the dot products (dot_block_item): blocks of columns, so that the inputs a block takes
-// stay in L1 while every row of a work item passes over them, and rows DOT_BLOCK_RB at a time, so that each load of
-// inputs feeds that many dot products. The decode above reloads every token's inputs per row from L2 (4096 columns
-// of 8 tokens are 64 KiB), which left it below dense from 12 tokens. 4096x4096 / 11008x4096 / 4096x11008 at 70%, 2
-// threads, Zen 5, against dense (each paired with it in one process): 16 tokens 0.83-1.03x -> 1.21-1.39x, 32
-// tokens 0.57-0.67x -> 1.01-1.18x, 64 tokens 0.41-0.48x -> 0.76-0.88x (at 5 tokens the decode above, 2.3-2.5x,
-// beats this one's 1.4-1.7x: a group of 8 tokens is then partly padding).
+// stay in L1 while every row of a work item passes over them; rows DOT_BLOCK_RB at a time, so that each load of
+// inputs feeds that many dot products; and each row's block expanded once, for the first group of 8 tokens, into
+// dense bf16 that the other groups load back (DOT_KEPT) instead of expanding it again. The decode above reloads
+// every token's inputs per row from L2 (4096 columns of 8 tokens are 64 KiB), which left it below dense from 12
+// tokens. 4096x4096 / 11008x4096 / 4096x11008 at 70%, 2 threads, Zen 5, against dense (each paired with it in one
+// process): 16 tokens 0.83-1.03x -> 1.21-1.39x, 32 tokens 0.57-0.67x -> 1.01-1.18x, 64 tokens 0.41-0.48x ->
+// 0.76-0.88x without the kept expansion; with it (in one process, the same shapes) 16 tokens 1.20-1.44x ->
+// 1.42-1.55x, 32 tokens 0.93-1.10x -> 1.16-1.33x, 64 tokens 0.74-0.86x -> 1.05-1.15x, and 128 tokens 0.90-1.03x
+// where the tiled kernel ran 0.80-0.93x. At 5 tokens the decode above (2.3-2.5x) beats this one (1.4-1.7x: a group
+// of 8 tokens is then partly padding). 512- or 2048-column blocks and 12-, 24- or 96-row items: no better.
 constexpr int64_t DOT_BLOCK_COLS = 1024;  // 8 tokens' inputs of a block: 16 KiB
 constexpr int64_t DOT_BLOCK_RB = 3;       // 24 accumulators, 3 expanded rows and one input in 32 registers
 constexpr int64_t DOT_BLOCK_ROWS = 48;    // rows per work item, a multiple of DOT_BLOCK_RB
 constexpr int64_t DOT_BLOCK_TOKENS = 128;  // tokens per pass over the weight (the partial sums' size)
 constexpr int DOT_BLOCK_NT = 8;            // tokens per group
+// How dot_block_rows gets a row's weights of a 32-column step: expanded from the packed values (a single group of
+// tokens), expanded and kept in the item's dense copy of the block (the first of several groups), or loaded back
+// from that copy (the others).
+constexpr int DOT_EXPAND = 0, DOT_EXPAND_AND_KEEP = 1, DOT_KEPT = 2;
 
 // Lane t of the result: the sum of the 16 lanes of a[t], for t < NT (8 or 16; with 8, lanes 8-15 repeat 0-7).
 template <int NT>
@@ -1397,11 +1405,12 @@ inline void dot_block_inputs(const at::BFloat16* x, int64_t n, int64_t ldx, at::
   }
 }
 
-// R rows (masks m + r * mstride, values from v[r], advanced) against one group of tokens over nq 32-column steps of
-// xq (dot_block_inputs), each row's sums added into p + r * pstride.
-template <typename T, int R>
+// R rows (masks m + r * mstride, values from v[r], advanced unless MODE is DOT_KEPT; their dense copy at
+// ws + r * DOT_BLOCK_COLS) against one group of tokens over nq 32-column steps of xq (dot_block_inputs), each row's
+// sums added into p + r * pstride.
+template <typename T, int R, int MODE>
 inline void dot_block_rows(const uint32_t* m, int64_t mstride, const T** v, const T* vend, const T* xq, int64_t nq,
-                           float* p, int64_t pstride) {
+                           float* p, int64_t pstride, T* ws) {
   constexpr int NT = DOT_BLOCK_NT;
   __m512 acc[R][NT];
 #pragma GCC unroll 4
@@ -1412,9 +1421,14 @@ inline void dot_block_rows(const uint32_t* m, int64_t mstride, const T** v, cons
     __m512bh w[R];
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
+      if (MODE == DOT_KEPT) {
+        w[r] = (__m512bh)_mm512_load_si512(ws + r * DOT_BLOCK_COLS + q * 32);
+        continue;
+      }
       const uint32_t k = m[r * mstride + q];
       const int count = __builtin_popcount(k);
       w[r] = (__m512bh)expand32(k, count, v[r], vend);
+      if (MODE == DOT_EXPAND_AND_KEEP) _mm512_store_si512(ws + r * DOT_BLOCK_COLS + q * 32, (__m512i)w[r]);
       v[r] += count;
     }
 #pragma GCC unroll 8
@@ -1443,12 +1457,13 @@ inline void prefetch_row_block(const uint32_t* m, int64_t nq, const T* v, int64_
 
 // Rows [r0, r1) (at most DOT_BLOCK_ROWS) against np tokens (a multiple of DOT_BLOCK_NT, at most DOT_BLOCK_TOKENS) of
 // xb (dot_block_inputs), y's tokens from t0: per column block, per group of tokens, the rows DOT_BLOCK_RB at a time;
-// each row's values of a block are expanded once per group (from L2 after the first), the next block's prefetched
+// each row's values of a block are expanded for the first group (kept for the others), the next block's prefetched
 // during the first group, the first block's requested for all rows at the start.
 template <typename T>
 void dot_block_item(const Op& op, const T* xb, int64_t np, int64_t t0, int64_t r0, int64_t r1) {
   const int64_t ldx = op.words * 64, nrows = r1 - r0, mstride = op.words * 2;
   alignas(64) float part[DOT_BLOCK_ROWS * DOT_BLOCK_TOKENS];
+  alignas(64) T expanded[DOT_BLOCK_ROWS * DOT_BLOCK_COLS];  // the block's rows as dense bf16 (96 KiB: in L2)
   const T* cur[DOT_BLOCK_ROWS];
   const T* next[DOT_BLOCK_ROWS];
   const T* vend = static_cast<const T*>(op.vals) + op.nvals;
@@ -1472,9 +1487,17 @@ void dot_block_item(const Op& op, const T* xb, int64_t np, int64_t t0, int64_t r
         for (int64_t r = 0; r < R; ++r) v[r] = cur[i + r];
         float* p = part + i * np + g;
         static_assert(DOT_BLOCK_RB == 3, "one case per count of rows");
-        if (R == 3) dot_block_rows<T, 3>(m, mstride, v, vend, xq, nq, p, np);
-        else if (R == 2) dot_block_rows<T, 2>(m, mstride, v, vend, xq, nq, p, np);
-        else dot_block_rows<T, 1>(m, mstride, v, vend, xq, nq, p, np);
+        T* ws = expanded + i * DOT_BLOCK_COLS;
+        const int mode = np == DOT_BLOCK_NT ? DOT_EXPAND : (g == 0 ? DOT_EXPAND_AND_KEEP : DOT_KEPT);
+        auto run = [&](auto mc) {
+          constexpr int MC = decltype(mc)::value;
+          if (R == 3) dot_block_rows<T, 3, MC>(m, mstride, v, vend, xq, nq, p, np, ws);
+          else if (R == 2) dot_block_rows<T, 2, MC>(m, mstride, v, vend, xq, nq, p, np, ws);
+          else dot_block_rows<T, 1, MC>(m, mstride, v, vend, xq, nq, p, np, ws);
+        };
+        if (mode == DOT_EXPAND) run(std::integral_constant<int, DOT_EXPAND>());
+        else if (mode == DOT_EXPAND_AND_KEEP) run(std::integral_constant<int, DOT_EXPAND_AND_KEEP>());
+        else run(std::integral_constant<int, DOT_KEPT>());
         if (g == 0)
           for (int64_t r = 0; r < R; ++r) {
             if (c0 + DOT_BLOCK_COLS < ldx)  // the next block holds about as many values as this one

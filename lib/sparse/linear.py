@@ -6,8 +6,9 @@ around a decode matvec cost as much as the matvec of a small layer. Paths, chose
 
 * ``decode`` (up to DECODE_MAX_TOKENS tokens, see decode_max_tokens): one streaming pass over the packed weight, the
   expanded weights reused for up to 4 tokens at a time. Always taken for 1 to 4 tokens: it reads a third of the
-  dense bytes. bf16 weights and inputs on AVX512_BF16: 5-8 tokens in one pass on the dot products, 9-64 in column
-  blocks whose inputs stay in L1 while the rows pass over them, three rows sharing each load of inputs.
+  dense bytes. bf16 weights and inputs on AVX512_BF16 without AMX: 5-8 tokens in one pass on the dot products,
+  9-512 in column blocks whose inputs stay in L1 while the rows pass over them, three rows sharing each load of
+  inputs, each row's block expanded once for all the tokens.
 * ``tiled``: the 16-token tiled kernel (each decoded nonzero reused for every token of a tile); for bf16 weights and
   bf16 inputs on CPUs with AVX512_BF16, each pair of adjacent columns holding a nonzero, on the dot products;
 * ``amx`` (bf16 weights and inputs, CPUs with AMX): rows decoded into dense bf16 tiles in cache, multiplied on the
@@ -42,7 +43,7 @@ from . import pages
 
 DECODE_MAX_TOKENS = 16   # the decode kernel is a candidate up to this many tokens (one pass per 4 tokens)
 # ... up to this many for bf16 weights and inputs on AVX512_BF16's dot products without AMX (decode_max_tokens)
-DOT_DECODE_MAX_TOKENS = 64
+DOT_DECODE_MAX_TOKENS = 512
 ALWAYS_DECODE_TOKENS = 4  # up to this many, the decode kernel without measuring
 TUNE_ROUNDS = 2           # timed rounds per candidate path when measuring a choice (the first one warms up)
 TUNE_MAX_ROUNDS = 4       # ... up to this many while the two fastest are within TUNE_CLOSE
@@ -114,8 +115,9 @@ def amx_usable(values_dtype: torch.dtype, x_dtype: torch.dtype) -> bool:
 
 def decode_max_tokens(values_dtype: torch.dtype = torch.float32, x_dtype: torch.dtype = torch.float32) -> int:
     """The most tokens the decode kernel is a candidate for: DOT_DECODE_MAX_TOKENS for bf16 weights and inputs on
-    AVX512_BF16 without AMX (its column-blocked decode beat the tiled kernel up to 48-64 tokens on Zen 5; on AMX
-    CPUs the AMX path takes over from 17), else DECODE_MAX_TOKENS."""
+    AVX512_BF16 without AMX (on Zen 5 its column-blocked decode beat the tiled kernel at every count up to 1024
+    tokens and unpacking + GEMM up to 256-512; on AMX CPUs the AMX path takes over from 17), else
+    DECODE_MAX_TOKENS."""
     dot = (values_dtype == torch.bfloat16 and x_dtype == torch.bfloat16 and kernels.get() is not None
            and kernels.isa() == "avx512" and kernels.has_bf16_dot())
     return DOT_DECODE_MAX_TOKENS if dot and not amx_usable(values_dtype, x_dtype) else DECODE_MAX_TOKENS

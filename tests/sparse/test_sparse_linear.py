@@ -454,7 +454,7 @@ print("ok")
     assert result.returncode == 0 and result.stdout.split() == ["ok"], result.stderr[-2000:]
 
 
-def test_bf16_dot_decode_is_a_candidate_up_to_64_tokens(monkeypatch):
+def test_bf16_dot_decode_is_a_candidate_up_to_512_tokens(monkeypatch):
     """bf16 weights and inputs on AVX512_BF16 without AMX: the decode (in column blocks) is measured against the
     other paths up to DOT_DECODE_MAX_TOKENS tokens; fp32, fp32 inputs and the dot products switched off keep
     DECODE_MAX_TOKENS."""
@@ -463,13 +463,13 @@ def test_bf16_dot_decode_is_a_candidate_up_to_64_tokens(monkeypatch):
     previous_amx = kernels.set_amx(False)
     try:
         bf16 = (torch.bfloat16, torch.bfloat16)
-        assert sparse_linear.decode_max_tokens(*bf16) == sparse_linear.DOT_DECODE_MAX_TOKENS == 64
-        assert sparse_linear.candidate_paths(64, *bf16) == ("decode", "tiled", "dense")
-        assert sparse_linear.candidate_paths(65, *bf16) == ("tiled", "dense")
+        assert sparse_linear.decode_max_tokens(*bf16) == sparse_linear.DOT_DECODE_MAX_TOKENS == 512
+        assert sparse_linear.candidate_paths(512, *bf16) == ("decode", "tiled", "dense")
+        assert sparse_linear.candidate_paths(513, *bf16) == ("tiled", "dense")
         assert sparse_linear.decode_max_tokens(torch.bfloat16, torch.float32) == sparse_linear.DECODE_MAX_TOKENS
         assert sparse_linear.candidate_paths(17, torch.float32, torch.float32) == ("tiled", "dense")
         monkeypatch.setattr(sparse_linear, "_policy", "sparse")
-        assert sparse_linear.candidate_paths(64, *bf16) == ("decode",)
+        assert sparse_linear.candidate_paths(512, *bf16) == ("decode",)
         before = kernels.set_bf16_dot(False)
         try:
             assert sparse_linear.decode_max_tokens(*bf16) == sparse_linear.DECODE_MAX_TOKENS
@@ -620,7 +620,7 @@ def test_amx_path_for_bf16_where_the_cpu_has_it(monkeypatch):
     against dense with the other paths in test_matches_dense."""
     monkeypatch.setattr(sparse_linear, "_policy", "sparse")
     amx = kernels.get() is not None and kernels.isa() == "avx512" and kernels.has_amx()
-    assert sparse_linear.candidate_paths(80, torch.bfloat16, torch.bfloat16) == (("amx",) if amx else ("tiled",))
+    assert sparse_linear.candidate_paths(600, torch.bfloat16, torch.bfloat16) == (("amx",) if amx else ("tiled",))
     assert sparse_linear.candidate_paths(40, torch.bfloat16, torch.float32) == ("tiled",)
     assert sparse_linear.candidate_paths(40, torch.float16, torch.float16) == ("tiled",)
     assert sparse_linear.candidate_paths(9, torch.bfloat16, torch.bfloat16) == ("decode",)
@@ -641,14 +641,14 @@ def test_amx_switched_off_takes_the_tiled_kernel_and_measures_anew(monkeypatch):
     monkeypatch.setattr(sparse_linear, "_policy", "auto")
     sparse_linear.clear_choices()
     w = pruned_weight(64, 96, 0.7, torch.bfloat16)
-    x = torch.randn(80, 96).to(torch.bfloat16)  # above DOT_DECODE_MAX_TOKENS: no decode once AMX is off
+    x = torch.randn(600, 96).to(torch.bfloat16)  # above DOT_DECODE_MAX_TOKENS: no decode once AMX is off
     previous = kernels.set_amx(False)
     try:
         assert not kernels.has_amx()
-        assert sparse_linear.candidate_paths(80, torch.bfloat16, torch.bfloat16) == ("tiled", "dense")
+        assert sparse_linear.candidate_paths(600, torch.bfloat16, torch.bfloat16) == ("tiled", "dense")
         check(w, None, x, torch.bfloat16)
         kernels.set_amx(True)
-        assert sparse_linear.candidate_paths(80, torch.bfloat16, torch.bfloat16) == ("amx", "dense")
+        assert sparse_linear.candidate_paths(600, torch.bfloat16, torch.bfloat16) == ("amx", "dense")
         check(w, None, x, torch.bfloat16)
         assert sorted(tuple(sorted(c["seconds"])) for c in sparse_linear.choices()) == [("amx", "dense"),
                                                                                       ("dense", "tiled")]
