@@ -1104,7 +1104,6 @@ void tiled_item_avx512(const Op& op, const float* xg, int64_t t0, int64_t r0, in
   alignas(64) float part[TILED_TALL_ROWS][W];
   alignas(64) int32_t offs[2048 + 16];
   const T* cur[TILED_TALL_ROWS];
-  const T* vend = static_cast<const T*>(op.vals) + op.nvals;
   start_tiled_item(op, r0, nrows, W, &part[0][0], cur);
   const __m512i step = _mm512_set1_epi32(16 * W * 4);
   const __m512i ramp = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
@@ -1310,12 +1309,12 @@ void tiled_item_dot_g(const Op& op, const uint32_t* xg, int64_t G, int64_t t0, i
 }
 
 // The decode for 5 to DOT_DECODE_NT bf16 tokens against bf16 weights on AVX512_BF16, in one pass over the weight
-// (the fp32 decode takes four per pass; more tokens: dot_block_item). Per 32 columns, the row's values expanded once into 16
-// pairs, then one dot product per token against that token's 32 columns (16 pairs as they lie in a bf16 row).
-// x: [ntok][ldx] bf16, zero padded to the mask's width. 4096x4096 at 70%, 2 threads, Zen 5, against dense: with 16
-// tokens per pass 1.9x / 1.3x / 0.8x / 0.5x at 5 / 8 / 12 / 16 tokens (16 accumulators, and 16 loads of inputs per
-// 32 columns, mostly from L2), with 8 per pass 2.0x / 1.5x / 1.1x / 0.9x (the fp32 decode 1.3x / 1.3x / 1.0x /
-// 0.8x); rows in pairs sharing each load of inputs were no faster.
+// (the fp32 decode takes four per pass; more tokens: dot_block_item). Per 32 columns, the row's values expanded
+// once into 16 pairs, then one dot product per token against that token's 32 columns (16 pairs as they lie in a
+// bf16 row). x: [ntok][ldx] bf16, zero padded to the mask's width. 4096x4096 at 70%, 2 threads, Zen 5, against
+// dense: with 16 tokens per pass 1.9x / 1.3x / 0.8x / 0.5x at 5 / 8 / 12 / 16 tokens (16 accumulators, and 16 loads
+// of inputs per 32 columns, mostly from L2), with 8 per pass 2.0x / 1.5x / 1.1x / 0.9x (the fp32 decode 1.3x / 1.3x
+// / 1.0x / 0.8x); rows in pairs sharing each load of inputs were no faster.
 constexpr int DOT_DECODE_NT = 8;
 
 template <typename T, int NT>
@@ -1445,8 +1444,8 @@ inline void dot_block_rows(const uint32_t* m, int64_t mstride, const T** v, cons
   }
 }
 
-// Row i's values and mask words [q0, q0 + nq) (its `count` values from v) into L2. Into L1 they pushed the
-// block's inputs out (16 tokens: 2.8 -> 2.1 ms on 4096x4096 into L2 instead).
+// A row's nq mask words from m and its `count` values from v into L2. Into L1 they pushed the block's inputs out
+// (16 tokens on 4096x4096: 2.8 ms prefetched into L1, 2.1 ms into L2).
 template <typename T>
 inline void prefetch_row_block(const uint32_t* m, int64_t nq, const T* v, int64_t count) {
   for (const char* b = reinterpret_cast<const char*>(v), *e = b + count * sizeof(T); b < e; b += 64)
