@@ -13,9 +13,9 @@
 // tiled:   many tokens (prefill): per nonzero, its value times a vector of 16-token tiles of inputs (inputs
 //          transposed, tiles grouped: see tile_inputs); the SIMD kernels decode each row's columns once per group
 //          of tiles (AVX-512 up to 8, AVX2 up to 4) and column block. bf16 weights and bf16 inputs on AVX512_BF16:
-//          per pair of adjacent columns holding a nonzero, on the dot products (tiled_item_dot); their decode from
-//          5 tokens, up to 8 in one pass over the weight (dot_decode_rows), more in column blocks with rows three
-//          at a time (dot_block_item).
+//          on the dot products, each two consecutive nonzeros of a row together against their two columns'
+//          inputs interleaved at run time (pair_item); their decode from 5 tokens, up to 8 in one pass over the
+//          weight (dot_decode_rows), more in column blocks with rows three at a time (dot_block_item).
 // densify: the dense weight, for the dense-GEMM path of large batches.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -97,6 +97,11 @@ constexpr int64_t ROW_CHUNK = 16;
 constexpr int64_t PARALLEL_MIN_WORK = 1024;
 constexpr int GROUP_TILES = 8;       // AVX-512 tiled kernel: tiles per group (128 tokens)
 constexpr int GROUP_TILES_AVX2 = 4;  // AVX2: 4 tiles (64 tokens) are 8 accumulators of its 16 vector registers
+// The packed-pairs kernel (bf16 on AVX512_BF16, pair_item): its inputs in chunks of 32 tokens, the AVX-512 kernel's
+// groups of tokens.
+constexpr int PAIR_CHUNK = 32;
+constexpr int64_t PAIR_GROUP = GROUP_TILES * TILE;
+constexpr int64_t PAIR_CHUNKS = PAIR_GROUP / PAIR_CHUNK;
 #ifndef ATP_TILED_ROWS  // tiled kernels: rows per work item (AVX2's standard items; tall and short items of
 #define ATP_TILED_ROWS 96   // both), and the L1 bytes partial sums and one block of inputs share (tiled_block_cols)
 #endif
@@ -1216,96 +1221,122 @@ ATP_TARGET_END
 #if ATP_BF16_DOT
 // ------------------------------------------------------------------------------------------ AVX-512 BF16 dot products
 // The tiled kernel for bf16 weights and bf16 inputs on CPUs with AVX512_BF16 (vdpbf16ps: per 32-bit lane, the sum of
-// two bf16 x bf16 products added to an fp32 accumulator), where torch's dense bf16 GEMM runs on that instruction and
-// is several times faster than its fp32 GEMM: the fp32 tiled kernel (one FMA per nonzero per 16 tokens) ran the 7B
-// block in bf16 at 0.61-0.68x of dense at 16-32 tokens (AMD EPYC Zen 5, 2 threads, 70%). Here the unit is a pair of
-// adjacent columns: per row and column block, the pairs holding a nonzero are gathered (the row's values expanded
-// by 32 mask bits, then the 16 pairs compressed by which are nonzero), with each pair's input offset; then every
-// such pair costs one broadcast and one vdpbf16ps per 16 tokens against the inputs laid out as pairs of columns
-// (tile_input_pairs: [cpad / 2][G * 16] 32-bit pairs per group of G tiles). At 70% about half the pairs hold a
-// nonzero, so this runs about a quarter of the multiply instructions of dense, at 50% three eighths.
+// two bf16 x bf16 products added to an fp32 accumulator), where torch's dense bf16 GEMM runs on that instruction at
+// close to its peak (two per cycle on Zen 5) and is several times faster than its fp32 GEMM: the fp32 tiled kernel
+// (one FMA per nonzero per 16 tokens) ran the 7B block in bf16 at 0.61-0.68x of dense at 16-32 tokens (AMD EPYC
+// Zen 5, 2 threads, 70%).
+//
+// Packed pairs: each two consecutive packed values of a row are paired, whatever their columns, so that every dot
+// product does two nonzeros' work. The two columns' inputs are interleaved at run time: the inputs lie column-major
+// (column_inputs: per group of up to PAIR_GROUP tokens, each column's tokens side by side in chunks of 32), and
+// vpunpcklwd / vpunpckhwd of two columns' chunks give the 16 pairs of tokens 0-15 and of 16-31 (column_inputs
+// orders each chunk so that they come out in that order). Per pair of nonzeros and 32 tokens: two loads, two
+// unpacks, two dot products, against the value pair broadcast straight from the packed values. An odd count leaves
+// one value, taken against zeros. Per row and column block, the columns of its nonzeros come from the mask words
+// by one vpcompressw each. The previous kernel paired adjacent columns instead (inputs as pairs of columns; a pair
+// with one nonzero of two cost a whole dot product, 1.2 nonzeros per dot product at 70%, and the pairs had to be
+// gathered): 4096x4096 at 70%, 2 threads, Zen 5, against dense, 0.60-1.01x at 16-128 tokens and 0.74-0.95x at
+// 256-1024, now 0.97-1.44x and 1.2-1.33x; at 50% 0.52-0.60x, now 0.65-0.93x.
 ATP_TARGET_BEGIN("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi2,avx512bf16,bmi,bmi2,popcnt,avx2,fma,f16c")
 
-constexpr int64_t DOT_MAX_BLOCK = 2048;  // columns per block at most (offsets and pairs buffers)
+constexpr int64_t DOT_MAX_BLOCK = 2048;  // columns per block at most (the column buffer of pair_item)
+// How many rows ahead pair_item fetches a row's values and mask words of the block into L1: a row's first use of
+// them otherwise waits on memory (64 or more rows are more streams than the hardware prefetchers follow; 4096x4096 at
+// 70% and 512 tokens, Zen 5: one row ahead 1.14x dense, three 1.28x, 6-12 no better).
+constexpr int64_t PAIR_PREFETCH_ROWS = 3;
 
-template <typename T, int G>  // T: at::BFloat16 (the name then says so: VBMI2 only in code for 16-bit values)
-void tiled_item_dot(const Op& op, const uint32_t* xg, int64_t t0, int64_t r0, int64_t r1, int64_t KB) {
-  constexpr int W = G * TILE;  // 32-bit pairs per pair of columns in this group
-  // independent accumulator sets, so that enough dot-product chains are in flight (few tiles, few chains)
-  constexpr int S = G >= 6 ? 1 : (G >= 3 ? 2 : (G == 2 ? 4 : 8));
+template <typename T, int NC>  // T: at::BFloat16 (VBMI2 only in code for 16-bit values); NC: chunks of 32 tokens
+void pair_item(const Op& op, const at::BFloat16* xg, int64_t t0, int64_t r0, int64_t r1, int64_t KB) {
+  constexpr int W = NC * PAIR_CHUNK;  // tokens per row of partial sums
+  constexpr int64_t CB = W * 2;       // bytes of inputs per column
+  static_assert(std::is_same<T, at::BFloat16>::value, "bf16 values (vdpbf16ps)");
   const int64_t cpad = op.words * 64, nrows = r1 - r0;
   alignas(64) float part[TILED_TALL_ROWS][W];
-  alignas(64) int32_t offs[DOT_MAX_BLOCK / 2 + 16];
-  alignas(64) uint32_t pairs[DOT_MAX_BLOCK / 2 + 16];
-  static_assert(std::is_same<T, at::BFloat16>::value, "bf16 values (vdpbf16ps)");
+  alignas(64) uint16_t cols_of[DOT_MAX_BLOCK + 32];  // the block's columns holding this row's nonzeros, in order
   const T* cur[TILED_TALL_ROWS];
-  const T* vend = static_cast<const T*>(op.vals) + op.nvals;
   start_tiled_item(op, r0, nrows, W, &part[0][0], cur);
-  const __m512i step = _mm512_set1_epi32(16 * W * 4);
-  const __m512i ramp = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                          _mm512_set1_epi32(W * 4));
+  const __m512i ramp = _mm512_set_epi16(31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16, 15, 14, 13, 12,
+                                        11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i step = _mm512_set1_epi16(32);
   for (int64_t c0 = 0; c0 < cpad; c0 += KB) {
-    const int64_t cols = std::min(KB, cpad - c0), nq = cols / 32;
-    const char* slab = reinterpret_cast<const char*>(xg + c0 / 2 * W);
+    const int64_t nq = std::min(KB, cpad - c0) / 32;
+    const char* slab = reinterpret_cast<const char*>(xg + c0 * W);
     for (int64_t i = 0; i < nrows; ++i) {
       const uint32_t* m = reinterpret_cast<const uint32_t*>(op.mask + (r0 + i) * op.words) + c0 / 32;
-      const T* v = cur[i];
       int64_t n = 0;
       __m512i col = ramp;
       for (int64_t q = 0; q < nq; ++q) {
         const uint32_t k = m[q];
-        const int count = __builtin_popcount(k);
-        const __m512i w = expand32(k, count, v, vend);
-        v += count;
-        // the pairs with a mask bit set, from the mask word (testing the expanded pairs for nonzero bits
-        // instead made both compresses wait on the expand-load: 1.9x the time per pair at 16 tokens, Zen 5)
-        const __mmask16 live = static_cast<__mmask16>(_pext_u32(k | (k >> 1), 0x55555555u));
-        _mm512_storeu_si512(pairs + n, _mm512_maskz_compress_epi32(live, w));
-        _mm512_storeu_si512(offs + n, _mm512_maskz_compress_epi32(live, col));
-        n += __builtin_popcount(live);
-        col = _mm512_add_epi32(col, step);
+        _mm512_storeu_si512(cols_of + n, _mm512_maskz_compress_epi16(static_cast<__mmask32>(k), col));
+        n += __builtin_popcount(k);
+        col = _mm512_add_epi16(col, step);
       }
-      // this row's values of the next block (as many bytes as this block's) into L1 now: the row comes back to them
-      // after the item's other rows, and the expand waits on them, which stalled the row's dot products (64 rows
-      // are 64 streams, more than the hardware prefetchers follow)
-      for (const char* p = reinterpret_cast<const char*>(v), *end = p + (v - cur[i]) * 2; p < end; p += 64)
-        _mm_prefetch(p, _MM_HINT_T0);
-      cur[i] = v;
-      if (c0 + KB < cpad) prefetch_block_share(slab + KB / 2 * W * 4, std::min(KB, cpad - c0 - KB) / 2 * W * 4, i, nrows);
-      __m512 a[S][G];
-      for (int g = 0; g < G; ++g) a[0][g] = _mm512_load_ps(part[i] + 16 * g);
-      for (int s = 1; s < S; ++s)
-        for (int g = 0; g < G; ++g) a[s][g] = _mm512_setzero_ps();
-      // unrolled by hand-set pragmas: GCC 12 otherwise kept the accumulators in memory (a load, a dot product and
-      // a store per step: each chain then waits on store forwarding)
+      if (i + PAIR_PREFETCH_ROWS < nrows) {
+        const char* ahead = reinterpret_cast<const char*>(cur[i + PAIR_PREFETCH_ROWS]);
+        for (int l = 0; l < 3; ++l) _mm_prefetch(ahead + 64 * l, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(op.mask + (r0 + i + PAIR_PREFETCH_ROWS) * op.words + c0 / 64),
+                     _MM_HINT_T0);
+      }
+      if (c0 + KB < cpad) prefetch_block_share(slab + KB * CB, std::min(KB, cpad - c0 - KB) * CB, i, nrows);
+      const T* v = cur[i];
+      // values v[j], v[j + 1] of columns cols_of[j], cols_of[j + 1] into the accumulators acc
+      auto pair_step = [&](__m512* acc, int64_t j) __attribute__((always_inline)) {
+        uint32_t both;
+        std::memcpy(&both, v + j, 4);
+        const __m512bh b = (__m512bh)_mm512_set1_epi32(static_cast<int>(both));
+        const char* x1 = slab + cols_of[j] * CB;
+        const char* x2 = slab + cols_of[j + 1] * CB;
+#pragma GCC unroll 4
+        for (int q = 0; q < NC; ++q) {
+          const __m512i c1 = _mm512_loadu_si512(x1 + 64 * q);
+          __m512i c2 = _mm512_loadu_si512(x2 + 64 * q);
+          asm("" : "+v"(c2));  // one load each: GCC folded c2's load into both unpacks (12 loads per 8 products)
+          acc[2 * q] = _mm512_dpbf16_ps(acc[2 * q], b, (__m512bh)_mm512_unpacklo_epi16(c1, c2));
+          acc[2 * q + 1] = _mm512_dpbf16_ps(acc[2 * q + 1], b, (__m512bh)_mm512_unpackhi_epi16(c1, c2));
+        }
+      };
+      __m512 a[2 * NC];
+      for (int g = 0; g < 2 * NC; ++g) a[g] = _mm512_load_ps(part[i] + 16 * g);
       int64_t j = 0;
-      for (; j + S <= n; j += S) {
-#pragma GCC unroll 8
-        for (int s = 0; s < S; ++s) {
-          const __m512bh b = (__m512bh)_mm512_set1_epi32(static_cast<int>(pairs[j + s]));
-          const char* xp = slab + offs[j + s];
-#pragma GCC unroll 8
-          for (int g = 0; g < G; ++g)
-            a[s][g] = _mm512_dpbf16_ps(a[s][g], b, (__m512bh)_mm512_loadu_si512(xp + 64 * g));
+      if (n >= 4) {  // two accumulator sets: one set's chains would wait on the dot product's latency
+        __m512 b[2 * NC];
+        for (int g = 0; g < 2 * NC; ++g) b[g] = _mm512_setzero_ps();
+        for (; j + 4 <= n; j += 4) {
+          pair_step(a, j);
+          pair_step(b, j + 2);
+        }
+        for (int g = 0; g < 2 * NC; ++g) a[g] = _mm512_add_ps(a[g], b[g]);
+      }
+      if (j + 2 <= n) {
+        pair_step(a, j);
+        j += 2;
+      }
+      if (j < n) {  // an odd count: the last value, paired with a zero, against zeros
+        const __m512bh b = (__m512bh)_mm512_set1_epi32(static_cast<int>(static_cast<uint16_t>(raw16(v + j))));
+        const char* x1 = slab + cols_of[j] * CB;
+        const __m512i zero = _mm512_setzero_si512();
+#pragma GCC unroll 4
+        for (int q = 0; q < NC; ++q) {
+          const __m512i c1 = _mm512_loadu_si512(x1 + 64 * q);
+          a[2 * q] = _mm512_dpbf16_ps(a[2 * q], b, (__m512bh)_mm512_unpacklo_epi16(c1, zero));
+          a[2 * q + 1] = _mm512_dpbf16_ps(a[2 * q + 1], b, (__m512bh)_mm512_unpackhi_epi16(c1, zero));
         }
       }
-      for (; j < n; ++j) {
-        const __m512bh b = (__m512bh)_mm512_set1_epi32(static_cast<int>(pairs[j]));
-        const char* xp = slab + offs[j];
-#pragma GCC unroll 8
-        for (int g = 0; g < G; ++g) a[0][g] = _mm512_dpbf16_ps(a[0][g], b, (__m512bh)_mm512_loadu_si512(xp + 64 * g));
-      }
-      for (int s = 1; s < S; ++s)
-        for (int g = 0; g < G; ++g) a[0][g] = _mm512_add_ps(a[0][g], a[s][g]);
-      for (int g = 0; g < G; ++g) _mm512_store_ps(part[i] + 16 * g, a[0][g]);
+      for (int g = 0; g < 2 * NC; ++g) _mm512_store_ps(part[i] + 16 * g, a[g]);
+      cur[i] = v + n;
     }
   }
   store_tiled_sums(op, &part[0][0], W, t0, r0, nrows);
 }
 
 template <typename T>
-void tiled_item_dot_g(const Op& op, const uint32_t* xg, int64_t G, int64_t t0, int64_t r0, int64_t r1, int64_t kb) {
-  with_count_up_to_8(G, [&](auto g) { tiled_item_dot<T, decltype(g)::value>(op, xg, t0, r0, r1, kb); });
+void pair_item_n(const Op& op, const at::BFloat16* xg, int64_t nc, int64_t t0, int64_t r0, int64_t r1, int64_t kb) {
+  switch (nc) {
+    case 1: pair_item<T, 1>(op, xg, t0, r0, r1, kb); break;
+    case 2: pair_item<T, 2>(op, xg, t0, r0, r1, kb); break;
+    case 3: pair_item<T, 3>(op, xg, t0, r0, r1, kb); break;
+    default: pair_item<T, 4>(op, xg, t0, r0, r1, kb); break;
+  }
 }
 
 // The decode for 5 to DOT_DECODE_NT bf16 tokens against bf16 weights on AVX512_BF16, in one pass over the weight
@@ -1940,7 +1971,7 @@ bool cpu_vbmi2() {
 bool use_vbmi2 = cpu_vbmi2();
 
 // AVX512_BF16 (Cooper Lake, Sapphire Rapids, Zen 4 and later) beside VBMI2: the tiled kernel and the decode of 5+
-// tokens for bf16 weights and bf16 inputs run on its dot products (tiled_item_dot, dot_decode_rows).
+// tokens for bf16 weights and bf16 inputs run on its dot products (pair_item, dot_decode_rows).
 // set_avx512_bf16(false) lets the tests and the benchmark run the fp32 kernels on such a CPU instead.
 bool cpu_bf16_dot() {
 #if ATP_BF16_DOT
@@ -2054,29 +2085,28 @@ void grouped_decode_run(const std::vector<Op>& ops, int64_t isa) {
 }
 
 #if ATP_BF16_DOT
-// Rows per work item of the dot-product kernel. A weight with many rows: DOT_ROWS rows per item in column blocks
-// whose inputs take DOT_SLAB_BYTES (dot_block_cols). The 7B shapes in bf16 at 70%, 2 threads, Zen 5, against dense
-// (each paired with it in one process): 128 / 256 tokens 0.75-0.85x / 0.67-0.73x in 32-row items and 192-column
-// blocks, 0.88-0.95x / 0.77-0.81x in 128-row items and 128-column blocks (64 rows 3-5% slower, 192 rows within
-// noise, 96-column blocks 0.54x); at 64 tokens 256-column blocks as fast as before, 448 10% slower. (Before the
-// 16-bit values were loaded 32 at a time without a mask, 32-row items had been the faster ones.) Fewer rows than
-// 4 such items per thread keep half the AVX-512 kernel's standard items, for balance; tall and short items as the
-// AVX-512 kernel's.
+// Rows per work item of the packed-pairs kernel (pair_item). A weight with many rows: DOT_ROWS rows per item in
+// column blocks whose inputs take DOT_SLAB_BYTES (pair_block_cols). With that kernel, 4096x4096 bf16 at 70%, 2
+// threads, Zen 5, against dense at 256 / 1024 tokens: 64 or 192 rows as fast as 128; 16 / 24 / 32 / 48 / 64 KiB of
+// inputs 1.08 / 1.20 / 1.28 / 1.30 / 1.24x at 256 tokens, 1.08 / 1.19 / 1.27 / 1.31 / 1.19x at 1024, 128 KiB 1.02x
+// (at 50% 32 KiB a little ahead of 48). (The adjacent-pairs kernel before it had measured its 128-row items
+// against 32 rows: 0.88-0.95x against 0.75-0.85x at 128 tokens.) Fewer rows than 4 such items per thread keep half
+// the AVX-512 kernel's standard items, for balance; tall and short items as the AVX-512 kernel's.
 constexpr int64_t DOT_ROWS = 128;
 constexpr int64_t DOT_SLAB_BYTES = 32 * 1024;
 inline int64_t dot_item_rows(int64_t plan_rows, int64_t rows, int64_t threads) {
   if (plan_rows != TILED_ROWS_AVX512) return plan_rows;
   return rows >= DOT_ROWS * 4 * threads ? DOT_ROWS : plan_rows / 2;
 }
-// Columns per block for G tiles (inputs: 64 bytes per tile per pair of columns): DOT_SLAB_BYTES of inputs in DOT_ROWS
-// items, else twice the AVX-512 kernel's blocks (pairs take half its bytes per column).
-inline int64_t dot_block_cols(int G, int64_t R, const TiledItems& plan) {
-  if (R == DOT_ROWS) return std::max<int64_t>(32, DOT_SLAB_BYTES / (G * 64) / 16 * 32);
-  return std::min(DOT_MAX_BLOCK, 2 * tiled_block_cols(G, R, plan.l1_budget));
+// Columns per block for nc chunks of 32 tokens (2 bytes per token per column, a multiple of 32 columns): DOT_SLAB_BYTES
+// of inputs in DOT_ROWS items, else twice the AVX-512 kernel's blocks for as many tiles (which hold 4 bytes per token).
+inline int64_t pair_block_cols(int64_t nc, int64_t R, const TiledItems& plan) {
+  if (R == DOT_ROWS) return std::min(DOT_MAX_BLOCK, std::max<int64_t>(32, DOT_SLAB_BYTES / (nc * 64) / 32 * 32));
+  return std::min(DOT_MAX_BLOCK, 2 * tiled_block_cols(static_cast<int>(2 * nc), R, plan.l1_budget));
 }
 #endif  // ATP_BF16_DOT
 
-// dot: bf16 values against inputs as pairs of bf16 columns (tile_input_pairs), on AVX512_BF16 (tiled_item_dot).
+// dot: bf16 values against bf16 inputs laid out by column_inputs, on AVX512_BF16 (pair_item).
 template <typename T>
 void tiled_run(const Op& op, int64_t isa, bool dot = false) {
   const int64_t ntiles = (op.ntok + TILE - 1) / TILE, cpad = op.words * 64;
@@ -2101,9 +2131,10 @@ void tiled_run(const Op& op, int64_t isa, bool dot = false) {
       const int64_t kb = tiled_block_cols(static_cast<int>(G), R, plan.l1_budget);
 #if ATP_BF16_DOT
       if constexpr (std::is_same<T, at::BFloat16>::value)
-        if (dot) {  // pairs of columns (dot_item_rows, dot_block_cols)
-          const uint32_t* pairs = reinterpret_cast<const uint32_t*>(op.x) + g * per * TILE * cpad / 2;
-          tiled_item_dot_g<T>(op, pairs, G, t0, r0, r1, dot_block_cols(static_cast<int>(G), R, plan));
+        if (dot) {  // the group's inputs column-major (column_inputs), in chunks of 32 tokens
+          const int64_t nc = (G * TILE + PAIR_CHUNK - 1) / PAIR_CHUNK;
+          const auto* xc = reinterpret_cast<const at::BFloat16*>(op.x) + g * PAIR_GROUP * cpad;
+          pair_item_n<T>(op, xc, nc, t0, r0, r1, pair_block_cols(nc, R, plan));
           continue;
         }
 #endif
@@ -2279,18 +2310,38 @@ bool tiles_dot(const torch::Tensor& values, const torch::Tensor& x, int64_t isa)
          x.scalar_type() == torch::kBFloat16;
 }
 
-// The dot-product kernel's inputs (bf16 [n, in_features]): each row as 32-bit pairs of adjacent columns (an odd
-// width gets one zero column), laid out as the fp32 tiled kernel's inputs are (tile_inputs_avx512 moves 32-bit
-// lanes without reading them as numbers): per group of up to GROUP_TILES tiles, [cpad / 2][G * 16] pairs.
-torch::Tensor tile_input_pairs(torch::Tensor xb, int64_t cpad) {
-  if (xb.size(1) % 2) xb = at::constant_pad_nd(xb, {0, 1});
-  xb = xb.contiguous();
-  const int64_t n = xb.size(0), ntiles = (n + TILE - 1) / TILE;
-  auto out = torch::empty({ntiles * TILE * cpad / 2}, xb.options().dtype(torch::kInt));
-#if ATP_X86
-  tile_inputs_avx512(reinterpret_cast<const float*>(xb.data_ptr<at::BFloat16>()), n, xb.size(1) / 2, cpad / 2,
-                     GROUP_TILES, reinterpret_cast<float*>(out.data_ptr<int32_t>()));
-#endif
+// The packed-pairs kernel's inputs (pair_item): bf16 [n, in_features] -> per group of PAIR_GROUP tokens (the last
+// may have fewer chunks of 32), [cpad][chunks * 32] bf16, zero padded. Within a chunk, slot 8 * l + w holds token
+// 4 * l + w and slot 8 * l + 4 + w token 16 + 4 * l + w (l < 4, w < 4): vpunpcklwd of two columns' chunks then pairs
+// tokens 0-15 in order, vpunpckhwd tokens 16-31 (each works within 128-bit lanes: lane l holds slots 8l-8l+7).
+torch::Tensor column_inputs(const torch::Tensor& x, int64_t cpad) {
+  const auto xb = x.contiguous();
+  const int64_t n = xb.size(0), cols = xb.size(1), groups = (n + PAIR_GROUP - 1) / PAIR_GROUP;
+  auto out = torch::empty({groups * PAIR_GROUP * cpad}, xb.options());
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>());
+  uint16_t* dst = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  constexpr int64_t CBLK = 64;  // columns per work item: their chunks (64 x 256 bytes) stay in L1 while written
+  const int64_t cblocks = (cpad + CBLK - 1) / CBLK;
+#pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
+  for (int64_t item = 0; item < groups * cblocks; ++item) {
+    const int64_t g = item / cblocks, c0 = item % cblocks * CBLK, c1 = std::min(cpad, c0 + CBLK);
+    const int64_t tg = g * PAIR_GROUP, nc = std::min<int64_t>(PAIR_CHUNKS, (n - tg + PAIR_CHUNK - 1) / PAIR_CHUNK);
+    const int64_t width = nc * PAIR_CHUNK;
+    uint16_t* base = dst + tg * cpad;
+    for (int64_t t = 0; t < width; ++t) {
+      const int64_t token = tg + t, u = t % PAIR_CHUNK, half = u / 16, w = u % 16;
+      const int64_t slot = t - u + (w / 4) * 8 + half * 4 + w % 4;
+      uint16_t* o = base + slot;
+      if (token < n) {
+        const uint16_t* row = src + token * cols;
+        const int64_t end = std::min(c1, cols);
+        for (int64_t c = c0; c < end; ++c) o[c * width] = row[c];
+        for (int64_t c = std::max(c0, end); c < c1; ++c) o[c * width] = 0;
+      } else {
+        for (int64_t c = c0; c < c1; ++c) o[c * width] = 0;
+      }
+    }
+  }
   return out;
 }
 
@@ -2338,8 +2389,8 @@ torch::Tensor spmm_dot(const torch::Tensor& mask, const torch::Tensor& values, c
   const int64_t ntok = x.size(0);
   auto y = torch::empty({ntok, mask.size(0)}, x.options().dtype(torch::kFloat));
   if (ntok == 0) return y;
-  const auto xt = tile_input_pairs(x, mask.size(1) * 64);
-  const Op op = make_op(mask, values, row_offsets, reinterpret_cast<const float*>(xt.data_ptr<int32_t>()),
+  const auto xc = column_inputs(x, mask.size(1) * 64);
+  const Op op = make_op(mask, values, row_offsets, reinterpret_cast<const float*>(xc.data_ptr<at::BFloat16>()),
                         y.data_ptr<float>(), ntok);
   tiled_run<at::BFloat16>(op, ISA_AVX512, true);
   return y;

@@ -10,7 +10,8 @@ around a decode matvec cost as much as the matvec of a small layer. Paths, chose
   9-512 in column blocks whose inputs stay in L1 while the rows pass over them, three rows sharing each load of
   inputs, each row's block expanded once for all the tokens.
 * ``tiled``: the 16-token tiled kernel (each decoded nonzero reused for every token of a tile); for bf16 weights and
-  bf16 inputs on CPUs with AVX512_BF16, each pair of adjacent columns holding a nonzero, on the dot products;
+  bf16 inputs on CPUs with AVX512_BF16, on the dot products, each two consecutive nonzeros of a row together (their
+  columns' inputs interleaved at run time);
 * ``amx`` (bf16 weights and inputs, CPUs with AMX): rows decoded into dense bf16 tiles in cache, multiplied on the
   tile unit; it replaces ``tiled`` there, since torch's own bf16 GEMM runs on AMX too;
 * ``dense``: the kernel unpacks the weight into a reusable workspace (one per dtype, the size of the largest

@@ -363,18 +363,19 @@ def _needs_bf16_dot():
 
 
 # (rows, cols, tokens): the fp32 kernel's work items (short: one group of few tokens on a wide weight; tall: a narrow
-# weight; standard, halved for the dot kernel) with an odd width, padding columns, partial tiles and groups; 2100
-# rows (up to 4 threads): the dot kernel's 128-row items, a short last one, two column blocks for 8 tiles, one for 1
+# weight; standard, halved for the dot kernel) with an odd width, padding columns, groups of 1-4 chunks of 32 tokens
+# (90: three) with padding tokens, several column blocks and a short last one (2100); 2100 rows (up to 4 threads):
+# the dot kernel's 128-row items, a short last one
 BF16_DOT_CASES = [(67, 333, 1), (67, 333, 17), (300, 1000, 130), (150, 576, 300), (64, 4100, 40), (40, 64, 16),
-                  (2100, 200, 140)]
+                  (2100, 200, 140), (150, 1000, 90), (2100, 2100, 128)]
 
 
 @pytest.mark.parametrize("rows,cols,ntok", BF16_DOT_CASES)
 def test_bf16_dot_tiled_kernel_sums_exact_products_in_fp32(rows, cols, ntok):
-    """On AVX512_BF16 the tiled kernel for bf16 weights and bf16 inputs multiplies pairs of adjacent columns on the
-    dot products: bf16 x bf16 products are exact in fp32, so the result lies within fp32 rounding of a float64
-    reference, as the fp32 tiled kernel's does (which it replaces: the bits differ, the sums run in another order);
-    an empty and a dense row, and pairs with one nonzero of two, included."""
+    """On AVX512_BF16 the tiled kernel for bf16 weights and bf16 inputs multiplies each two consecutive nonzeros of a
+    row together on the dot products: bf16 x bf16 products are exact in fp32, so the result lies within fp32
+    rounding of a float64 reference, as the fp32 tiled kernel's does (which it replaces: the bits differ, the sums
+    run in another order); an empty and a dense row, and rows with an odd count of nonzeros in a block, included."""
     kern = _needs_bf16_dot()
     w = pruned_weight(rows, cols, 0.7, torch.bfloat16, seed=cols, empty_rows=(1,), dense_rows=(2,))
     p = fmt.pack(w)
