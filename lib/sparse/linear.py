@@ -20,7 +20,7 @@ around a decode matvec cost as much as the matvec of a small layer. Paths, chose
 
 Above 4 tokens the fastest path is not the same on every CPU (AMX makes torch's bf16 GEMM several times faster
 than any AVX-512 code, for instance), so it is measured: the first call with a given (shape, dtype, token-count
-bucket, threads, instruction set) times each candidate path on its actual input (two rounds, up to four while
+bucket, density within 5%, threads, instruction set) times each candidate path on its actual input (two rounds, up to four while
 the two fastest lie within 5%) and caches the fastest (``choices()`` lists them, ``clear_choices()`` forgets
 them). Buckets are powers of two (5-8, 9-16, ..., 1025-2048).
 ``ATP_SPARSE_PATH=sparse|dense`` (or `set_policy`) forces the kernels or the dense GEMM instead of measuring.
@@ -49,6 +49,7 @@ ALWAYS_DECODE_TOKENS = 4  # up to this many, the decode kernel without measuring
 TUNE_ROUNDS = 2           # timed rounds per candidate path when measuring a choice (the first one warms up)
 TUNE_MAX_ROUNDS = 4       # ... up to this many while the two fastest are within TUNE_CLOSE
 TUNE_CLOSE = 0.05
+DENSITY_STEP = 0.05       # measured choices are shared within density buckets this wide (density_bucket)
 POLICIES = ("auto", "sparse", "dense")
 _PATH_CODES = {"decode": 0, "tiled": 1, "amx": 2}
 _policy = os.environ.get("ATP_SPARSE_PATH", "auto").strip().lower() or "auto"
@@ -60,7 +61,7 @@ _tune_lock = threading.Lock()
 
 
 def set_policy(policy: str) -> str:
-    """'auto' (measure per shape and token bucket), 'sparse' (the kernels always) or 'dense' (unpack + dense GEMM
+    """'auto' (measure per shape, density and token bucket), 'sparse' (the kernels always) or 'dense' (unpack + dense GEMM
     above 4 tokens). Returns the previous policy."""
     global _policy
     if policy not in POLICIES:
@@ -105,6 +106,14 @@ def workspace_bytes() -> int:
 def token_bucket(n: int) -> int:
     """The power of two at or above n: calls within a bucket share one measured choice."""
     return 1 << max(0, math.ceil(math.log2(max(1, n))))
+
+
+def density_bucket(density: float) -> int:
+    """Densities within one DENSITY_STEP share a measured choice: the sparse kernels' time follows the nonzeros and
+    the dense GEMM's does not, so layers of one shape at different sparsities (ATP gives every block its own) may
+    want different paths (the 7B block in bf16 at 512 tokens on Zen 5: the tiled kernel 1.27x dense at 70%, the
+    dense path at 50%)."""
+    return round(density / DENSITY_STEP)
 
 
 def amx_usable(values_dtype: torch.dtype, x_dtype: torch.dtype) -> bool:
@@ -258,7 +267,8 @@ class SparseLinear(nn.Module):
         return (self.out_features, self.in_features, self.values.dtype, x_dtype, token_bucket(n),
                 torch.get_num_threads(), kernels.ISA_CODE, paths,  # paths: with or without AMX (kernels.set_amx)
                 # bf16 on AVX512_BF16's dot products or not (set_bf16_dot); other dtypes never take them
-                self.values.dtype == torch.bfloat16 and kernels.has_bf16_dot())
+                self.values.dtype == torch.bfloat16 and kernels.has_bf16_dot(),
+                density_bucket(self.density))
 
     def path_for(self, n: int, x_dtype: torch.dtype) -> str | None:
         """The path `forward` takes for n tokens of x_dtype: the only candidate, the measured choice, or None while
@@ -295,7 +305,8 @@ class SparseLinear(nn.Module):
             if best != "dense" and not any(c["path"] == "dense" and k[2] == key[2] for k, c in _choices.items()):
                 _workspaces.pop(key[2], None)  # measured but not chosen: the memory saving holds without it
             _choices[key] = {"out_features": key[0], "in_features": key[1], "dtype": str(key[2]).replace("torch.", ""),
-                             "tokens_up_to": key[4], "threads": key[5], "isa": kernels.isa(), "path": best,
+                             "tokens_up_to": key[4], "threads": key[5], "isa": kernels.isa(),
+                             "density": round(key[9] * DENSITY_STEP, 4), "path": best,
                              "seconds": {p: times[p] for p in paths}, "rounds": rounds}
             return outs[best]
 
@@ -320,4 +331,4 @@ def path_summary() -> str:
     if _policy == "dense":
         return f"1-{ALWAYS_DECODE_TOKENS} tokens the sparse decode kernel, more: unpack + torch's dense GEMM"
     return (f"1-{ALWAYS_DECODE_TOKENS} tokens the sparse decode kernel; more: the faster of the sparse kernels and "
-            "unpack + torch's dense GEMM, measured on first use per shape and token-count bucket")
+            "unpack + torch's dense GEMM, measured on first use per shape, density and token-count bucket")

@@ -584,6 +584,27 @@ def test_measured_choice_is_cached_and_correct(monkeypatch):
     assert sparse_linear.token_bucket(2048) == 2048 and sparse_linear.token_bucket(2049) == 4096
 
 
+def test_measured_choices_are_kept_apart_by_density(monkeypatch):
+    """Two Linears of one shape at 50% and 80% get a measured choice each (the kernels' time follows the nonzeros,
+    the dense GEMM's does not); two within one density step share one."""
+    if kernels.get() is None:
+        pytest.skip("no C++ kernel")
+    monkeypatch.setattr(sparse_linear, "_policy", "auto")
+    sparse_linear.clear_choices()
+    modules = [SparseLinear.from_weight(pruned_weight(48, 200, level, torch.float32, seed=k))
+               for k, level in enumerate((0.5, 0.8, 0.81))]
+    x = torch.randn(20, 200)
+    try:
+        for module in modules:
+            module(x)
+        densities = sorted(entry["density"] for entry in sparse_linear.choices())
+        assert densities == [0.2, 0.5]
+        assert sparse_linear.density_bucket(0.19) == sparse_linear.density_bucket(0.2) != \
+            sparse_linear.density_bucket(0.3)
+    finally:
+        sparse_linear.clear_choices()
+
+
 def test_path_for_says_which_path_forward_takes(monkeypatch):
     """path_for(n, dtype) is forward's path for n tokens: 'decode' up to ALWAYS_DECODE_TOKENS, the measured choice of
     n's bucket (None before it is measured, and for another thread count: another key), never 'decode' above
