@@ -97,11 +97,12 @@ constexpr int64_t ROW_CHUNK = 16;
 constexpr int64_t PARALLEL_MIN_WORK = 1024;
 constexpr int GROUP_TILES = 8;       // AVX-512 tiled kernel: tiles per group (128 tokens)
 constexpr int GROUP_TILES_AVX2 = 4;  // AVX2: 4 tiles (64 tokens) are 8 accumulators of its 16 vector registers
-// The packed-pairs kernel (bf16 on AVX512_BF16, pair_item): its inputs in chunks of 32 tokens, the AVX-512 kernel's
-// groups of tokens.
+// The packed-pairs kernel (bf16 on AVX512_BF16, pair_item): its inputs in chunks of 32 tokens, in groups of up to 8
+// chunks (16 accumulators). Groups of 256 tokens against 128 (the AVX-512 kernel's), 4096x4096 at 70%, Zen 5, in one
+// process: 3-7% less time at 256-1024 tokens (half the passes over the weight, half the column decoding per token).
 constexpr int PAIR_CHUNK = 32;
-constexpr int64_t PAIR_GROUP = GROUP_TILES * TILE;
-constexpr int64_t PAIR_CHUNKS = PAIR_GROUP / PAIR_CHUNK;
+constexpr int64_t PAIR_CHUNKS = 8;
+constexpr int64_t PAIR_GROUP = PAIR_CHUNK * PAIR_CHUNKS;
 #ifndef ATP_TILED_ROWS  // tiled kernels: rows per work item (AVX2's standard items; tall and short items of
 #define ATP_TILED_ROWS 96   // both), and the L1 bytes partial sums and one block of inputs share (tiled_block_cols)
 #endif
@@ -1242,7 +1243,9 @@ ATP_TARGET_BEGIN("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi2,avx512bf16,bmi,
 constexpr int64_t DOT_MAX_BLOCK = 2048;  // columns per block at most (the column buffer of pair_item)
 // How many rows ahead pair_item fetches a row's values and mask words of the block into L1: a row's first use of
 // them otherwise waits on memory (64 or more rows are more streams than the hardware prefetchers follow; 4096x4096 at
-// 70% and 512 tokens, Zen 5: one row ahead 1.14x dense, three 1.28x, 6-12 no better).
+// 70% and 512 tokens, Zen 5: one row ahead 1.14x dense, three 1.28x, 6-12 no better). As many lines of values as a
+// row has in a block on average, and one more: a fixed three lines had left the wider blocks of few tokens waiting
+// (32 / 64 tokens, 512- / 256-column blocks: 1.00x / 1.27x dense, then 1.18x / 1.32x).
 constexpr int64_t PAIR_PREFETCH_ROWS = 3;
 
 template <typename T, int NC>  // T: at::BFloat16 (VBMI2 only in code for 16-bit values); NC: chunks of 32 tokens
@@ -1258,6 +1261,7 @@ void pair_item(const Op& op, const at::BFloat16* xg, int64_t t0, int64_t r0, int
   const __m512i ramp = _mm512_set_epi16(31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16, 15, 14, 13, 12,
                                         11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   const __m512i step = _mm512_set1_epi16(32);
+  const int64_t ahead_lines = (2 * KB * op.nvals / std::max<int64_t>(1, op.rows * cpad) + 63) / 64 + 1;
   for (int64_t c0 = 0; c0 < cpad; c0 += KB) {
     const int64_t nq = std::min(KB, cpad - c0) / 32;
     const char* slab = reinterpret_cast<const char*>(xg + c0 * W);
@@ -1273,7 +1277,7 @@ void pair_item(const Op& op, const at::BFloat16* xg, int64_t t0, int64_t r0, int
       }
       if (i + PAIR_PREFETCH_ROWS < nrows) {
         const char* ahead = reinterpret_cast<const char*>(cur[i + PAIR_PREFETCH_ROWS]);
-        for (int l = 0; l < 3; ++l) _mm_prefetch(ahead + 64 * l, _MM_HINT_T0);
+        for (int64_t l = 0; l < ahead_lines; ++l) _mm_prefetch(ahead + 64 * l, _MM_HINT_T0);
         _mm_prefetch(reinterpret_cast<const char*>(op.mask + (r0 + i + PAIR_PREFETCH_ROWS) * op.words + c0 / 64),
                      _MM_HINT_T0);
       }
@@ -1286,7 +1290,7 @@ void pair_item(const Op& op, const at::BFloat16* xg, int64_t t0, int64_t r0, int
         const __m512bh b = (__m512bh)_mm512_set1_epi32(static_cast<int>(both));
         const char* x1 = slab + cols_of[j] * CB;
         const char* x2 = slab + cols_of[j + 1] * CB;
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int q = 0; q < NC; ++q) {
           const __m512i c1 = _mm512_loadu_si512(x1 + 64 * q);
           __m512i c2 = _mm512_loadu_si512(x2 + 64 * q);
@@ -1298,7 +1302,8 @@ void pair_item(const Op& op, const at::BFloat16* xg, int64_t t0, int64_t r0, int
       __m512 a[2 * NC];
       for (int g = 0; g < 2 * NC; ++g) a[g] = _mm512_load_ps(part[i] + 16 * g);
       int64_t j = 0;
-      if (n >= 4) {  // two accumulator sets: one set's chains would wait on the dot product's latency
+      // up to 4 chunks, two accumulator sets: one set's 2 * NC chains would wait on the dot product's latency
+      if (NC <= 4 && n >= 4) {
         __m512 b[2 * NC];
         for (int g = 0; g < 2 * NC; ++g) b[g] = _mm512_setzero_ps();
         for (; j + 4 <= n; j += 4) {
@@ -1307,15 +1312,12 @@ void pair_item(const Op& op, const at::BFloat16* xg, int64_t t0, int64_t r0, int
         }
         for (int g = 0; g < 2 * NC; ++g) a[g] = _mm512_add_ps(a[g], b[g]);
       }
-      if (j + 2 <= n) {
-        pair_step(a, j);
-        j += 2;
-      }
+      for (; j + 2 <= n; j += 2) pair_step(a, j);
       if (j < n) {  // an odd count: the last value, paired with a zero, against zeros
         const __m512bh b = (__m512bh)_mm512_set1_epi32(static_cast<int>(static_cast<uint16_t>(raw16(v + j))));
         const char* x1 = slab + cols_of[j] * CB;
         const __m512i zero = _mm512_setzero_si512();
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int q = 0; q < NC; ++q) {
           const __m512i c1 = _mm512_loadu_si512(x1 + 64 * q);
           a[2 * q] = _mm512_dpbf16_ps(a[2 * q], b, (__m512bh)_mm512_unpacklo_epi16(c1, zero));
@@ -1335,7 +1337,11 @@ void pair_item_n(const Op& op, const at::BFloat16* xg, int64_t nc, int64_t t0, i
     case 1: pair_item<T, 1>(op, xg, t0, r0, r1, kb); break;
     case 2: pair_item<T, 2>(op, xg, t0, r0, r1, kb); break;
     case 3: pair_item<T, 3>(op, xg, t0, r0, r1, kb); break;
-    default: pair_item<T, 4>(op, xg, t0, r0, r1, kb); break;
+    case 4: pair_item<T, 4>(op, xg, t0, r0, r1, kb); break;
+    case 5: pair_item<T, 5>(op, xg, t0, r0, r1, kb); break;
+    case 6: pair_item<T, 6>(op, xg, t0, r0, r1, kb); break;
+    case 7: pair_item<T, 7>(op, xg, t0, r0, r1, kb); break;
+    default: pair_item<T, 8>(op, xg, t0, r0, r1, kb); break;
   }
 }
 
@@ -2114,7 +2120,7 @@ void tiled_run(const Op& op, int64_t isa, bool dot = false) {
   const int64_t chunks = (op.rows + ROW_CHUNK - 1) / ROW_CHUNK;
 #if ATP_X86
   if (isa == ISA_AVX512 || isa == ISA_AVX2) {  // op.x: the grouped layout (tile_inputs)
-    const int64_t per = group_tiles(isa), groups = (ntiles + per - 1) / per;
+    const int64_t per = dot ? PAIR_GROUP / TILE : group_tiles(isa), groups = (ntiles + per - 1) / per;  // tiles
     const TiledItems plan = tiled_rows(op.rows, cpad, ntiles, nt, isa);
 #if ATP_BF16_DOT
     const int64_t R = dot ? dot_item_rows(plan.rows, op.rows, nt) : plan.rows;

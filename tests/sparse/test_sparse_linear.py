@@ -363,11 +363,12 @@ def _needs_bf16_dot():
 
 
 # (rows, cols, tokens): the fp32 kernel's work items (short: one group of few tokens on a wide weight; tall: a narrow
-# weight; standard, halved for the dot kernel) with an odd width, padding columns, groups of 1-4 chunks of 32 tokens
-# (90: three) with padding tokens, several column blocks and a short last one (2100); 2100 rows (up to 4 threads):
-# the dot kernel's 128-row items, a short last one
+# weight; standard, halved for the dot kernel) with an odd width, padding columns, groups of 1-8 chunks of 32 tokens
+# with padding tokens (300 and 520: full groups of 256 and a short one), several column blocks and a short last one
+# (2100); 2100 rows (up to 4 threads): the dot kernel's 128-row items, a short last one
 BF16_DOT_CASES = [(67, 333, 1), (67, 333, 17), (300, 1000, 130), (150, 576, 300), (64, 4100, 40), (40, 64, 16),
-                  (2100, 200, 140), (150, 1000, 90), (2100, 2100, 128)]
+                  (2100, 200, 140), (150, 1000, 90), (2100, 2100, 128), (150, 1000, 170), (67, 333, 200),
+                  (67, 333, 520)]
 
 
 @pytest.mark.parametrize("rows,cols,ntok", BF16_DOT_CASES)
