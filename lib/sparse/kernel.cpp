@@ -194,6 +194,9 @@ struct Op {
   float* y;        // [ntok][rows]
   int64_t rows, words, ntok;
   int64_t nvals = 0;  // values' length: kernels read whole vectors of them up to here (see expand32)
+  // The packed-pairs kernel only: y as bf16 [ntok][rows] with bias (fp32, or none) added, written instead of y.
+  at::BFloat16* ybf16 = nullptr;
+  const float* bias = nullptr;
 };
 
 // f(std::integral_constant<int, NT>(), t0) for each pass of the decode over ntok tokens, at most DECODE_NT from t0:
@@ -1102,14 +1105,29 @@ template <> inline __m512 bcast<at::Half>(const at::Half* v) { return _mm512_cvt
 // stage b, rows i and i + b swap bit b of the row and column indices). The scalar copy had taken 11% of the bf16
 // tiled kernel's time on a 576x576 weight at 1024 tokens (Zen 5), 5.5% of the fp32 one's (SmolLM2's three shapes
 // in fp32 at 50%, in one process against the scalar copy: 2-12% less time at 256 tokens, -1 to +8% at 1024).
-inline void store_tiled_sums_avx512(const Op& op, const float* part, int64_t W, int64_t t0, int64_t r0, int64_t nrows) {
-  const int64_t cnt = std::min<int64_t>(W, op.ntok - t0);
-  alignas(64) int32_t lo[4][16], hi[4][16];
-  for (int s = 0, b = 8; b >= 1; ++s, b /= 2)
+// The 16 x 16 block of sums r[i] = tokens j0.. of row i0 + i transposed in place: r[k] = token j0 + k's 16 rows.
+inline void transpose16(__m512 (&r)[16]) {
+  for (int b = 8; b >= 1; b /= 2) {
+    alignas(64) int32_t lo[16], hi[16];
     for (int p = 0; p < 16; ++p) {
-      lo[s][p] = p & b ? 16 + p - b : p;
-      hi[s][p] = p & b ? 16 + p : p + b;
+      lo[p] = p & b ? 16 + p - b : p;
+      hi[p] = p & b ? 16 + p : p + b;
     }
+    const __m512i ilo = _mm512_load_si512(lo), ihi = _mm512_load_si512(hi);
+    for (int i = 0; i < 16; ++i) {
+      if (i & b) continue;
+      const __m512 a = r[i], c = r[i + b];
+      r[i] = _mm512_permutex2var_ps(a, ilo, c);
+      r[i + b] = _mm512_permutex2var_ps(a, ihi, c);
+    }
+  }
+}
+
+// f(k, rows, token j0 + k's sums of rows i0.. (a vector), the mask of the rows that exist) for every block of 16
+// rows and 16 tokens of part[row][token] (W tokens per row) that exist.
+template <typename F>
+inline void for_transposed_sums(const Op& op, const float* part, int64_t W, int64_t t0, int64_t nrows, F&& f) {
+  const int64_t cnt = std::min<int64_t>(W, op.ntok - t0);
   for (int64_t i0 = 0; i0 < nrows; i0 += 16) {
     const int64_t rows = std::min<int64_t>(16, nrows - i0);
     const __mmask16 keep = static_cast<__mmask16>(rows == 16 ? 0xFFFFu : (1u << rows) - 1u);
@@ -1118,19 +1136,16 @@ inline void store_tiled_sums_avx512(const Op& op, const float* part, int64_t W, 
       __m512 r[16];  // r[i]: tokens j0.. of row i0 + i (any W: the decode's passes hold multiples of 8)
       for (int i = 0; i < 16; ++i)
         r[i] = i < rows ? _mm512_maskz_loadu_ps(tokens, part + (i0 + i) * W + j0) : _mm512_setzero_ps();
-      for (int s = 0, b = 8; b >= 1; ++s, b /= 2) {
-        const __m512i ilo = _mm512_load_si512(lo[s]), ihi = _mm512_load_si512(hi[s]);
-        for (int i = 0; i < 16; ++i) {
-          if (i & b) continue;
-          const __m512 a = r[i], c = r[i + b];
-          r[i] = _mm512_permutex2var_ps(a, ilo, c);
-          r[i + b] = _mm512_permutex2var_ps(a, ihi, c);
-        }
-      }
-      for (int64_t k = 0, end = std::min<int64_t>(16, cnt - j0); k < end; ++k)  // r[k]: token j0 + k's 16 rows
-        _mm512_mask_storeu_ps(op.y + (t0 + j0 + k) * op.rows + r0 + i0, keep, r[k]);
+      transpose16(r);
+      for (int64_t k = 0, end = std::min<int64_t>(16, cnt - j0); k < end; ++k) f(t0 + j0 + k, i0, r[k], keep);
     }
   }
+}
+
+inline void store_tiled_sums_avx512(const Op& op, const float* part, int64_t W, int64_t t0, int64_t r0, int64_t nrows) {
+  for_transposed_sums(op, part, W, t0, nrows, [&](int64_t token, int64_t i0, __m512 sums, __mmask16 keep) {
+    _mm512_mask_storeu_ps(op.y + token * op.rows + r0 + i0, keep, sums);
+  });
 }
 
 // One work item: rows [r0, r1) against one group of G tiles, its inputs stored column-major with the G*16 tokens
@@ -1283,6 +1298,16 @@ constexpr int64_t DOT_MAX_BLOCK = 2048;  // columns per block at most (the colum
 // (32 / 64 tokens, 512- / 256-column blocks: 1.00x / 1.27x dense, then 1.18x / 1.32x).
 constexpr int64_t PAIR_PREFETCH_ROWS = 3;
 
+// The sums as bf16 with the bias added (op.ybf16, op.bias), rounded as torch rounds fp32 to bf16 (to nearest even):
+// the fp32 result written first and converted after had cost its own allocation, which above glibc's 32 MiB mmap
+// threshold faults its pages in on every call (11008 rows x 1024 tokens: 45 MB, about 11 ms of a 95 ms call).
+inline void store_tiled_sums_bf16(const Op& op, const float* part, int64_t W, int64_t t0, int64_t r0, int64_t nrows) {
+  for_transposed_sums(op, part, W, t0, nrows, [&](int64_t token, int64_t i0, __m512 sums, __mmask16 keep) {
+    if (op.bias) sums = _mm512_add_ps(sums, _mm512_maskz_loadu_ps(keep, op.bias + r0 + i0));
+    _mm256_mask_storeu_epi16(op.ybf16 + token * op.rows + r0 + i0, keep, (__m256i)_mm512_cvtneps_pbh(sums));
+  });
+}
+
 template <typename T, int NC>  // T: at::BFloat16 (VBMI2 only in code for 16-bit values); NC: chunks of 32 tokens
 void pair_item(const Op& op, const at::BFloat16* xg, int64_t t0, int64_t r0, int64_t r1, int64_t KB) {
   constexpr int W = NC * PAIR_CHUNK;  // tokens per row of partial sums
@@ -1363,7 +1388,8 @@ void pair_item(const Op& op, const at::BFloat16* xg, int64_t t0, int64_t r0, int
       cur[i] = v + n;
     }
   }
-  store_tiled_sums_avx512(op, &part[0][0], W, t0, r0, nrows);
+  if (op.ybf16) store_tiled_sums_bf16(op, &part[0][0], W, t0, r0, nrows);
+  else store_tiled_sums_avx512(op, &part[0][0], W, t0, r0, nrows);
 }
 
 // column_inputs' unit: the chunk of 32 tokens from token0 (zeros from token n on) of the 32 columns from c0 (zeros
@@ -2452,14 +2478,19 @@ torch::Tensor spmv_dot(const torch::Tensor& mask, const torch::Tensor& values, c
 }
 
 // The tiled kernel on AVX512_BF16: x bf16 [ntok, in_features]; returns y [ntok, rows] fp32.
+// bf16_out: y bf16 with `bias` (fp32 [rows], or nullptr) added, else fp32 without.
 torch::Tensor spmm_dot(const torch::Tensor& mask, const torch::Tensor& values, const torch::Tensor& row_offsets,
-                       const torch::Tensor& x) {
+                       const torch::Tensor& x, bool bf16_out = false, const float* bias = nullptr) {
   const int64_t ntok = x.size(0);
-  auto y = torch::empty({ntok, mask.size(0)}, x.options().dtype(torch::kFloat));
+  auto y = torch::empty({ntok, mask.size(0)}, x.options().dtype(bf16_out ? torch::kBFloat16 : torch::kFloat));
   if (ntok == 0) return y;
   const auto xc = column_inputs(x, mask.size(1) * 64);
-  const Op op = make_op(mask, values, row_offsets, reinterpret_cast<const float*>(xc.data_ptr<at::BFloat16>()),
-                        y.data_ptr<float>(), ntok);
+  Op op = make_op(mask, values, row_offsets, reinterpret_cast<const float*>(xc.data_ptr<at::BFloat16>()),
+                  bf16_out ? nullptr : y.data_ptr<float>(), ntok);
+  if (bf16_out) {
+    op.ybf16 = y.data_ptr<at::BFloat16>();
+    op.bias = bias;
+  }
   tiled_run<at::BFloat16>(op, ISA_AVX512, true);
   return y;
 }
@@ -2677,6 +2708,14 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& mask, const to
   } else {
     if (path == 0) {
       y = spmv(mask, values, row_offsets, x2.scalar_type() == torch::kBFloat16 ? x2 : decode_inputs(x2, cpad), isa);
+    } else if (x2.scalar_type() == torch::kBFloat16 && tiles_dot(values, x2, checked_isa(isa, values))) {
+      // straight into bf16, bias added (store_tiled_sums_bf16)
+      check(mask, values, row_offsets);
+      TORCH_CHECK(x2.size(1) <= mask.size(1) * 64, "x: [ntok, in_features]");
+      const auto b = bias.has_value() && bias->defined() ? bias->to(torch::kFloat).contiguous() : torch::Tensor();
+      TORCH_CHECK(!b.defined() || b.numel() == mask.size(0), "bias: one per row");
+      return spmm_dot(mask, values, row_offsets, x2.contiguous(), true, b.defined() ? b.data_ptr<float>() : nullptr)
+          .view(sizes);
     } else {
       const bool as_is = x2.scalar_type() == torch::kFloat || x2.scalar_type() == torch::kBFloat16;
       y = spmm(mask, values, row_offsets, as_is ? x2 : x2.to(torch::kFloat), isa);

@@ -392,6 +392,25 @@ def test_bf16_dot_tiled_kernel_sums_exact_products_in_fp32(rows, cols, ntok):
     assert torch.equal(dot[:, 1], torch.zeros(ntok))
 
 
+@pytest.mark.parametrize("rows,cols,ntok", [(67, 333, 17), (300, 1000, 300), (2100, 200, 40)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_bf16_tiled_kernel_writes_bf16_as_torch_rounds_its_fp32_result(rows, cols, ntok, with_bias):
+    """bf16 inputs on the tiled path come out of the kernel as bf16, the bias added in fp32 first: bit for bit what
+    the fp32 result plus the bias, rounded by torch, gives (rows not a multiple of 16, tokens not of 32 included)."""
+    kern = _needs_bf16_dot()
+    w = pruned_weight(rows, cols, 0.7, torch.bfloat16, seed=rows)
+    p = fmt.pack(w)
+    gen = torch.Generator().manual_seed(ntok)
+    x = torch.randn(2, ntok, cols, generator=gen).to(torch.bfloat16)
+    bias = torch.randn(rows, generator=gen).to(torch.bfloat16) if with_bias else None
+    out = kern.linear(x, p["mask"], p["values"], p["row_offsets"], bias, cols, 1, kernels.ISA_CODES["avx512"])
+    fp32 = kern.spmm(p["mask"], p["values"], p["row_offsets"], x.reshape(-1, cols), kernels.ISA_CODES["avx512"])
+    if with_bias:
+        fp32 = fp32 + bias.float()
+    assert out.dtype == torch.bfloat16 and out.shape == (2, ntok, rows)
+    assert torch.equal(out.reshape(-1, rows), fp32.to(torch.bfloat16))
+
+
 # (rows, cols, tokens): 5-8 tokens in one pass; from 9 the column-blocked decode: rows three at a time (67: a last
 # lone row; 200: items of 48 rows, the last of 8), an odd width and padding columns, two column blocks and a
 # short one (2100 columns), groups of 8 tokens with padding tokens (13, 35), passes of 128 tokens (130, 300)
