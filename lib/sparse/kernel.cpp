@@ -1037,35 +1037,51 @@ void decode_rows_avx512(const Op& op, int64_t r0, int64_t r1) {
   }
 }
 
-struct TransposeIndex {  // per round (bit d = 1 << round): the permutes' lane indices, built at compile time
-  alignas(64) int32_t lo[4][16] = {};
-  alignas(64) int32_t hi[4][16] = {};
+// A Lanes x Lanes transpose in registers (16 lanes of 32 bits, or 32 of 16 bits): log2(Lanes) rounds, each
+// swapping one bit of the row index with the same bit of the column index (two two-source permutes per pair of
+// rows). Its permutes' lane indices per round (bit d = 1 << round), built at compile time.
+template <int Lanes>
+struct TransposeIndex {
+  using Index = std::conditional_t<Lanes == 16, int32_t, int16_t>;
+  static constexpr int ROUNDS = Lanes == 16 ? 4 : 5;
+  alignas(64) Index lo[ROUNDS][Lanes] = {};
+  alignas(64) Index hi[ROUNDS][Lanes] = {};
   constexpr TransposeIndex() {
-    for (int round = 0; round < 4; ++round)
-      for (int c = 0; c < 16; ++c) {
+    for (int round = 0; round < ROUNDS; ++round)
+      for (int c = 0; c < Lanes; ++c) {
         const int d = 1 << round;
-        lo[round][c] = (c & d) ? 16 + c - d : c;  // row i keeps its columns without bit d, takes row i + d's others
-        hi[round][c] = (c & d) ? 16 + c : c + d;
+        lo[round][c] = static_cast<Index>((c & d) ? Lanes + c - d : c);  // row i keeps its columns without bit d,
+        hi[round][c] = static_cast<Index>((c & d) ? Lanes + c : c + d);  // takes row i + d's others
       }
   }
 };
-constexpr TransposeIndex TRANSPOSE_INDEX{};
+template <int Lanes>
+constexpr TransposeIndex<Lanes> TRANSPOSE_INDEX{};
 
-// 16 x 16 transpose of 32-bit lanes in registers: four rounds, each swapping one bit of the row index with the same
-// bit of the column index (two two-source permutes per pair of rows). Lays out the tiled kernel's fp32 inputs
-// (tile_inputs_avx512) and, on the AMX path, the B tiles (pairs of bf16 columns) and [rows][tokens] results.
-inline void transpose16(__m512i r[16]) {
-  for (int round = 0, d = 1; round < 4; ++round, d <<= 1) {
-    const __m512i lo_idx = _mm512_load_si512(TRANSPOSE_INDEX.lo[round]);
-    const __m512i hi_idx = _mm512_load_si512(TRANSPOSE_INDEX.hi[round]);
-    for (int i = 0; i < 16; ++i) {
+template <int Lanes>
+inline void transpose_lanes(__m512i* r) {
+  static_assert(Lanes == 16 || Lanes == 32, "32- or 16-bit lanes");
+  constexpr const TransposeIndex<Lanes>& index = TRANSPOSE_INDEX<Lanes>;
+  for (int round = 0, d = 1; round < TransposeIndex<Lanes>::ROUNDS; ++round, d <<= 1) {
+    const __m512i lo_idx = _mm512_load_si512(index.lo[round]);
+    const __m512i hi_idx = _mm512_load_si512(index.hi[round]);
+    for (int i = 0; i < Lanes; ++i) {
       if (i & d) continue;
       const __m512i a = r[i], b = r[i + d];
-      r[i] = _mm512_permutex2var_epi32(a, lo_idx, b);
-      r[i + d] = _mm512_permutex2var_epi32(a, hi_idx, b);
+      if constexpr (Lanes == 16) {
+        r[i] = _mm512_permutex2var_epi32(a, lo_idx, b);
+        r[i + d] = _mm512_permutex2var_epi32(a, hi_idx, b);
+      } else {
+        r[i] = _mm512_permutex2var_epi16(a, lo_idx, b);
+        r[i + d] = _mm512_permutex2var_epi16(a, hi_idx, b);
+      }
     }
   }
 }
+
+// 16 x 16 of 32-bit lanes: lays out the tiled kernel's fp32 inputs (tile_inputs_avx512), the tiled kernels' sums
+// (store_tiled_sums_avx512) and, on the AMX path, the B tiles (pairs of bf16 columns) and [rows][tokens] results.
+inline void transpose16(__m512i r[16]) { transpose_lanes<16>(r); }
 
 // The tiled kernels' fp32 inputs in their grouped layout (see tiled_item_avx512): for each group of up to `per` tiles
 // (w = 16 x tiles tokens from token t0), [cpad][w] at out + t0 * cpad, zero past `cols` and past the last token.
@@ -1101,28 +1117,6 @@ template <> inline __m512 bcast<at::BFloat16>(const at::BFloat16* v) {
 }
 template <> inline __m512 bcast<at::Half>(const at::Half* v) { return _mm512_cvtph_ps(_mm256_set1_epi16(raw16(v))); }
 
-// store_tiled_sums with 16 x 16 blocks transposed in registers (four butterfly stages of two-source permutes: at
-// stage b, rows i and i + b swap bit b of the row and column indices). The scalar copy had taken 11% of the bf16
-// tiled kernel's time on a 576x576 weight at 1024 tokens (Zen 5), 5.5% of the fp32 one's (SmolLM2's three shapes
-// in fp32 at 50%, in one process against the scalar copy: 2-12% less time at 256 tokens, -1 to +8% at 1024).
-// The 16 x 16 block of sums r[i] = tokens j0.. of row i0 + i transposed in place: r[k] = token j0 + k's 16 rows.
-inline void transpose16(__m512 (&r)[16]) {
-  for (int b = 8; b >= 1; b /= 2) {
-    alignas(64) int32_t lo[16], hi[16];
-    for (int p = 0; p < 16; ++p) {
-      lo[p] = p & b ? 16 + p - b : p;
-      hi[p] = p & b ? 16 + p : p + b;
-    }
-    const __m512i ilo = _mm512_load_si512(lo), ihi = _mm512_load_si512(hi);
-    for (int i = 0; i < 16; ++i) {
-      if (i & b) continue;
-      const __m512 a = r[i], c = r[i + b];
-      r[i] = _mm512_permutex2var_ps(a, ilo, c);
-      r[i + b] = _mm512_permutex2var_ps(a, ihi, c);
-    }
-  }
-}
-
 // f(k, rows, token j0 + k's sums of rows i0.. (a vector), the mask of the rows that exist) for every block of 16
 // rows and 16 tokens of part[row][token] (W tokens per row) that exist.
 template <typename F>
@@ -1133,15 +1127,20 @@ inline void for_transposed_sums(const Op& op, const float* part, int64_t W, int6
     const __mmask16 keep = static_cast<__mmask16>(rows == 16 ? 0xFFFFu : (1u << rows) - 1u);
     for (int64_t j0 = 0; j0 < cnt; j0 += 16) {
       const __mmask16 tokens = static_cast<__mmask16>(W - j0 >= 16 ? 0xFFFFu : (1u << (W - j0)) - 1u);
-      __m512 r[16];  // r[i]: tokens j0.. of row i0 + i (any W: the decode's passes hold multiples of 8)
+      __m512i r[16];  // r[i]: tokens j0.. of row i0 + i (any W: the decode's passes hold multiples of 8)
       for (int i = 0; i < 16; ++i)
-        r[i] = i < rows ? _mm512_maskz_loadu_ps(tokens, part + (i0 + i) * W + j0) : _mm512_setzero_ps();
-      transpose16(r);
-      for (int64_t k = 0, end = std::min<int64_t>(16, cnt - j0); k < end; ++k) f(t0 + j0 + k, i0, r[k], keep);
+        r[i] = i < rows ? _mm512_castps_si512(_mm512_maskz_loadu_ps(tokens, part + (i0 + i) * W + j0))
+                        : _mm512_setzero_si512();
+      transpose16(r);  // r[k]: token j0 + k's sums of the 16 rows
+      for (int64_t k = 0, end = std::min<int64_t>(16, cnt - j0); k < end; ++k)
+        f(t0 + j0 + k, i0, _mm512_castsi512_ps(r[k]), keep);
     }
   }
 }
 
+// store_tiled_sums through the register transpose: the scalar copy had taken 11% of the bf16 tiled kernel's time on
+// a 576x576 weight at 1024 tokens (Zen 5), 5.5% of the fp32 one's (SmolLM2's three shapes in fp32 at 50%, in one
+// process against the scalar copy: 2-12% less time at 256 tokens, -1 to +8% at 1024).
 inline void store_tiled_sums_avx512(const Op& op, const float* part, int64_t W, int64_t t0, int64_t r0, int64_t nrows) {
   for_transposed_sums(op, part, W, t0, nrows, [&](int64_t token, int64_t i0, __m512 sums, __mmask16 keep) {
     _mm512_mask_storeu_ps(op.y + token * op.rows + r0 + i0, keep, sums);
@@ -1394,10 +1393,8 @@ void pair_item(const Op& op, const at::BFloat16* xg, int64_t t0, int64_t r0, int
 
 // column_inputs' unit: the chunk of 32 tokens from token0 (zeros from token n on) of the 32 columns from c0 (zeros
 // from column `cols` on) of x [n][cols] (bf16 bits), as 32 rows of 32 tokens in column_inputs' slot order, row c at
-// out + c * width. Five butterfly stages of two-source word permutes: at stage b, the rows i and i + b (i without
-// bit b) swap bit b of the row and column indices, so that after all five word (s, c) of the loaded rows is word s
-// of row c. The loaded rows are the tokens in slot order. (Per element, one scalar load and store before: 12% of a
-// 576x576 layer's time at 512 tokens.)
+// out + c * width: the tokens loaded as rows in slot order, transposed in registers (transpose_lanes). (Per element,
+// one scalar load and store before: 12% of a 576x576 layer's time at 512 tokens.)
 __attribute__((noinline)) void transpose_chunk(const uint16_t* x, int64_t n, int64_t cols, int64_t token0, int64_t c0,
                                                uint16_t* out, int64_t width) {
   __m512i r[32];
@@ -1407,20 +1404,7 @@ __attribute__((noinline)) void transpose_chunk(const uint16_t* x, int64_t n, int
     const int64_t token = token0 + (w < 4 ? 4 * l + w : 16 + 4 * l + w - 4);
     r[slot] = token < n ? _mm512_maskz_loadu_epi16(live, x + token * cols + c0) : _mm512_setzero_si512();
   }
-  for (int b = 16; b >= 1; b /= 2) {
-    alignas(64) int16_t lo[32], hi[32];
-    for (int p = 0; p < 32; ++p) {
-      lo[p] = static_cast<int16_t>(p & b ? 32 + p - b : p);
-      hi[p] = static_cast<int16_t>(p & b ? 32 + p : p + b);
-    }
-    const __m512i ilo = _mm512_load_si512(lo), ihi = _mm512_load_si512(hi);
-    for (int i = 0; i < 32; ++i) {
-      if (i & b) continue;
-      const __m512i a = r[i], c = r[i + b];
-      r[i] = _mm512_permutex2var_epi16(a, ilo, c);
-      r[i + b] = _mm512_permutex2var_epi16(a, ihi, c);
-    }
-  }
+  transpose_lanes<32>(r);
   for (int c = 0; c < 32; ++c) _mm512_storeu_si512(out + c * width, r[c]);
 }
 

@@ -411,6 +411,17 @@ def test_bf16_tiled_kernel_writes_bf16_as_torch_rounds_its_fp32_result(rows, col
     assert torch.equal(out.reshape(-1, rows), fp32.to(torch.bfloat16))
 
 
+def test_bf16_tiled_kernel_refuses_a_bias_of_the_wrong_length():
+    """The bf16 path adds the bias inside the kernel: one of the wrong length is a clear error, not a read past it."""
+    kern = _needs_bf16_dot()
+    w = pruned_weight(40, 64, 0.7, torch.bfloat16)
+    p = fmt.pack(w)
+    x = torch.randn(20, 64).to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="bias: one per row"):
+        kern.linear(x, p["mask"], p["values"], p["row_offsets"], torch.zeros(39, dtype=torch.bfloat16), 64, 1,
+                    kernels.ISA_CODES["avx512"])
+
+
 # (rows, cols, tokens): 5-8 tokens in one pass; from 9 the column-blocked decode: rows three at a time (67: a last
 # lone row; 200: items of 48 rows, the last of 8), an odd width and padding columns, two column blocks and a
 # short one (2100 columns), groups of 8 tokens with padding tokens (13, 35), passes of 128 tokens (130, 300)
