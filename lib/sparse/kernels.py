@@ -68,6 +68,9 @@ _reason: str | None = None
 _lock = threading.Lock()
 _isa = "torch"      # the instruction set in use (set when the module loads, or by set_isa)
 ISA_CODE = 0        # its code, read by SparseLinear.forward on every call
+# Bumped whenever the instruction set, AMX or the bf16 dot products are switched (or the module loads): SparseLinear
+# keeps what it derives from them (its candidate paths) until this changes, instead of asking on every call.
+SETTINGS_VERSION = 0
 _use_kernel = True  # False when the isa is "torch"
 _OFF_WORDS = ("off", "0", "no", "false")
 _amx_enabled = os.environ.get("ATP_SPARSE_AMX", "").strip().lower() not in _OFF_WORDS
@@ -140,8 +143,14 @@ def _choose(module, requested: str) -> str:
     return requested
 
 
+def _settings_changed() -> None:
+    global SETTINGS_VERSION
+    SETTINGS_VERSION += 1
+
+
 def _activate(name: str) -> None:
     global _isa, ISA_CODE, _use_kernel
+    _settings_changed()
     _isa = name
     ISA_CODE = ISA_CODES.get(name, 0)
     _use_kernel = name != "torch"
@@ -299,6 +308,7 @@ def set_amx(enabled: bool) -> bool:
     SparseLinear keys its measured choices by the candidate paths, so choices made with AMX are not reused."""
     global _amx_enabled
     previous, _amx_enabled = _amx_enabled, bool(enabled)
+    _settings_changed()
     return previous
 
 
@@ -316,7 +326,9 @@ def set_bf16_dot(enabled: bool) -> bool:
     module = get()
     if module is None:
         return False
-    return bool(module.set_avx512_bf16(bool(enabled)))
+    previous = bool(module.set_avx512_bf16(bool(enabled)))
+    _settings_changed()
+    return previous
 
 
 def set_isa(name: str) -> str:

@@ -56,6 +56,8 @@ _policy = os.environ.get("ATP_SPARSE_PATH", "auto").strip().lower() or "auto"
 if _policy not in POLICIES:
     _policy = "auto"
 _choices: dict[tuple, dict] = {}
+# candidate_paths' answers, keyed by everything they depend on (see _candidates)
+_paths_memo: dict[tuple, tuple[str, ...]] = {}
 _workspaces: dict[torch.dtype, torch.Tensor] = {}
 _tune_lock = threading.Lock()
 
@@ -105,7 +107,7 @@ def workspace_bytes() -> int:
 
 def token_bucket(n: int) -> int:
     """The power of two at or above n: calls within a bucket share one measured choice."""
-    return 1 << max(0, math.ceil(math.log2(max(1, n))))
+    return 1 << (max(1, n) - 1).bit_length()
 
 
 def density_bucket(density: float) -> int:
@@ -146,6 +148,19 @@ def candidate_paths(n: int, values_dtype: torch.dtype = torch.float32,
     if _policy == "dense":
         return ("dense",)
     return ("decode", many, "dense") if n <= decode_max else (many, "dense")
+
+
+def _candidates(n: int, values_dtype: torch.dtype, x_dtype: torch.dtype) -> tuple[str, ...]:
+    """candidate_paths(n, ...), remembered: asking the kernel module about AMX and the dot products on every call
+    cost a few microseconds, a tenth of a small layer's call at 8 tokens. The key holds all it reads: the policy, the
+    dtypes, where n falls against the token limits, and kernels.SETTINGS_VERSION (bumped by set_isa, set_amx,
+    set_bf16_dot)."""
+    key = (kernels.SETTINGS_VERSION, _policy, values_dtype, x_dtype, n <= ALWAYS_DECODE_TOKENS,
+           n <= DECODE_MAX_TOKENS, n <= DOT_DECODE_MAX_TOKENS)
+    paths = _paths_memo.get(key)
+    if paths is None:
+        paths = _paths_memo[key] = candidate_paths(n, values_dtype, x_dtype)
+    return paths
 
 
 def too_close_to_call(seconds: dict[str, float]) -> bool:
@@ -196,6 +211,7 @@ class SparseLinear(nn.Module):
         self.register_buffer("row_offsets", row_offsets.contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self._weight_read_warned = False
+        self._nnz_memo: tuple | None = None  # (row_offsets, values.numel(), nnz): see _density_now
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "SparseLinear":
@@ -250,11 +266,11 @@ class SparseLinear(nn.Module):
         if kern is None:
             return self._dense_forward(x, None)
         n = x.numel() // self.in_features if self.in_features else 0
+        buffers = self._buffers  # direct: nn.Module attribute lookup is a measurable share of a small layer's call
         if n <= ALWAYS_DECODE_TOKENS:
-            buffers = self._buffers  # direct: nn.Module attribute lookup is a measurable share of a decode step
             return kern.linear(x, buffers["mask"], buffers["values"], buffers["row_offsets"], self.bias,
                                self.in_features, 0, kernels.ISA_CODE)
-        paths = candidate_paths(n, self.values.dtype, x.dtype)
+        paths = _candidates(n, buffers["values"].dtype, x.dtype)
         if len(paths) == 1:
             return self._run(paths[0], x, kern)
         key = self._choice_key(n, x.dtype, paths)
@@ -264,18 +280,31 @@ class SparseLinear(nn.Module):
         return self._tune(key, paths, x, kern)
 
     def _choice_key(self, n: int, x_dtype: torch.dtype, paths: tuple[str, ...]) -> tuple:
-        return (self.out_features, self.in_features, self.values.dtype, x_dtype, token_bucket(n),
+        values_dtype = self._buffers["values"].dtype
+        return (self.out_features, self.in_features, values_dtype, x_dtype, token_bucket(n),
                 torch.get_num_threads(), kernels.ISA_CODE, paths,  # paths: with or without AMX (kernels.set_amx)
                 # bf16 on AVX512_BF16's dot products or not (set_bf16_dot); other dtypes never take them
-                self.values.dtype == torch.bfloat16 and kernels.has_bf16_dot(),
-                density_bucket(self.density))
+                values_dtype == torch.bfloat16 and kernels.has_bf16_dot(),
+                density_bucket(self._density_now()))
+
+    def _density_now(self) -> float:
+        """`density` for the choice key, its nonzero count remembered while the same row_offsets tensor and the
+        same number of values are in place (reading row_offsets[-1] took 3 of a call's 15 microseconds of Python):
+        loading a state dict copies into the buffers, which keeps their sizes, so a new count comes with new
+        tensors or a new values length."""
+        buffers = self._buffers
+        offsets, count = buffers["row_offsets"], buffers["values"].numel()
+        memo = self.__dict__.get("_nnz_memo")  # (modules pickled before it was added lack it)
+        if memo is None or memo[0] is not offsets or memo[1] != count:
+            memo = self._nnz_memo = (offsets, count, int(offsets[-1]))
+        return memo[2] / max(1, self.in_features * self.out_features)
 
     def path_for(self, n: int, x_dtype: torch.dtype) -> str | None:
         """The path `forward` takes for n tokens of x_dtype: the only candidate, the measured choice, or None while
         it is not measured yet (the next call measures it). Without the C++ kernel: 'dense'."""
         if kernels.get() is None:
             return "dense"
-        paths = candidate_paths(n, self.values.dtype, x_dtype)
+        paths = _candidates(n, self.values.dtype, x_dtype)
         if len(paths) == 1:
             return paths[0]
         entry = _choices.get(self._choice_key(n, x_dtype, paths))
@@ -284,8 +313,9 @@ class SparseLinear(nn.Module):
     def _run(self, path: str, x: torch.Tensor, kern) -> torch.Tensor:
         if path == "dense":
             return self._dense_forward(x, kern)
-        return kern.linear(x, self.mask, self.values, self.row_offsets, self.bias, self.in_features,
-                           _PATH_CODES[path], kernels.ISA_CODE)
+        buffers = self._buffers
+        return kern.linear(x, buffers["mask"], buffers["values"], buffers["row_offsets"], self.bias,
+                           self.in_features, _PATH_CODES[path], kernels.ISA_CODE)
 
     def _tune(self, key: tuple, paths: tuple[str, ...], x: torch.Tensor, kern) -> torch.Tensor:
         """Time every candidate path on this input in interleaved rounds (the first also warms caches and

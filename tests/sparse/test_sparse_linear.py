@@ -636,6 +636,56 @@ def test_measured_choices_are_kept_apart_by_density(monkeypatch):
         sparse_linear.clear_choices()
 
 
+def test_candidate_paths_are_remembered_until_the_policy_or_a_kernel_setting_changes(monkeypatch):
+    """forward takes its candidate paths from _candidates, which asks candidate_paths once per key: the dtypes,
+    where the token count falls against the limits, the policy, and kernels.SETTINGS_VERSION, which every switch
+    of the instruction set, AMX or the dot products bumps. A switched setting is never answered from memory."""
+    if kernels.get() is None:
+        pytest.skip("no C++ kernel")
+    monkeypatch.setattr(sparse_linear, "_policy", "auto")
+    asked = []
+    original = sparse_linear.candidate_paths
+    monkeypatch.setattr(sparse_linear, "candidate_paths", lambda *a: asked.append(a) or original(*a))
+    sparse_linear._paths_memo.clear()
+    f32 = (torch.float32, torch.float32)
+    limit = sparse_linear.DECODE_MAX_TOKENS
+    assert sparse_linear._candidates(limit - 3, *f32) == sparse_linear._candidates(limit, *f32) == \
+        original(limit, *f32) and len(asked) == 1
+    assert sparse_linear._candidates(limit + 1, *f32) == original(limit + 1, *f32) != original(limit, *f32)
+    assert len(asked) == 2
+    monkeypatch.setattr(sparse_linear, "_policy", "dense")
+    assert sparse_linear._candidates(limit + 1, *f32) == ("dense",)
+    monkeypatch.setattr(sparse_linear, "_policy", "auto")
+    version = kernels.SETTINGS_VERSION
+    kernels.set_amx(kernels.set_amx(False))  # off and back: the same setting, asked anew all the same
+    assert kernels.SETTINGS_VERSION == version + 2
+    asked.clear()
+    assert sparse_linear._candidates(limit + 1, *f32) == original(limit + 1, *f32) and len(asked) == 1
+    if kernels.has_bf16_dot():  # where the answer itself changes with a switch
+        bf16 = (torch.bfloat16, torch.bfloat16)
+        previous_amx = kernels.set_amx(False)
+        try:
+            assert "decode" in sparse_linear._candidates(64, *bf16)
+            before = kernels.set_bf16_dot(False)
+            try:
+                assert "decode" not in sparse_linear._candidates(64, *bf16)
+            finally:
+                kernels.set_bf16_dot(before)
+            assert "decode" in sparse_linear._candidates(64, *bf16)
+        finally:
+            kernels.set_amx(previous_amx)
+
+
+def test_choice_key_density_follows_buffers_put_in_place_of_others():
+    """The density in a measured choice's key is remembered per row_offsets tensor: buffers assigned from another
+    Linear of the same shape (other nonzeros) give that Linear's density, not the first one's."""
+    first = SparseLinear.from_weight(pruned_weight(48, 200, 0.5, torch.float32, seed=1))
+    other = SparseLinear.from_weight(pruned_weight(48, 200, 0.8, torch.float32, seed=2))
+    assert first._density_now() == first.density != other.density
+    first.mask, first.values, first.row_offsets = other.mask, other.values, other.row_offsets
+    assert first._density_now() == other.density == first.density
+
+
 def test_path_for_says_which_path_forward_takes(monkeypatch):
     """path_for(n, dtype) is forward's path for n tokens: 'decode' up to ALWAYS_DECODE_TOKENS, the measured choice of
     n's bucket (None before it is measured, and for another thread count: another key), never 'decode' above
