@@ -1428,8 +1428,11 @@ void pair_item_n(const Op& op, const at::BFloat16* xg, int64_t nc, int64_t t0, i
 // bf16 row). x: [ntok][ldx] bf16, zero padded to the mask's width. 4096x4096 at 70%, 2 threads, Zen 5, against
 // dense: with 16 tokens per pass 1.9x / 1.3x / 0.8x / 0.5x at 5 / 8 / 12 / 16 tokens (16 accumulators, and 16 loads
 // of inputs per 32 columns, mostly from L2), with 8 per pass 2.0x / 1.5x / 1.1x / 0.9x (the fp32 decode 1.3x / 1.3x
-// / 1.0x / 0.8x); rows in pairs sharing each load of inputs were no faster.
-constexpr int DOT_DECODE_NT = 8;
+// / 1.0x / 0.8x); rows in pairs sharing each load of inputs were no faster. Up to 7 tokens: at 8 the column-blocked
+// decode below is faster (8 tokens' inputs, 64 KiB for 4096 columns, leave L1 here; v37, one process against dense:
+// 4096x4096 1.34-1.38x -> 1.81-1.86x, 4096x11008 1.76x -> 1.96x, 11008x4096 1.33-1.35x -> 1.34-1.48x, SmolLM2's
+// shapes 1.22-1.73x -> 1.39-1.96x); at 7 the two are mixed (11008x4096 1.62-1.73x here, 1.34-1.53x there).
+constexpr int DOT_DECODE_NT = 7;
 
 template <typename T, int NT>
 inline void dot_decode_row(const uint32_t* m, const T* v, const T* vend, const T* x, int64_t ldx, int64_t nq,
@@ -1460,7 +1463,7 @@ void dot_decode_rows(const Op& op, const T* x, int64_t r0, int64_t r1) {
                           vals + op.nvals, x, ldx, nq, op.y + r, op.rows);
 }
 
-// The decode from 9 tokens on the dot products (dot_block_item): blocks of columns, so that the inputs a block takes
+// The decode from 8 tokens on the dot products (dot_block_item): blocks of columns, so that the inputs a block takes
 // stay in L1 while every row of a work item passes over them; rows DOT_BLOCK_RB at a time, so that each load of
 // inputs feeds that many dot products; and each row's block expanded once, for the first group of 8 tokens, into
 // dense bf16 that the other groups load back (DOT_KEPT) instead of expanding it again. The decode above reloads
@@ -2291,7 +2294,7 @@ torch::Tensor spmv_dot(const torch::Tensor& mask, const torch::Tensor& values, c
 
 // x: [ntok, words*64] fp32 contiguous, zero padded (decode_inputs), or bf16 [ntok, in_features]; returns y
 // [ntok, rows] fp32. bf16 inputs with bf16 values take the dot-product decode from 5 tokens where it runs
-// (spmv_dot: 5 to 8 tokens in one pass over the weight, more in column blocks; 1 to 4 keep the fp32 decode, which
+// (spmv_dot: 5 to 7 tokens in one pass over the weight, more in column blocks; 1 to 4 keep the fp32 decode, which
 // reads the weight once for them too); otherwise they are read as fp32.
 torch::Tensor spmv(torch::Tensor mask, torch::Tensor values, torch::Tensor row_offsets, torch::Tensor x,
                    int64_t isa) {

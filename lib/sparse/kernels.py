@@ -55,7 +55,7 @@ def kernel_name(source: str = _SOURCE) -> str:
             digest = hashlib.sha256(handle.read()).hexdigest()[:12]
     except OSError:  # no source: the build fails and says so; the name only has to be a name
         digest = "nosource"
-    return f"atp_sparse_bitmask_v36_{digest}_" + re.sub(r"\W", "_", platform.machine() or "unknown")
+    return f"atp_sparse_bitmask_v37_{digest}_" + re.sub(r"\W", "_", platform.machine() or "unknown")
 
 
 KERNEL_NAME = kernel_name()

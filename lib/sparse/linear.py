@@ -6,8 +6,8 @@ around a decode matvec cost as much as the matvec of a small layer. Paths, chose
 
 * ``decode`` (up to DECODE_MAX_TOKENS tokens, see decode_max_tokens): one streaming pass over the packed weight, the
   expanded weights reused for up to 4 tokens at a time. Always taken for 1 to 4 tokens: it reads a third of the
-  dense bytes. bf16 weights and inputs on AVX512_BF16 without AMX: 5-8 tokens in one pass on the dot products,
-  9-512 in column blocks whose inputs stay in L1 while the rows pass over them, three rows sharing each load of
+  dense bytes. bf16 weights and inputs on AVX512_BF16 without AMX: 5-7 tokens in one pass on the dot products,
+  8-512 in column blocks whose inputs stay in L1 while the rows pass over them, three rows sharing each load of
   inputs, each row's block expanded once for all the tokens.
 * ``tiled``: the 16-token tiled kernel (each decoded nonzero reused for every token of a tile); for bf16 weights and
   bf16 inputs on CPUs with AVX512_BF16, on the dot products, each two consecutive nonzeros of a row together (their
