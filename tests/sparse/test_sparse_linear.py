@@ -411,6 +411,28 @@ def test_bf16_tiled_kernel_writes_bf16_as_torch_rounds_its_fp32_result(rows, col
     assert torch.equal(out.reshape(-1, rows), fp32.to(torch.bfloat16))
 
 
+def test_bf16_tiled_kernel_takes_inputs_past_one_buffer_in_passes_with_the_same_bits():
+    """Inputs whose column-major copy would pass PAIR_INPUTS_MAX_BYTES (32 MiB: 1900 tokens of 8256 columns is 8
+    groups of 256 tokens, 34 MB) go through the kernel in passes of whole groups (3 here, the last 364 tokens): the
+    same bits as calling it on each pass's tokens alone, for the fp32 result and for bf16 out with a bias."""
+    kern = _needs_bf16_dot()
+    rows, cols, ntok, cuts = 40, 8200, 1900, (0, 768, 1536, 1900)
+    w = pruned_weight(rows, cols, 0.7, torch.bfloat16, seed=5, empty_rows=(1,), dense_rows=(2,))
+    p = fmt.pack(w)
+    x = torch.randn(ntok, cols, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    bias = torch.randn(rows, generator=torch.Generator().manual_seed(7))
+    avx512 = kernels.ISA_CODES["avx512"]
+    routes = {"fp32": lambda t: kern.spmm(p["mask"], p["values"], p["row_offsets"], t, avx512),
+              "bf16 + bias": lambda t: kern.linear(t, p["mask"], p["values"], p["row_offsets"], bias, cols,
+                                                   sparse_linear._PATH_CODES["tiled"], avx512)}
+    for name, run in routes.items():
+        whole = run(x)
+        alone = torch.cat([run(x[a:b].contiguous()) for a, b in zip(cuts, cuts[1:])])
+        assert torch.equal(whole, alone), name
+    near = (routes["fp32"](x).double() - x.double() @ w.double().T).abs().max().item()
+    assert near <= 1e-5 * (x.double().abs() @ w.double().abs().T).max().item()
+
+
 def test_bf16_tiled_kernel_refuses_a_bias_of_the_wrong_length():
     """The bf16 path adds the bias inside the kernel: one of the wrong length is a clear error, not a read past it."""
     kern = _needs_bf16_dot()
