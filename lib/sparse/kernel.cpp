@@ -2480,11 +2480,18 @@ torch::Tensor spmv_dot(const torch::Tensor& mask, const torch::Tensor& values, c
 
 // The tiled kernel on AVX512_BF16: x bf16 [ntok, in_features]; returns y [ntok, rows] fp32.
 // bf16_out: y bf16 with `bias` (fp32 [rows], or nullptr) added, else fp32 without.
-// The packed-pairs kernel's inputs in one buffer up to this size: glibc maps a larger allocation afresh on every call
-// (its mmap threshold, 32 MiB at most) and the kernel then faults its pages in. 4096x11008 at 70%, 2048 tokens (45 MB
-// of inputs), one process against dense: 1.12x / 1.20x in one buffer, 1.23x / 1.28x in passes of 2 groups; at 1024
-// tokens (22.5 MB) one buffer 1.33x against 1.25-1.29x in passes; SmolLM2's 576-column layers 3-6% slower in passes.
-constexpr int64_t PAIR_INPUTS_MAX_BYTES = int64_t{32} << 20;
+// The tiled kernels' laid-out inputs in one buffer up to this size: glibc maps a larger allocation afresh on every call
+// (its mmap threshold, 32 MiB at most) and the kernel then faults its pages in. Past it, passes of whole token groups
+// filling half of it. The bf16 packed-pairs kernel on 4096x11008 at 70%, 2048 tokens (45 MB of inputs), one process
+// against dense: 1.12x / 1.20x in one buffer, 1.23x / 1.28x in passes of 2 groups; at 1024 tokens (22.5 MB) one
+// buffer 1.33x against 1.25-1.29x in passes; SmolLM2's 576-column layers 3-6% slower in passes. The fp32 kernel on the
+// same weight (Zen 5, where torch's fp32 GEMM is slow): 1024 / 2048 tokens (45 / 90 MB) 2.50x / 2.39x -> 2.69x / 2.55x.
+constexpr int64_t TILED_INPUTS_MAX_BYTES = int64_t{32} << 20;
+inline int64_t tokens_per_pass(int64_t ntok, int64_t group, int64_t bytes_per_token) {
+  const int64_t groups = (ntok + group - 1) / group;
+  if (groups * group * bytes_per_token <= TILED_INPUTS_MAX_BYTES) return ntok;
+  return group * std::max<int64_t>(1, TILED_INPUTS_MAX_BYTES / 2 / (group * bytes_per_token));
+}
 
 torch::Tensor spmm_dot(const torch::Tensor& mask, const torch::Tensor& values, const torch::Tensor& row_offsets,
                        const torch::Tensor& x, bool bf16_out = false, const float* bias = nullptr) {
@@ -2492,13 +2499,7 @@ torch::Tensor spmm_dot(const torch::Tensor& mask, const torch::Tensor& values, c
   auto y = torch::empty({ntok, rows}, x.options().dtype(bf16_out ? torch::kBFloat16 : torch::kFloat));
   if (ntok == 0) return y;
   const auto xs = x.contiguous();
-  // The inputs column-major (column_inputs) for all tokens at once, or, where that buffer would pass
-  // PAIR_INPUTS_MAX_BYTES, in passes of groups that fill half of it.
-  const int64_t group_bytes = PAIR_GROUP * mask.size(1) * 64 * 2;
-  const int64_t groups = (ntok + PAIR_GROUP - 1) / PAIR_GROUP;
-  const int64_t pass = groups * group_bytes <= PAIR_INPUTS_MAX_BYTES
-                           ? ntok
-                           : PAIR_GROUP * std::max<int64_t>(1, PAIR_INPUTS_MAX_BYTES / 2 / group_bytes);
+  const int64_t pass = tokens_per_pass(ntok, PAIR_GROUP, mask.size(1) * 64 * 2);  // column_inputs: bf16
   for (int64_t t0 = 0; t0 < ntok; t0 += pass) {
     const int64_t n = std::min(pass, ntok - t0);
     const auto xc = column_inputs(xs.narrow(0, t0, n), mask.size(1) * 64);
@@ -2523,13 +2524,18 @@ torch::Tensor spmm(torch::Tensor mask, torch::Tensor values, torch::Tensor row_o
                   x.size(1) <= mask.size(1) * 64, "x: fp32 or bf16 [ntok, in_features]");
   isa = checked_isa(isa, values);
   if (tiles_dot(values, x, isa)) return spmm_dot(mask, values, row_offsets, x);
-  if (x.dtype() != torch::kFloat) x = x.to(torch::kFloat);
-  const int64_t ntok = x.size(0);
-  auto y = torch::empty({ntok, mask.size(0)}, x.options());
+  const int64_t ntok = x.size(0), rows = mask.size(0), cpad = mask.size(1) * 64;
+  auto y = torch::empty({ntok, rows}, x.options().dtype(torch::kFloat));
   if (ntok == 0) return y;
-  auto xt = tile_inputs(x.contiguous(), mask.size(1) * 64, isa);
-  const Op op = make_op(mask, values, row_offsets, xt.data_ptr<float>(), y.data_ptr<float>(), ntok);
-  ATP_DISPATCH(values, tiled_run, op, isa);
+  const auto xs = x.contiguous();
+  // tile_inputs: fp32, in groups of group_tiles(isa) tiles
+  const int64_t pass = tokens_per_pass(ntok, group_tiles(isa) * TILE, cpad * 4);
+  for (int64_t t0 = 0; t0 < ntok; t0 += pass) {
+    const int64_t n = std::min(pass, ntok - t0);
+    auto xt = tile_inputs(xs.narrow(0, t0, n).to(torch::kFloat).contiguous(), cpad, isa);
+    const Op op = make_op(mask, values, row_offsets, xt.data_ptr<float>(), y.data_ptr<float>() + t0 * rows, n);
+    ATP_DISPATCH(values, tiled_run, op, isa);
+  }
   return y;
 }
 

@@ -411,26 +411,53 @@ def test_bf16_tiled_kernel_writes_bf16_as_torch_rounds_its_fp32_result(rows, col
     assert torch.equal(out.reshape(-1, rows), fp32.to(torch.bfloat16))
 
 
+def _passes_give_the_same_bits(run, x, cuts):
+    """run(x) against run on the tokens between each two cuts, alone (each under the one-buffer limit)."""
+    whole = run(x)
+    alone = torch.cat([run(x[a:b].contiguous()) for a, b in zip(cuts, cuts[1:])])
+    assert torch.equal(whole, alone)
+    return whole
+
+
+# 40 x 8200 (8256 padded columns) at 1900 tokens: the laid-out inputs pass the tiled kernels' one-buffer limit
+# (TILED_INPUTS_MAX_BYTES, 32 MiB: bf16 column-major 31.7 MB for 8 groups of 256 tokens, 34 MB; fp32 62.7 MB), so
+# they go in passes of whole groups (bf16: 768 tokens, fp32: 384 on AVX-512, 448 on AVX2)
+PASSES_SHAPE = (40, 8200, 1900)
+
+
 def test_bf16_tiled_kernel_takes_inputs_past_one_buffer_in_passes_with_the_same_bits():
-    """Inputs whose column-major copy would pass PAIR_INPUTS_MAX_BYTES (32 MiB: 1900 tokens of 8256 columns is 8
-    groups of 256 tokens, 34 MB) go through the kernel in passes of whole groups (3 here, the last 364 tokens): the
-    same bits as calling it on each pass's tokens alone, for the fp32 result and for bf16 out with a bias."""
+    """The packed-pairs kernel in passes: the same bits as each group-aligned part of the tokens alone, for the fp32
+    result and for bf16 out with a bias, and within fp32 rounding of a float64 reference."""
     kern = _needs_bf16_dot()
-    rows, cols, ntok, cuts = 40, 8200, 1900, (0, 768, 1536, 1900)
+    rows, cols, ntok = PASSES_SHAPE
     w = pruned_weight(rows, cols, 0.7, torch.bfloat16, seed=5, empty_rows=(1,), dense_rows=(2,))
     p = fmt.pack(w)
     x = torch.randn(ntok, cols, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
     bias = torch.randn(rows, generator=torch.Generator().manual_seed(7))
-    avx512 = kernels.ISA_CODES["avx512"]
-    routes = {"fp32": lambda t: kern.spmm(p["mask"], p["values"], p["row_offsets"], t, avx512),
-              "bf16 + bias": lambda t: kern.linear(t, p["mask"], p["values"], p["row_offsets"], bias, cols,
-                                                   sparse_linear._PATH_CODES["tiled"], avx512)}
-    for name, run in routes.items():
-        whole = run(x)
-        alone = torch.cat([run(x[a:b].contiguous()) for a, b in zip(cuts, cuts[1:])])
-        assert torch.equal(whole, alone), name
-    near = (routes["fp32"](x).double() - x.double() @ w.double().T).abs().max().item()
-    assert near <= 1e-5 * (x.double().abs() @ w.double().abs().T).max().item()
+    avx512, cuts = kernels.ISA_CODES["avx512"], (0, 768, 1536, ntok)  # multiples of 256 tokens
+    y = _passes_give_the_same_bits(lambda t: kern.spmm(p["mask"], p["values"], p["row_offsets"], t, avx512), x, cuts)
+    _passes_give_the_same_bits(lambda t: kern.linear(t, p["mask"], p["values"], p["row_offsets"], bias, cols,
+                                                     sparse_linear._PATH_CODES["tiled"], avx512), x, cuts)
+    assert (y.double() - x.double() @ w.double().T).abs().max().item() <= \
+        1e-5 * (x.double().abs() @ w.double().abs().T).max().item()
+
+
+def test_fp32_tiled_kernel_takes_inputs_past_one_buffer_in_passes_with_the_same_bits(isa):
+    """The fp32 tiled kernel (and bf16 inputs read as fp32) in passes: the same bits as each group-aligned part of
+    the tokens alone, on every instruction set."""
+    if isa == "torch":
+        pytest.skip("no C++ kernel: no tiled kernel")
+    kern = kernels.get()
+    rows, cols, ntok = PASSES_SHAPE
+    w = pruned_weight(rows, cols, 0.7, torch.float32, seed=5, empty_rows=(1,), dense_rows=(2,))
+    p = fmt.pack(w)
+    x = torch.randn(ntok, cols, generator=torch.Generator().manual_seed(6))
+    code, cuts = kernels.ISA_CODES[isa], (0, 896, 1792, ntok)  # multiples of 128 tokens
+    y = _passes_give_the_same_bits(lambda t: kern.spmm(p["mask"], p["values"], p["row_offsets"], t, code), x, cuts)
+    assert (y.double() - x.double() @ w.double().T).abs().max().item() <= \
+        1e-5 * (x.double().abs() @ w.double().abs().T).max().item()
+    xb = x.to(torch.bfloat16)  # against fp32 values: widened to fp32, pass by pass
+    _passes_give_the_same_bits(lambda t: kern.spmm(p["mask"], p["values"], p["row_offsets"], t, code), xb, cuts)
 
 
 def test_bf16_tiled_kernel_refuses_a_bias_of_the_wrong_length():
