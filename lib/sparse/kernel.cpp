@@ -2478,8 +2478,6 @@ torch::Tensor spmv_dot(const torch::Tensor& mask, const torch::Tensor& values, c
   return y;
 }
 
-// The tiled kernel on AVX512_BF16: x bf16 [ntok, in_features]; returns y [ntok, rows] fp32.
-// bf16_out: y bf16 with `bias` (fp32 [rows], or nullptr) added, else fp32 without.
 // The tiled kernels' laid-out inputs in one buffer up to this size: glibc maps a larger allocation afresh on every call
 // (its mmap threshold, 32 MiB at most) and the kernel then faults its pages in. Past it, passes of whole token groups
 // filling half of it. The bf16 packed-pairs kernel on 4096x11008 at 70%, 2048 tokens (45 MB of inputs), one process
@@ -2493,6 +2491,8 @@ inline int64_t tokens_per_pass(int64_t ntok, int64_t group, int64_t bytes_per_to
   return group * std::max<int64_t>(1, TILED_INPUTS_MAX_BYTES / 2 / (group * bytes_per_token));
 }
 
+// The tiled kernel on AVX512_BF16: x bf16 [ntok, in_features]; returns y [ntok, rows] fp32.
+// bf16_out: y bf16 with `bias` (fp32 [rows], or nullptr) added, else fp32 without.
 torch::Tensor spmm_dot(const torch::Tensor& mask, const torch::Tensor& values, const torch::Tensor& row_offsets,
                        const torch::Tensor& x, bool bf16_out = false, const float* bias = nullptr) {
   const int64_t ntok = x.size(0), rows = mask.size(0);
