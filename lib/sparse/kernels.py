@@ -68,8 +68,8 @@ _reason: str | None = None
 _lock = threading.Lock()
 _isa = "torch"      # the instruction set in use (set when the module loads, or by set_isa)
 ISA_CODE = 0        # its code, read by SparseLinear.forward on every call
-# Bumped whenever the instruction set, AMX or the bf16 dot products are switched (or the module loads): SparseLinear
-# keeps what it derives from them (its candidate paths) until this changes, instead of asking on every call.
+# Bumped whenever the instruction set, VBMI2, AMX or the bf16 dot products are switched (or the module loads):
+# SparseLinear keeps what it derives from them (its candidate paths) until this changes, instead of asking every call.
 SETTINGS_VERSION = 0
 _use_kernel = True  # False when the isa is "torch"
 _OFF_WORDS = ("off", "0", "no", "false")
@@ -327,6 +327,18 @@ def set_bf16_dot(enabled: bool) -> bool:
     if module is None:
         return False
     previous = bool(module.set_avx512_bf16(bool(enabled)))
+    _settings_changed()
+    return previous
+
+
+def set_vbmi2(enabled: bool) -> bool:
+    """Run this CPU as one with (True, where it has it) or without (False) AVX-512 VBMI2 from now on: without it,
+    bf16 and fp16 values take the AVX2 kernels and AMX and the dot products are off, as on Skylake-SP or Cascade
+    Lake (tests); returns the previous setting."""
+    module = get()
+    if module is None:
+        return False
+    previous = bool(module.set_avx512_vbmi2(bool(enabled)))
     _settings_changed()
     return previous
 

@@ -153,8 +153,8 @@ def candidate_paths(n: int, values_dtype: torch.dtype = torch.float32,
 def _candidates(n: int, values_dtype: torch.dtype, x_dtype: torch.dtype) -> tuple[str, ...]:
     """candidate_paths(n, ...), remembered: asking the kernel module about AMX and the dot products on every call
     cost a few microseconds, a tenth of a small layer's call at 8 tokens. The key holds all it reads: the policy, the
-    dtypes, where n falls against the token limits, and kernels.SETTINGS_VERSION (bumped by set_isa, set_amx,
-    set_bf16_dot)."""
+    dtypes, where n falls against the token limits, and kernels.SETTINGS_VERSION (bumped by set_isa, set_vbmi2,
+    set_amx, set_bf16_dot)."""
     key = (kernels.SETTINGS_VERSION, _policy, values_dtype, x_dtype, n <= ALWAYS_DECODE_TOKENS,
            n <= DECODE_MAX_TOKENS, n <= DOT_DECODE_MAX_TOKENS)
     paths = _paths_memo.get(key)

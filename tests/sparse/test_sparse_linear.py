@@ -56,14 +56,14 @@ def isa(request):
         pytest.skip(f"{name} not available on this machine")
     previous = kernels.set_isa(name)
     kern = kernels.get()
-    vbmi2 = kern.set_avx512_vbmi2(request.param != "avx512-novbmi2") if kern is not None else None
+    vbmi2 = kernels.set_vbmi2(request.param != "avx512-novbmi2") if kern is not None else None
     sparse_linear.clear_choices()  # paths measured with VBMI2 (e.g. AMX) are keyed by the same instruction set
     try:
         yield name
     finally:
         kernels.set_isa(previous)
         if vbmi2 is not None:
-            kern.set_avx512_vbmi2(vbmi2)
+            kernels.set_vbmi2(vbmi2)
         sparse_linear.clear_choices()
 
 
@@ -300,12 +300,12 @@ def test_avx512_without_vbmi2_runs_16bit_values_on_avx2_and_fp32_unchanged():
 
     with_vbmi2 = {dt: run(dt, avx512) for dt in DTYPES}
     on_avx2 = {dt: run(dt, avx2) for dt in DTYPES}
-    before = kern.set_avx512_vbmi2(False)
+    before = kernels.set_vbmi2(False)
     try:
         assert not kern.has_vbmi2() and not kern.has_amx()
         without = {dt: run(dt, avx512) for dt in DTYPES}
     finally:
-        kern.set_avx512_vbmi2(before)
+        kernels.set_vbmi2(before)
     for a, b in zip(without[torch.float32], with_vbmi2[torch.float32]):
         assert torch.equal(a, b)
     for dt in (torch.bfloat16, torch.float16):
@@ -688,7 +688,7 @@ def test_measured_choices_are_kept_apart_by_density(monkeypatch):
 def test_candidate_paths_are_remembered_until_the_policy_or_a_kernel_setting_changes(monkeypatch):
     """forward takes its candidate paths from _candidates, which asks candidate_paths once per key: the dtypes,
     where the token count falls against the limits, the policy, and kernels.SETTINGS_VERSION, which every switch
-    of the instruction set, AMX or the dot products bumps. A switched setting is never answered from memory."""
+    of the instruction set, VBMI2, AMX or the dot products bumps. A switched setting is never answered from memory."""
     if kernels.get() is None:
         pytest.skip("no C++ kernel")
     monkeypatch.setattr(sparse_linear, "_policy", "auto")
@@ -715,12 +715,13 @@ def test_candidate_paths_are_remembered_until_the_policy_or_a_kernel_setting_cha
         previous_amx = kernels.set_amx(False)
         try:
             assert "decode" in sparse_linear._candidates(64, *bf16)
-            before = kernels.set_bf16_dot(False)
-            try:
-                assert "decode" not in sparse_linear._candidates(64, *bf16)
-            finally:
-                kernels.set_bf16_dot(before)
-            assert "decode" in sparse_linear._candidates(64, *bf16)
+            for switch_off in (kernels.set_bf16_dot, kernels.set_vbmi2):  # without VBMI2 no dot products either
+                before = switch_off(False)
+                try:
+                    assert "decode" not in sparse_linear._candidates(64, *bf16)
+                finally:
+                    switch_off(before)
+                assert "decode" in sparse_linear._candidates(64, *bf16)
         finally:
             kernels.set_amx(previous_amx)
 
