@@ -323,22 +323,22 @@ def has_bf16_dot() -> bool:
 def set_bf16_dot(enabled: bool) -> bool:
     """Allow (True, where the CPU has it) or forbid (False) the dot-product kernels from now on (tests,
     benchmarks); returns the previous setting. SparseLinear keys its measured choices by it."""
-    module = get()
-    if module is None:
-        return False
-    previous = bool(module.set_avx512_bf16(bool(enabled)))
-    _settings_changed()
-    return previous
+    return _switch("set_avx512_bf16", enabled)
 
 
 def set_vbmi2(enabled: bool) -> bool:
     """Run this CPU as one with (True, where it has it) or without (False) AVX-512 VBMI2 from now on: without it,
     bf16 and fp16 values take the AVX2 kernels and AMX and the dot products are off, as on Skylake-SP or Cascade
     Lake (tests); returns the previous setting."""
+    return _switch("set_avx512_vbmi2", enabled)
+
+
+def _switch(setter: str, enabled: bool) -> bool:
+    """One of the extension's on/off switches (it returns the previous setting), then SETTINGS_VERSION bumped."""
     module = get()
     if module is None:
         return False
-    previous = bool(module.set_avx512_vbmi2(bool(enabled)))
+    previous = bool(getattr(module, setter)(bool(enabled)))
     _settings_changed()
     return previous
 
